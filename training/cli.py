@@ -1,0 +1,102 @@
+"""Command line: one subcommand per pipeline stage (``dvc.yaml`` calls these).
+
+Errors the user can fix (missing data, bad parameters, bad input) exit with status 2 and a message
+naming the problem; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from training.config import load_params
+from training.data.ingest import DataSourceError
+
+app = typer.Typer(help="Electrode voltage platform: pipeline stages.", no_args_is_help=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+
+
+class UsageError(Exception):
+    """A problem the user can fix: printed without a traceback, exit status 2."""
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (DataSourceError, UsageError, FileNotFoundError, ValidationError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+@_user_errors
+def ingest(
+    out: Annotated[Path, typer.Option(help="records file (jsonl.gz)")],
+    reports: Annotated[Path, typer.Option(help="folder of per-ion ingest reports")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Read the MP source (snapshot, or MP API with MP_API_KEY), validate, write records."""
+    from training.data.stages import run_ingest
+
+    report = run_ingest(load_params(params), out, reports)
+    for ion in report.ions:
+        typer.echo(f"{ion}: {report.valid[ion]} valid, {len(report.bad[ion])} reported invalid")
+
+
+@app.command()
+@_user_errors
+def clean(
+    records: Annotated[Path, typer.Option(help="ingested records")],
+    out: Annotated[Path, typer.Option(help="cleaned records")],
+    report: Annotated[Path, typer.Option(help="cleaning report (JSON)")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Apply the per-ion k-sigma outlier rule."""
+    from training.data.stages import run_clean
+
+    for ion, st in run_clean(load_params(params), records, out, report).items():
+        typer.echo(f"{ion}: kept {st['kept']}, removed {st['removed']} (k={st['k']})")
+
+
+@app.command()
+@_user_errors
+def split(
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    out: Annotated[Path, typer.Option(help="splits file (JSON id lists)")],
+    report: Annotated[Path, typer.Option(help="split sizes (JSON)")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Seeded per-ion split, grouped by charged_id across ions."""
+    from training.data.stages import run_split
+
+    for ion, sizes in run_split(load_params(params), records, out, report).items():
+        typer.echo(f"{ion}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

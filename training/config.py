@@ -1,0 +1,110 @@
+"""Typed view of ``params.yaml``.
+
+``params.yaml`` is the one home of settings. Each stage parses it into these objects so that a typo
+or a wrong type fails loudly at the start of a stage, not halfway through a training run.
+Sections that later stages add (model, train, tune, ...) are parsed by the same ``Params`` object.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, so a misspelt setting is never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IonSettings(_Strict):
+    """Per-ion settings; the ion list itself is the key set of ``Params.ions``."""
+
+    clean_k: float | None = Field(
+        default=None, description="keep |V-mean| <= k*sigma; None keeps the ion whole"
+    )
+
+    @field_validator("clean_k")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError("clean_k must be a positive number or null")
+        return v
+
+
+class DataSettings(_Strict):
+    source: Literal["auto", "snapshot", "mp_api"] = "auto"
+    snapshot_dir: Path = Path("../shared/data/mp_electrodes_2020")
+    workers: int = Field(default=2, ge=1)
+
+
+class SplitSettings(_Strict):
+    train: float = Field(default=0.8, gt=0, lt=1)
+    val: float = Field(default=0.1, gt=0, lt=1)
+    test: float = Field(default=0.1, gt=0, lt=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitSettings:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("split fractions train + val + test must sum to 1")
+        return self
+
+    def fractions(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+class GraphSettings(_Strict):
+    radius: float = Field(default=8.0, gt=0)
+    max_neighbors: int = Field(default=12, ge=1)
+    gaussian_dmin: float = 0.0
+    gaussian_dmax: float = 8.0
+    gaussian_step: float = Field(default=0.2, gt=0)
+    gaussian_width: float = Field(default=0.2, gt=0)
+
+
+class Params(BaseModel):
+    """The whole ``params.yaml``. Sections owned by later stages are validated by their stage."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    ions: dict[str, IonSettings]
+    source_ion: str = "Li"
+    data: DataSettings = DataSettings()
+    split: SplitSettings = SplitSettings()
+    graph: GraphSettings = GraphSettings()
+
+    @model_validator(mode="after")
+    def _source_ion_enabled(self) -> Params:
+        if not self.ions:
+            raise ValueError("params.ions must list at least one working ion")
+        if self.source_ion not in self.ions:
+            raise ValueError(f"source_ion {self.source_ion!r} is not among ions {list(self.ions)}")
+        return self
+
+    @property
+    def ion_names(self) -> list[str]:
+        return list(self.ions)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A raw section owned by a later stage (parsed by that stage's own typed config)."""
+        extra = self.model_extra or {}
+        if name not in extra:
+            raise KeyError(f"params.yaml has no section {name!r}")
+        return extra[name]
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate ``params.yaml``; errors name the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    return Params.model_validate(raw)
