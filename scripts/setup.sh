@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the project's virtualenv from the pinned lock file. Idempotent and quick when
+# nothing changed: the lock file's hash is remembered inside the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.lock-installed
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  # torch==2.13.0 resolves to the local CPU wheel; the lock pins every other package exactly.
+  .venv/bin/pip install -q -r requirements.lock
+  .venv/bin/pip install -q --no-deps -e .
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,98 @@
+"""Shared fixtures: small, self-built data so tests never depend on anything but pymatgen.
+
+``mini_snapshot`` writes a snapshot folder with the real layout (``electrodes.csv`` + CIF tarballs)
+from structures built here, including hosts shared between ions, as in the MP data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifWriter
+
+REPO = Path(__file__).resolve().parents[1]
+SNAPSHOT = Path(os.environ.get("MP_SNAPSHOT_DIR", REPO.parent / "shared/data/mp_electrodes_2020"))
+
+CSV_COLUMNS = [
+    "battery_id", "working_ion", "charged_id", "charged_formula", "discharged_id",
+    "discharged_formula", "pair_voltage", "battery_avg_voltage", "charged_spacegroup_number",
+    "charged_cif", "discharged_cif", "charged_nsites", "discharged_nsites", "capacity_grav",
+    "capacity_vol", "energy_grav", "energy_vol", "max_delta_volume", "in_npj2022_clean_set",
+]  # fmt: skip
+
+
+def host_structures(n: int, seed: int = 0) -> list[Structure]:
+    """Distinct small oxide hosts (rocksalt/rutile-like cells with varied metals and lattices)."""
+    rng = np.random.default_rng(seed)
+    metals = ["Mn", "Co", "Ni", "Fe", "V", "Ti", "Cr", "Cu", "Mo", "Nb"]
+    out = []
+    for i in range(n):
+        a = 4.0 + 0.8 * rng.random()
+        m = metals[i % len(metals)]
+        m2 = metals[(i * 3 + 1) % len(metals)]
+        species = [m, m2, "O", "O", "O", "O"] if i % 2 else [m, "O", "O"]
+        coords = rng.random((len(species), 3))
+        lat = Lattice.orthorhombic(a, a + rng.random(), a + 1.5 * rng.random())
+        s = Structure(lat, species, coords)
+        # Push atoms apart a bit so neighbour lists are physical.
+        s.perturb(0.05)
+        out.append(s)
+    return out
+
+
+def write_mini_snapshot(root: Path, n_hosts: int = 24, seed: int = 0) -> Path:
+    """A snapshot folder with Li/Na/Mg rows; hosts 0..7 are shared between ions."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    hosts = host_structures(n_hosts, seed)
+    rows, cifs = [], {}
+    for i, s in enumerate(hosts):
+        cid = f"mp-{1000 + i}"
+        cifs[f"cifs_r/{cid}.cif"] = str(CifWriter(s))
+        ions = ["Li"] + (["Mg", "Na"] if i < 8 else []) + (["Na"] if 8 <= i < 14 else [])
+        for ion in ions:
+            v = float(np.round(1.0 + 3.0 * rng.random(), 2))
+            rows.append({
+                "battery_id": f"{cid}_{ion}", "working_ion": ion, "charged_id": cid,
+                "charged_formula": s.composition.reduced_formula,
+                "discharged_id": f"mp-{5000 + i}", "discharged_formula": ion + s.formula,
+                "pair_voltage": v + 0.05, "battery_avg_voltage": v,
+                "charged_spacegroup_number": 1, "charged_cif": f"cifs_r/{cid}.cif",
+                "discharged_cif": "", "charged_nsites": len(s), "discharged_nsites": "",
+                "capacity_grav": 150.0, "capacity_vol": "", "energy_grav": "", "energy_vol": "",
+                "max_delta_volume": "", "in_npj2022_clean_set": 1,
+            })  # fmt: skip
+    write_snapshot(root, rows, cifs)
+    return root
+
+
+def write_snapshot(root: Path, rows: list[dict], cifs: dict[str, str]) -> None:
+    with (root / "electrodes.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with tarfile.open(root / "cifs_r.tar.gz", "w:gz") as tar:
+        for name, text in cifs.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def mini_snapshot(tmp_path: Path) -> Path:
+    return write_mini_snapshot(tmp_path / "snapshot")
+
+
+@pytest.fixture
+def real_snapshot() -> Path:
+    if not (SNAPSHOT / "electrodes.csv").is_file():
+        pytest.skip(f"shared snapshot not found at {SNAPSHOT}")
+    return SNAPSHOT

@@ -1,0 +1,93 @@
+"""MLflow plumbing shared by every training stage: where runs go and what every run is tagged with.
+
+Nothing here runs at import: the tracking URI is set only when a stage calls ``setup_mlflow``.
+Default store: a sqlite file plus an artifact folder in the project's working area (``work/``),
+overridable by ``params.yaml`` (``mlflow.tracking_uri``) and, above that, ``MLFLOW_TRACKING_URI``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+DEFAULT_DB = Path("work/mlflow/mlflow.db")
+DEFAULT_ARTIFACTS = Path("work/mlflow/artifacts")
+
+
+class MlflowSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tracking_uri: str | None = None
+    experiment: str = "electrode-voltage"
+    artifact_location: str | None = None
+    model_name_prefix: str = "electrode-voltage"
+
+
+def resolve_tracking_uri(settings: MlflowSettings, root: Path = Path(".")) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if settings.tracking_uri:
+        return settings.tracking_uri
+    return f"sqlite:///{(root / DEFAULT_DB).resolve()}"
+
+
+def setup_mlflow(settings: MlflowSettings, root: Path = Path(".")) -> str:
+    """Point MLflow at the store and make sure the pipeline's experiment exists; returns its id."""
+    import mlflow
+
+    uri = resolve_tracking_uri(settings, root)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(settings.experiment)
+    if exp is not None:
+        mlflow.set_experiment(settings.experiment)
+        return exp.experiment_id
+    location = settings.artifact_location or (root / DEFAULT_ARTIFACTS).resolve().as_uri()
+    exp_id = mlflow.create_experiment(settings.experiment, artifact_location=location)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def dataset_version(root: Path = Path("."), outputs: tuple[str, ...] = ()) -> dict[str, str]:
+    """The DVC content hashes (from ``dvc.lock``) of the data a run trained on."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    found: dict[str, str] = {}
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if not outputs or out["path"] in outputs:
+                found[out["path"]] = out.get("md5", "")
+    return found
+
+
+def standard_tags(root: Path = Path("."), data_outputs: tuple[str, ...] = ()) -> dict[str, Any]:
+    tags: dict[str, Any] = {"git_commit": git_commit(root)}
+    for path, md5 in dataset_version(root, data_outputs).items():
+        tags[f"dvc:{path}"] = md5
+    return tags
