@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from training.config import load_params
+from training.config import Params, load_params
 from training.data.ingest import DataSourceError
 
 app = typer.Typer(help="Electrode voltage platform: pipeline stages.", no_args_is_help=True)
@@ -92,6 +92,59 @@ def split(
 
     for ion, sizes in run_split(load_params(params), records, out, report).items():
         typer.echo(f"{ion}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+
+
+@app.command()
+@_user_errors
+def graphs(
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    out: Annotated[Path, typer.Option(help="graph cache (.pt)")],
+    report: Annotated[Path, typer.Option(help="graph report (JSON)")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Build the crystal graph of every distinct charged structure once."""
+    from training.graphs.stage import run_graphs
+
+    p = load_params(params)
+    res = run_graphs(p.graph, records, out, report, workers=p.data.workers)
+    typer.echo(f"{res['structures']} graphs in {res['seconds']} s, {len(res['skipped'])} skipped")
+
+
+@app.command()
+@_user_errors
+def baselines(
+    ion: Annotated[str, typer.Option(help="working ion")],
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    splits: Annotated[Path, typer.Option(help="splits file")],
+    features_cache: Annotated[Path, typer.Option(help="composition feature cache (.npz)")],
+    metrics: Annotated[Path, typer.Option(help="metrics JSON out")],
+    predictions: Annotated[Path, typer.Option(help="test predictions CSV out")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Mean, SVR, KRR and random forest on composition features, same splits as the CGCNN."""
+    from training.baselines.models import BaselineConfig
+    from training.baselines.stage import run_baseline_stage
+    from training.datasets import load_ion_data
+    from training.tracking import MlflowSettings
+
+    p = _require_ion(load_params(params), ion)
+    data = load_ion_data(records, splits, ion)
+    res = run_baseline_stage(
+        data,
+        BaselineConfig.from_dict(p.section("baselines")),
+        MlflowSettings.model_validate(p.section("mlflow")),
+        features_cache,
+        metrics,
+        predictions,
+    )
+    for name, per_split in res.items():
+        typer.echo(f"{ion} {name}: test MAE {per_split['test']['mae']:.3f} V")
+
+
+def _require_ion(p: Params, ion: str) -> Params:
+    if ion not in p.ions:
+        raise UsageError(f"ion {ion!r} is not enabled in params.yaml (ions: {p.ion_names})")
+    return p
 
 
 def main() -> None:

@@ -1,0 +1,231 @@
+"""Conventional-ML baselines: composition features, their cache, and mean/SVR/KRR/RF models.
+
+Uses real (made-up but valid) Li transition-metal oxide/phosphate formulas with a synthetic
+voltage that depends on composition, so the models have real signal to find.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymatgen.core import Composition
+
+from training.baselines import features
+from training.baselines.features import composition_features, feature_group, featurize_cached
+from training.baselines.models import (
+    BaselineConfig,
+    RFParams,
+    rf_importance_groups,
+    run_baselines,
+)
+
+METALS = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")
+FRAMEWORKS = ("{M}O2", "{M}PO4", "{M}SiO4", "{M}BO3", "{M}2O5", "{M}P2O7")
+LITHIUM = ("", "Li", "Li2")
+
+
+def _formulas() -> list[str]:
+    """60 formulas with distinct reduced compositions (Magpie only sees atomic fractions)."""
+    out: dict[str, str] = {}
+    for frame, metal, li in itertools.product(FRAMEWORKS, METALS, LITHIUM):
+        formula = li + frame.format(M=metal)
+        out.setdefault(Composition(formula).reduced_formula, formula)
+    formulas = list(out.values())
+    return [formulas[i] for i in np.random.default_rng(0).permutation(len(formulas))[:60]]
+
+
+def _target(formulas: list[str], seed: int = 0) -> np.ndarray:
+    """Synthetic voltage: 2 x mean Pauling electronegativity + small noise."""
+    rng = np.random.default_rng(seed)
+    y = np.array([2.0 * Composition(f).average_electroneg for f in formulas])
+    return y + rng.normal(0.0, 0.02, size=len(y))
+
+
+@pytest.fixture(scope="module")
+def dataset() -> dict:
+    formulas = _formulas()
+    X, names = composition_features(formulas)
+    y = _target(formulas)
+    idx = np.random.default_rng(1).permutation(len(formulas))
+    tr, va, te = idx[:36], idx[36:48], idx[48:]
+    return {"formulas": formulas, "X": X, "names": names, "y": y, "tr": tr, "va": va, "te": te}
+
+
+def _small_cfg(**overrides) -> BaselineConfig:
+    """Defaults with a small single-threaded forest, so the test file stays fast."""
+    cfg = BaselineConfig(rf=RFParams(n_estimators=60, seed=3, n_jobs=1))
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _run(ds: dict, cfg: BaselineConfig) -> dict:
+    X, y = ds["X"], ds["y"]
+    tr, va, te = ds["tr"], ds["va"], ds["te"]
+    ids = [ds["formulas"][i] for i in te]
+    return run_baselines(
+        X[tr], y[tr], X[va], y[va], X[te], y[te], cfg, feature_names=ds["names"], test_ids=ids
+    )
+
+
+@pytest.fixture(scope="module")
+def results(dataset: dict) -> dict:
+    return _run(dataset, _small_cfg())
+
+
+# --------------------------------------------------------------------------- features
+def test_feature_shape_and_names(dataset: dict) -> None:
+    X, names = dataset["X"], dataset["names"]
+    assert X.shape == (60, len(names))
+    assert X.dtype == np.float64
+    assert len(set(names)) == len(names)
+    assert sum(n.startswith("MagpieData ") for n in names) == 132
+    assert "MagpieData mean CovalentRadius" in names
+    assert np.isfinite(X).all()
+    # Different compositions give different rows.
+    assert len({row.tobytes() for row in X}) == len(X)
+
+
+def test_duplicate_formulas_share_rows() -> None:
+    X, _ = composition_features(["LiFePO4", "FePO4", "LiFePO4"])
+    np.testing.assert_array_equal(X[0], X[2])
+    assert not np.array_equal(X[0], X[1])
+
+
+def test_bad_formula_raises() -> None:
+    with pytest.raises(ValueError):
+        composition_features(["Xq2O3"])
+
+
+def test_feature_groups() -> None:
+    assert feature_group("MagpieData avg_dev CovalentRadius") == "CovalentRadius"
+    assert feature_group("MagpieData mean GSvolume_pa") == "GSvolume_pa"
+    assert feature_group("frac d valence electrons") == "ValenceOrbital"
+    assert feature_group("2-norm") == "Stoichiometry"
+
+
+def test_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "sub" / "features.npz"
+    formulas = ["LiCoO2", "CoO2", "LiFePO4", "LiCoO2"]
+    X1, names1 = featurize_cached(formulas, cache)
+    assert cache.exists()
+    X_ref, _ = composition_features(formulas)
+    np.testing.assert_array_equal(X1, X_ref)
+    with np.load(cache, allow_pickle=False) as npz:  # plain arrays, no pickled objects
+        assert sorted(npz["formulas"].tolist()) == ["CoO2", "LiCoO2", "LiFePO4"]
+
+    def boom(_formulas):
+        raise AssertionError("featuriser called although everything is cached")
+
+    monkeypatch.setattr(features, "composition_features", boom)
+    X2, names2 = featurize_cached(list(reversed(formulas)), cache)
+    assert names2 == names1
+    np.testing.assert_array_equal(X2, X1[::-1])
+
+
+def test_cache_featurises_only_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "features.npz"
+    featurize_cached(["LiMnO2", "MnO2"], cache)
+    seen: list[list[str]] = []
+    real = features.composition_features
+
+    def spy(formulas):
+        seen.append(list(formulas))
+        return real(formulas)
+
+    monkeypatch.setattr(features, "composition_features", spy)
+    X, _ = featurize_cached(["MnO2", "LiNiO2", "LiNiO2"], cache)
+    assert seen == [["LiNiO2"]]
+    np.testing.assert_array_equal(X, real(["MnO2", "LiNiO2", "LiNiO2"])[0])
+
+
+# --------------------------------------------------------------------------- models
+def test_models_beat_mean(results: dict) -> None:
+    assert set(results) == {"mean", "svr", "krr", "rf"}
+    mean_mae = results["mean"].metrics["test"]["mae"]
+    for name in ("svr", "krr", "rf"):
+        m = results[name].metrics
+        assert set(m) == {"train", "val", "test"}
+        assert set(m["test"]) == {"mae", "rmse", "r2"}
+        assert m["test"]["mae"] < mean_mae, name
+        assert m["test"]["r2"] > 0.0, name
+
+
+def test_predictions_keyed_by_id(results: dict, dataset: dict) -> None:
+    ids = [dataset["formulas"][i] for i in dataset["te"]]
+    for res in results.values():
+        assert list(res.test_predictions) == ids
+        assert all(isinstance(v, float) for v in res.test_predictions.values())
+    train_mean = float(dataset["y"][dataset["tr"]].mean())
+    for v in results["mean"].test_predictions.values():
+        assert v == pytest.approx(train_mean)
+
+
+def test_rf_importances(results: dict, dataset: dict) -> None:
+    imp = results["rf"].importances
+    assert imp is not None and len(imp) == len(dataset["names"])
+    values = [v for _, v in imp]
+    assert sum(values) == pytest.approx(1.0)
+    assert values == sorted(values, reverse=True)
+    groups = rf_importance_groups(imp)
+    assert sum(v for _, v in groups) == pytest.approx(1.0)
+    assert "CovalentRadius" in dict(groups)
+    # The target is built from electronegativity, so that property should rank near the top.
+    assert "Electronegativity" in [g for g, _ in groups[:5]]
+    for name in ("mean", "svr", "krr"):
+        assert results[name].importances is None
+
+
+def test_deterministic(results: dict, dataset: dict) -> None:
+    again = _run(dataset, _small_cfg())
+    for name, res in results.items():
+        assert again[name].metrics == res.metrics
+        assert again[name].test_predictions == res.test_predictions
+    assert again["rf"].importances == results["rf"].importances
+
+
+def test_select_on_val(dataset: dict) -> None:
+    cfg = _small_cfg(
+        select_on_val=True,
+        svr_grid={"C": [1.0, 10.0]},
+        krr_grid={"alpha": [0.03, 1.0]},
+        rf_grid={"min_samples_leaf": [1, 3]},
+    )
+    res = _run(dataset, cfg)
+    for name, key in (("svr", "C"), ("krr", "alpha"), ("rf", "min_samples_leaf")):
+        search = res[name].val_search
+        assert len(search) == 2
+        best_candidate, best_mae = min(search, key=lambda cm: cm[1])
+        assert res[name].params[key] == best_candidate[key]
+        assert res[name].metrics["val"]["mae"] == pytest.approx(best_mae)
+    assert res["mean"].val_search == []
+
+
+def test_nan_features_are_imputed(dataset: dict) -> None:
+    X = dataset["X"].copy()
+    X[::5, 0] = np.nan  # sparse gaps
+    X[:, 1] = np.nan  # a column empty in every split must not shift feature names
+    tr, va, te = dataset["tr"], dataset["va"], dataset["te"]
+    y = dataset["y"]
+    res = run_baselines(
+        X[tr], y[tr], X[va], y[va], X[te], y[te], _small_cfg(), feature_names=dataset["names"]
+    )
+    assert all(np.isfinite(r.metrics["test"]["mae"]) for r in res.values())
+    assert len(res["rf"].importances) == X.shape[1]
+
+
+def test_config_from_dict() -> None:
+    cfg = BaselineConfig.from_dict(
+        {"svr": {"C": 3.0}, "rf": {"n_estimators": 10, "seed": 7}, "select_on_val": True}
+    )
+    assert cfg.svr.C == 3.0 and cfg.svr.epsilon == BaselineConfig().svr.epsilon
+    assert cfg.rf.n_estimators == 10 and cfg.rf.seed == 7
+    assert cfg.select_on_val is True
+    assert BaselineConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        BaselineConfig.from_dict({"svm": {}})
+    with pytest.raises(TypeError):
+        BaselineConfig.from_dict({"krr": {"lambda": 1.0}})

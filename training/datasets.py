@@ -1,0 +1,44 @@
+"""One ion's records, split by the shared split file: what every model stage trains on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.data.records import Record, read_records
+from training.data.split import SPLITS, load_splits
+
+
+@dataclass(frozen=True)
+class IonData:
+    ion: str
+    parts: dict[str, list[Record]]
+
+    def ids(self, split: str) -> list[str]:
+        return [r.battery_id for r in self.parts[split]]
+
+    def targets(self, split: str) -> np.ndarray:
+        return np.array([r.battery_avg_voltage for r in self.parts[split]], dtype=np.float64)
+
+    def formulas(self, split: str) -> list[str]:
+        return [r.charged_formula for r in self.parts[split]]
+
+    def host_ids(self, split: str) -> list[str]:
+        return [r.charged_id for r in self.parts[split]]
+
+
+def load_ion_data(records_path: Path, splits_path: Path, ion: str) -> IonData:
+    """The ion's records in split order; every id in the split file must resolve to a record."""
+    splits = load_splits(splits_path)
+    if ion not in splits:
+        raise KeyError(f"ion {ion!r} not in split file {splits_path} (ions: {sorted(splits)})")
+    by_id = {r.battery_id: r for r in read_records(records_path) if r.working_ion == ion}
+    parts: dict[str, list[Record]] = {}
+    for split in SPLITS:
+        missing = [b for b in splits[ion][split] if b not in by_id]
+        if missing:
+            raise KeyError(f"{len(missing)} {ion} {split} ids missing from records: {missing[:3]}")
+        parts[split] = [by_id[b] for b in splits[ion][split]]
+    return IonData(ion=ion, parts=parts)
