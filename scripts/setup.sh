@@ -17,3 +17,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
+
+# Prometheus + promtool (Debian package) for the monitoring tests and for operators.
+bash monitoring/setup_prometheus.sh

@@ -1,0 +1,291 @@
+"""Input/prediction drift as pure functions, plus a bounded per-ion sliding window.
+
+Why here and why pure: the service sets the Prometheus gauges ``voltage_drift_psi``,
+``voltage_drift_unseen_element_share`` and ``voltage_drift_window_requests`` (docs/CONTRACTS.md,
+"Service metrics") from :meth:`DriftWindow.stats`. Keeping this module free of Prometheus, torch
+and pymatgen imports makes the maths unit-testable in isolation and cheap to call on the request
+path; the service owns the metric objects.
+
+The reference is the JSON written by ``training/drift_reference.py`` (CONTRACTS.md,
+"Drift reference")::
+
+    {"<ion>": {"elements": {"O": 0.97, ...},
+               "sites":   {"edges": [...], "fractions": [...]},
+               "voltage": {"edges": [...], "fractions": [...]},
+               "n": 1234}}
+
+Binning rule (shared with the reference builder, which re-implements the same three lines
+because ``training`` never imports ``serving``): bin ``i`` is ``[edges[i], edges[i+1])``; values
+below ``edges[0]`` count in the first bin and values at or above ``edges[-1]`` in the last, so
+the end bins are open-ended and no prediction is ever dropped from the comparison.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Floor applied to every bin fraction before the log ratio: an empty bin on either side would
+#: otherwise make PSI infinite. 1e-4 is the customary choice; it caps one bin's contribution at
+#: roughly (a - e) * ln(a / 1e-4), large enough to alert, finite enough to plot.
+PSI_EPSILON = 1e-4
+
+#: Conventional PSI reading: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 significant shift.
+PSI_ALERT_THRESHOLD = 0.25
+#: Share of windowed requests with an element never seen in the ion's training structures.
+UNSEEN_ALERT_THRESHOLD = 0.2
+
+#: Default window: the last 1000 predictions per ion. Memory is O(ions x window), a few hundred
+#: kB at most, whatever the traffic.
+DEFAULT_WINDOW = 1000
+#: Below this many windowed predictions PSI is too noisy to mean anything: ``stats`` reports NaN
+#: (the gauge then shows "no data" rather than a scary number), and the alert rules also require
+#: ``voltage_drift_window_requests >= 100``.
+DEFAULT_MIN_SAMPLES = 100
+
+
+def bin_fractions(edges: Sequence[float] | np.ndarray, values: Iterable[float]) -> np.ndarray:
+    """Fraction of ``values`` in each bin defined by ``edges`` (open-ended end bins).
+
+    Non-finite values are dropped: a NaN prediction is a service bug reported elsewhere
+    (``voltage_errors_total{kind="internal"}``), not evidence of drift.
+    """
+    e = np.asarray(edges, dtype=float)
+    if e.ndim != 1 or e.size < 2 or not np.all(np.diff(e) > 0):
+        raise ValueError("edges must be a strictly increasing sequence of at least 2 numbers")
+    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
+    v = v[np.isfinite(v)]
+    k = e.size - 1
+    if v.size == 0:
+        return np.zeros(k)
+    idx = np.clip(np.searchsorted(e, v, side="right") - 1, 0, k - 1)
+    return np.bincount(idx, minlength=k) / v.size
+
+
+def psi_from_fractions(
+    expected: Sequence[float] | np.ndarray,
+    actual: Sequence[float] | np.ndarray,
+    epsilon: float = PSI_EPSILON,
+) -> float:
+    """PSI = sum_i (a_i - e_i) * ln(a_i / e_i), with both sides floored at ``epsilon``.
+
+    After flooring, each side is renormalised to sum to 1 so the smoothing never creates mass
+    out of nothing (PSI stays exactly 0 for identical distributions).
+    """
+    e = np.asarray(expected, dtype=float)
+    a = np.asarray(actual, dtype=float)
+    if e.shape != a.shape or e.ndim != 1 or e.size == 0:
+        raise ValueError(f"fraction vectors must be 1-d and equal length, got {e.shape}, {a.shape}")
+    if epsilon <= 0:
+        raise ValueError("epsilon must be positive")
+    e = np.maximum(e, epsilon)
+    a = np.maximum(a, epsilon)
+    e = e / e.sum()
+    a = a / a.sum()
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def psi(
+    reference_fractions: Sequence[float] | np.ndarray,
+    edges: Sequence[float] | np.ndarray,
+    values: Iterable[float],
+    epsilon: float = PSI_EPSILON,
+) -> float:
+    """Population stability index of ``values`` against a binned reference distribution.
+
+    Returns NaN when there is no (finite) value: the index is undefined, and NaN makes a
+    Prometheus comparison false, so an idle ion never alerts.
+    """
+    ref = np.asarray(reference_fractions, dtype=float)
+    if ref.size != len(edges) - 1:
+        raise ValueError(f"{ref.size} reference fractions for {len(edges) - 1} bins")
+    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
+    if not np.isfinite(v).any():
+        return math.nan
+    return psi_from_fractions(ref, bin_fractions(edges, v), epsilon)
+
+
+def unseen_element_share(
+    element_sets: Iterable[Iterable[str]], known_elements: Iterable[str]
+) -> float:
+    """Share of structures containing at least one element outside ``known_elements``.
+
+    A model has never learned an embedding context for such an element in this ion's chemistry,
+    so its predictions there are extrapolation even when the voltage histogram looks normal.
+    Returns NaN for no structures (undefined, and never alerts).
+    """
+    known = frozenset(known_elements)
+    n = unseen = 0
+    for elements in element_sets:
+        n += 1
+        if not known.issuperset(elements):
+            unseen += 1
+    return unseen / n if n else math.nan
+
+
+def element_symbols(structure: Any) -> frozenset[str]:
+    """Element symbols of a pymatgen ``Structure`` (or ``Composition``), oxidation states dropped.
+
+    Duck-typed so this module needs no pymatgen import; mirrors
+    ``training.drift_reference.structure_elements`` so the service and the reference count
+    elements the same way.
+    """
+    comp = getattr(structure, "composition", structure)
+    return frozenset(el.symbol for el in comp.element_composition.elements)
+
+
+def known_elements(reference_ion: Mapping[str, Any]) -> frozenset[str]:
+    """Elements present in at least one training structure of the ion."""
+    return frozenset(el for el, frac in reference_ion["elements"].items() if frac > 0)
+
+
+def validate_reference(reference: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first problem if ``reference`` breaks the contract shape.
+
+    Checked once at load so that a malformed file fails at service start, not on a request.
+    """
+    if not isinstance(reference, Mapping) or not reference:
+        raise ValueError("drift reference must be a non-empty object keyed by ion")
+    for ion, entry in reference.items():
+        for key in ("elements", "sites", "voltage", "n"):
+            if key not in entry:
+                raise ValueError(f"drift reference for {ion}: missing {key!r}")
+        if not isinstance(entry["elements"], Mapping):
+            raise ValueError(f"drift reference for {ion}: 'elements' must be an object")
+        for key in ("sites", "voltage"):
+            edges, fracs = entry[key].get("edges"), entry[key].get("fractions")
+            if not isinstance(edges, list) or not isinstance(fracs, list):
+                raise ValueError(f"drift reference for {ion}.{key}: edges/fractions lists needed")
+            if len(edges) != len(fracs) + 1 or len(fracs) < 1:
+                raise ValueError(f"drift reference for {ion}.{key}: need len(edges)=bins+1")
+            if any(b <= a for a, b in itertools.pairwise(edges)):
+                raise ValueError(f"drift reference for {ion}.{key}: edges must increase")
+            if abs(sum(fracs) - 1.0) > 1e-6:
+                raise ValueError(f"drift reference for {ion}.{key}: fractions must sum to 1")
+
+
+def load_reference(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``data/drift_reference.json``."""
+    reference = json.loads(Path(path).read_text())
+    validate_reference(reference)
+    return reference
+
+
+@dataclass(frozen=True)
+class DriftStats:
+    """Current drift of one ion's window; NaN fields mean "not enough data yet"."""
+
+    ion: str
+    requests: int
+    psi: float
+    unseen_element_share: float
+    sites_psi: float
+
+
+@dataclass(frozen=True)
+class _Observation:
+    volts: float
+    unseen: bool
+    nsites: float
+
+
+class DriftWindow:
+    """The last ``size`` predictions of each reference ion, and their drift from the reference.
+
+    Thread-safe (BentoML workers and the gRPC server observe concurrently): one lock guards the
+    deques; ``stats`` copies under the lock and computes outside it. Memory is bounded: one
+    ``deque(maxlen=size)`` per ion *of the reference*; observations for other ions are ignored
+    (returns False), so an attacker cannot grow it with made-up ion labels.
+    """
+
+    def __init__(
+        self,
+        reference: Mapping[str, Any],
+        size: int = DEFAULT_WINDOW,
+        min_samples: int = DEFAULT_MIN_SAMPLES,
+        epsilon: float = PSI_EPSILON,
+    ) -> None:
+        if size < 1:
+            raise ValueError("window size must be >= 1")
+        if min_samples < 1:
+            raise ValueError("min_samples must be >= 1")
+        validate_reference(reference)
+        self.size = size
+        self.min_samples = min_samples
+        self.epsilon = epsilon
+        self._reference = {ion: dict(entry) for ion, entry in reference.items()}
+        self._known = {ion: known_elements(entry) for ion, entry in reference.items()}
+        self._windows: dict[str, deque[_Observation]] = {
+            ion: deque(maxlen=size) for ion in reference
+        }
+        self._lock = threading.Lock()
+
+    @property
+    def ions(self) -> list[str]:
+        return sorted(self._windows)
+
+    def observe(
+        self, ion: str, volts: float, elements: Iterable[str], nsites: int | None = None
+    ) -> bool:
+        """Record one served prediction; False (and nothing stored) for an ion with no reference.
+
+        The unseen-element flag is computed here, once per request, so the window stores three
+        scalars per prediction and never the structure itself.
+        """
+        window = self._windows.get(ion)
+        if window is None:
+            return False
+        obs = _Observation(
+            volts=float(volts),
+            unseen=not self._known[ion].issuperset(elements),
+            nsites=math.nan if nsites is None else float(nsites),
+        )
+        with self._lock:
+            window.append(obs)
+        return True
+
+    def count(self, ion: str) -> int:
+        with self._lock:
+            window = self._windows.get(ion)
+            return len(window) if window is not None else 0
+
+    def clear(self, ion: str | None = None) -> None:
+        """Forget observations, e.g. after a new champion is loaded for ``ion``."""
+        with self._lock:
+            for name, window in self._windows.items():
+                if ion is None or name == ion:
+                    window.clear()
+
+    def stats(self, ion: str) -> DriftStats:
+        """PSI of windowed predictions and sites, and the unseen-element share, for ``ion``."""
+        if ion not in self._windows:
+            raise KeyError(f"no drift reference for ion {ion!r}")
+        with self._lock:
+            observations = list(self._windows[ion])
+        n = len(observations)
+        if n < self.min_samples:
+            return DriftStats(ion, n, math.nan, math.nan, math.nan)
+        ref = self._reference[ion]
+        volts = np.fromiter((o.volts for o in observations), dtype=float, count=n)
+        sites = np.fromiter((o.nsites for o in observations), dtype=float, count=n)
+        unseen = sum(o.unseen for o in observations) / n
+        return DriftStats(
+            ion=ion,
+            requests=n,
+            psi=psi(ref["voltage"]["fractions"], ref["voltage"]["edges"], volts, self.epsilon),
+            unseen_element_share=unseen,
+            sites_psi=psi(ref["sites"]["fractions"], ref["sites"]["edges"], sites, self.epsilon),
+        )
+
+    def all_stats(self) -> dict[str, DriftStats]:
+        """Stats for every reference ion (what a periodic gauge refresh needs)."""
+        return {ion: self.stats(ion) for ion in self.ions}

@@ -1,0 +1,189 @@
+"""Reference statistics for drift monitoring: what each ion's *training* inputs looked like.
+
+The service compares a sliding window of live requests with these numbers
+(``serving/drift.py``), so they must come from exactly the data the champion learned from:
+the training split of each ion. Three views per ion (shape fixed in docs/CONTRACTS.md,
+"Drift reference"):
+
+* ``elements``: for each element, the fraction of training structures that contain it. Any
+  element with fraction 0 (absent) is "unseen" for that ion.
+* ``sites``: histogram of ``charged_nsites`` (structure size drives graph size and latency, and
+  is a cheap proxy for "a different kind of material").
+* ``voltage``: histogram of the model's predictions on the training split when predictions are
+  given (the service watches *predictions*, so like must be compared with like), else of the
+  DFT targets.
+
+Binning rule, identical to ``serving.drift.bin_fractions`` (re-implemented here because
+``training`` never imports ``serving``): bin ``i`` is ``[edges[i], edges[i+1])`` and the end bins
+are open-ended.
+
+Run as a DVC stage::
+
+    python -m training.drift_reference --records data/clean/records.jsonl.gz \
+        --splits data/splits.json --out data/drift_reference.json [--predictions preds.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.core import Structure
+
+from training.data.records import Record, read_records
+
+log = logging.getLogger(__name__)
+
+#: Fixed voltage bins (V vs. the metal): 0.5 V wide over -1..7 V, the range of the service's
+#: ``voltage_predicted_volts`` histogram, so the dashboard and PSI talk about the same bins.
+DEFAULT_VOLTAGE_EDGES = np.linspace(-1.0, 7.0, 17)
+#: Fixed, roughly logarithmic bins for the number of sites in the charged cell. Fixed rather
+#: than quantile edges so references of different data versions stay comparable.
+DEFAULT_SITE_EDGES = np.array([1, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256], dtype=float)
+
+
+def _fractions(edges: np.ndarray, values: np.ndarray) -> list[float]:
+    """Bin fractions with open-ended end bins (see module docstring)."""
+    k = edges.size - 1
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        raise ValueError("no finite values to bin")
+    idx = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, k - 1)
+    return [float(x) for x in np.bincount(idx, minlength=k) / v.size]
+
+
+def _check_edges(edges: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+    e = np.asarray(edges, dtype=float)
+    if e.ndim != 1 or e.size < 2 or not np.all(np.diff(e) > 0) or not np.isfinite(e).all():
+        raise ValueError(f"{name} must be a finite, strictly increasing sequence of >= 2 numbers")
+    return e
+
+
+def structure_elements(structure_dict: Mapping[str, Any]) -> frozenset[str]:
+    """Element symbols present in a pymatgen structure dict (oxidation states dropped).
+
+    Goes through ``Structure.from_dict(...).composition`` so disordered sites and decorated
+    species are handled by pymatgen, exactly as the service does on a parsed request
+    (``serving.drift.element_symbols``).
+    """
+    comp = Structure.from_dict(dict(structure_dict)).composition
+    return frozenset(el.symbol for el in comp.element_composition.elements)
+
+
+def reference_stats(
+    records_by_ion: Mapping[str, Sequence[Record]],
+    train_ids: Mapping[str, set[str]],
+    predictions: Mapping[str, np.ndarray] | None = None,
+    voltage_edges: Sequence[float] | np.ndarray = DEFAULT_VOLTAGE_EDGES,
+    site_edges: Sequence[float] | np.ndarray = DEFAULT_SITE_EDGES,
+) -> dict[str, Any]:
+    """Per-ion reference statistics of the training split, in the CONTRACTS.md shape.
+
+    ``predictions[ion]``, when given, is aligned with that ion's *training* records in the order
+    they appear in ``records_by_ion[ion]`` (i.e. ``[r for r in records if r.battery_id in
+    train_ids[ion]]``). An ion without any training record is left out (nothing to compare
+    with); the service then reports no drift for it rather than drift against nothing.
+    """
+    v_edges = _check_edges(voltage_edges, "voltage_edges")
+    s_edges = _check_edges(site_edges, "site_edges")
+    out: dict[str, Any] = {}
+    for ion in sorted(records_by_ion):
+        ids = train_ids.get(ion, set())
+        train = [r for r in records_by_ion[ion] if r.battery_id in ids]
+        if not train:
+            log.warning("drift reference: no training records for %s, ion skipped", ion)
+            continue
+        wrong_ion = {r.working_ion for r in train} - {ion}
+        if wrong_ion:
+            raise ValueError(f"records_by_ion[{ion!r}] holds records of {sorted(wrong_ion)}")
+        if predictions is not None and ion in predictions:
+            volts = np.asarray(predictions[ion], dtype=float).reshape(-1)
+            if volts.size != len(train):
+                raise ValueError(
+                    f"{ion}: {volts.size} predictions for {len(train)} training records"
+                )
+        else:
+            volts = np.array([r.battery_avg_voltage for r in train], dtype=float)
+        counts: dict[str, int] = defaultdict(int)
+        for rec in train:
+            for el in structure_elements(rec.charged_structure):
+                counts[el] += 1
+        n = len(train)
+        out[ion] = {
+            "elements": {el: counts[el] / n for el in sorted(counts)},
+            "sites": {
+                "edges": [float(x) for x in s_edges],
+                "fractions": _fractions(
+                    s_edges, np.array([r.charged_nsites for r in train], dtype=float)
+                ),
+            },
+            "voltage": {
+                "edges": [float(x) for x in v_edges],
+                "fractions": _fractions(v_edges, volts),
+            },
+            "n": n,
+        }
+    return out
+
+
+def write_reference(path: str | Path, stats: Mapping[str, Any]) -> None:
+    """Write the reference as stable, diffable JSON (sorted keys; NaN is refused, not written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stats, indent=1, sort_keys=True, allow_nan=False) + "\n")
+
+
+def build_from_files(
+    records_path: Path, splits_path: Path, predictions_path: Path | None = None
+) -> dict[str, Any]:
+    """Load records, splits and optional predictions (``{ion: {battery_id: volts}}`` JSON)."""
+    from training.data.split import load_splits
+
+    splits = load_splits(splits_path)
+    by_ion: dict[str, list[Record]] = defaultdict(list)
+    for rec in read_records(records_path):
+        if rec.working_ion in splits:
+            by_ion[rec.working_ion].append(rec)
+    train_ids = {ion: set(parts["train"]) for ion, parts in splits.items()}
+    preds: dict[str, np.ndarray] | None = None
+    if predictions_path is not None:
+        raw = json.loads(Path(predictions_path).read_text())
+        preds = {}
+        for ion, by_id in raw.items():
+            train = [r for r in by_ion.get(ion, []) if r.battery_id in train_ids.get(ion, set())]
+            missing = [r.battery_id for r in train if r.battery_id not in by_id]
+            if missing:
+                raise ValueError(f"{ion}: no prediction for {len(missing)} training records")
+            preds[ion] = np.array([by_id[r.battery_id] for r in train], dtype=float)
+    return reference_stats(by_ion, train_ids, preds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``drift_reference`` DVC stage."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=Path, required=True, help="cleaned records (jsonl.gz)")
+    parser.add_argument("--splits", type=Path, required=True, help="splits.json")
+    parser.add_argument("--out", type=Path, required=True, help="drift_reference.json to write")
+    parser.add_argument(
+        "--predictions",
+        type=Path,
+        default=None,
+        help="optional JSON {ion: {battery_id: predicted volts}} on the training split",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    stats = build_from_files(args.records, args.splits, args.predictions)
+    write_reference(args.out, stats)
+    for ion, entry in stats.items():
+        log.info("%s: n=%d, %d elements", ion, entry["n"], len(entry["elements"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
