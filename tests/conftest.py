@@ -96,3 +96,32 @@ def real_snapshot() -> Path:
     if not (SNAPSHOT / "electrodes.csv").is_file():
         pytest.skip(f"shared snapshot not found at {SNAPSHOT}")
     return SNAPSHOT
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The real data stages (ingest, clean, split, graphs) run on the mini snapshot."""
+    from training.config import Params
+    from training.data.stages import run_clean, run_ingest, run_split
+    from training.graphs.stage import run_graphs
+
+    root = tmp_path_factory.mktemp("tiny")
+    snap = write_mini_snapshot(root / "snapshot", n_hosts=40)
+    params = Params.model_validate(
+        {
+            "ions": {"Li": {"clean_k": None}, "Na": {"clean_k": None}, "Mg": {"clean_k": None}},
+            "data": {"source": "snapshot", "snapshot_dir": str(snap), "workers": 1},
+        }
+    )
+    paths = {
+        "records": root / "records.jsonl.gz",
+        "clean": root / "clean.jsonl.gz",
+        "splits": root / "splits.json",
+        "graphs": root / "graphs.pt",
+        "params": root / "params.yaml",
+    }
+    run_ingest(params, paths["records"], root / "reports")
+    run_clean(params, paths["records"], paths["clean"], root / "clean.json")
+    run_split(params, paths["clean"], paths["splits"], root / "split.json")
+    run_graphs(params.graph, paths["clean"], paths["graphs"], root / "graphs.json", workers=1)
+    return paths

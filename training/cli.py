@@ -141,6 +141,95 @@ def baselines(
         typer.echo(f"{ion} {name}: test MAE {per_split['test']['mae']:.3f} V")
 
 
+@app.command()
+@_user_errors
+def train(
+    ion: Annotated[str, typer.Option(help="working ion (the source ion)")],
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    splits: Annotated[Path, typer.Option(help="splits file")],
+    graphs: Annotated[Path, typer.Option(help="graph cache")],
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint out (.pt)")],
+    metrics: Annotated[Path, typer.Option(help="metrics JSON out")],
+    plot: Annotated[Path, typer.Option(help="test parity plot PNG out")],
+    best_params: Annotated[
+        Path | None, typer.Option(help="tuned parameters (JSON) overriding params.yaml")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="override train.epochs (smoke runs)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train the CGCNN from scratch on one ion, with a head ensemble for uncertainty."""
+    import json
+
+    from training.datasets import load_ion_data
+    from training.graphs.store import GraphStore
+    from training.tracking import MlflowSettings
+    from training.train.stage import TrainSettings, run_train_stage
+
+    p = _require_ion(load_params(params), ion)
+    best = json.loads(best_params.read_text()) if best_params else None
+    settings = TrainSettings.from_sections(
+        p.section("model"), p.section("train"), p.section("ensemble"), best
+    )
+    if epochs is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, train=replace(settings.train, epochs=epochs))
+    report = run_train_stage(
+        load_ion_data(records, splits, ion),
+        GraphStore.load(graphs),
+        settings,
+        MlflowSettings.model_validate(p.section("mlflow")),
+        checkpoint,
+        metrics,
+        plot,
+    )
+    ens, single = report["ensemble"]["test"], report["single_model"]["test"]
+    typer.echo(
+        f"{ion}: test MAE {ens['mae']:.3f} V (ensemble), {single['mae']:.3f} V (single model); "
+        f"coverage90 {report['uncertainty']['coverage_90']:.2f}"
+    )
+
+
+@app.command()
+@_user_errors
+def tune(
+    ion: Annotated[str, typer.Option(help="working ion")],
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    splits: Annotated[Path, typer.Option(help="splits file")],
+    graphs: Annotated[Path, typer.Option(help="graph cache")],
+    out: Annotated[Path | None, typer.Option(help="best parameters JSON out")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (overrides tune.storage)")
+    ] = None,
+    n_trials: Annotated[
+        int | None, typer.Option(help="trials this worker may start (total set by params)")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Optuna study on the ion's validation MAE; run it on several machines to scale out."""
+    from training.datasets import load_ion_data
+    from training.graphs.store import GraphStore
+    from training.tracking import MlflowSettings, setup_mlflow
+    from training.train.stage import TrainSettings
+    from training.tune import TuneSettings, run_tune, study_key
+
+    p = _require_ion(load_params(params), ion)
+    settings = TuneSettings.model_validate(p.section("tune"))
+    if storage:
+        settings = settings.model_copy(update={"storage": storage})
+    base = TrainSettings.from_sections(
+        p.section("model"), p.section("train"), p.section("ensemble")
+    )
+    settings = settings.model_copy(update={"study_name": study_key(settings, base, splits)})
+    setup_mlflow(MlflowSettings.model_validate(p.section("mlflow")))
+    best = run_tune(
+        load_ion_data(records, splits, ion), GraphStore.load(graphs), base, settings, out, n_trials
+    )
+    typer.echo(
+        f"{ion}: best val MAE {best['value']:.3f} V (trial {best['trial']}), {best['states']}"
+    )
+
+
 def _require_ion(p: Params, ion: str) -> Params:
     if ion not in p.ions:
         raise UsageError(f"ion {ion!r} is not enabled in params.yaml (ions: {p.ion_names})")

@@ -1,0 +1,92 @@
+"""The training stage end to end on tiny data: checkpoint, metrics, MLflow run and pyfunc model."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from pymatgen.io.cif import CifWriter
+
+from training.datasets import load_ion_data
+from training.graphs.store import GraphStore
+from training.inference import VoltageModel
+from training.model.cgcnn import CGCNNConfig
+from training.tracking import MlflowSettings
+from training.train.heads import HeadConfig
+from training.train.loop import TrainConfig
+from training.train.stage import TrainSettings, run_train_stage
+
+
+@pytest.fixture
+def settings() -> TrainSettings:
+    return TrainSettings(
+        model=CGCNNConfig(atom_fea_len=16, h_fea_len=16, n_conv=2),
+        train=TrainConfig(epochs=25, batch_size=8, optimizer="adamw", lr=3e-3, scheduler="none"),
+        heads=HeadConfig(n_heads=2, epochs=50),
+        n_models=2,
+    )
+
+
+def test_train_stage_logs_everything(tiny_data, tmp_path, settings, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mls = MlflowSettings(
+        tracking_uri=uri, experiment="exp", artifact_location=(tmp_path / "art").as_uri()
+    )
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    store = GraphStore.load(tiny_data["graphs"])
+    ckpt, metrics, plot = tmp_path / "m.pt", tmp_path / "m.json", tmp_path / "p.png"
+    report = run_train_stage(data, store, settings, mls, ckpt, metrics, plot)
+    try:
+        # Learning: the loss falls and the model beats the mean predictor on its training data.
+        run = mlflow.get_run(report["run_id"])
+        client = mlflow.MlflowClient()
+        losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert losses[-1] < losses[0]
+        y = data.targets("train")
+        mean_mae = float(np.mean(np.abs(y - y.mean())))
+        assert report["single_model"]["train"]["mae"] < mean_mae
+        # MLflow: params, per-epoch and final metrics, tags, artifacts.
+        assert run.data.params["model.atom_fea_len"] == "16"
+        assert "ensemble_test_mae" in run.data.metrics
+        assert run.data.tags["git_commit"]
+        assert run.data.tags["ion"] == "Li"
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"p.png", "m.json"} <= names
+        assert json.loads(metrics.read_text())["test_mae"] == report["test_mae"]
+        # The pyfunc model loads and predicts like the checkpoint it wraps.
+        model = mlflow.pyfunc.load_model(report["model_uri"])
+        structures = [r.structure() for r in data.parts["test"][:3]]
+        frame = pd.DataFrame(
+            {"structure": [str(CifWriter(s)) for s in structures], "format": ["cif"] * 3}
+        )
+        out = model.predict(frame)
+        direct = VoltageModel.from_checkpoint(ckpt).predict(structures)
+        assert list(out.columns) == ["voltage", "uncertainty"]
+        np.testing.assert_allclose(out["voltage"], [p.voltage for p in direct], atol=1e-4)
+        assert (out["uncertainty"] > 0).all()
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_checkpoint_is_self_describing(tiny_data, tmp_path, settings):
+    import torch
+
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    store = GraphStore.load(tiny_data["graphs"])
+    mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="e")
+    ckpt = tmp_path / "m.pt"
+    try:
+        run_train_stage(data, store, settings, mls, ckpt, tmp_path / "a.json",
+                        tmp_path / "a.png", log_model=False)  # fmt: skip
+    finally:
+        mlflow.set_tracking_uri(None)
+    payload = torch.load(ckpt, weights_only=True)
+    assert payload["model_config"]["atom_fea_len"] == 16
+    assert payload["converter"]["radius"] == 8.0
+    assert {"mean", "std"} <= set(payload["normalizer"])
+    assert len(payload["heads"]) == 2 and len(payload["members"]) == 1
+    assert payload["extra"]["ion"] == "Li" and payload["extra"]["train_elements"]

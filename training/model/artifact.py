@@ -1,0 +1,254 @@
+"""Self-describing CGCNN checkpoint: everything needed to serve a model, in one safe file.
+
+Layout (a plain dict, written with ``torch.save``)::
+
+    {
+      "format": "electrode-voltage-cgcnn",
+      "schema_version": 1,
+      "model_config": {...CGCNNConfig...},
+      "converter": {...GraphConverter.to_dict()...},   # graphs must be built the same way
+      "normalizer": {"mean": float, "std": float},     # targets were (y - mean) / std
+      "state_dict": {name: Tensor},
+      "heads": None | [ {conv_to_fc.*, fcs.*, fc_out.*: Tensor}, ... ],   # optional ensemble
+      "members": [ {"state_dict": {...}, "heads": None | [...]}, ... ],   # schema 2: more backbones
+      "extra": {...json-able: ion, metrics, run ids...},
+      "torch_version": str,
+    }
+
+Only tensors, dicts, lists, str, int, float, bool and None are stored, so
+``torch.load(path, weights_only=True)`` reads it without unpickling arbitrary objects (a model
+registry must never execute code from a file).  ``heads`` lets one checkpoint carry K heads over
+one shared backbone for ensemble uncertainty without changing the schema version. Schema 2 adds
+``members``: further whole models (other seeds) sharing config, converter and normaliser; the
+prediction is the mean over every member's heads and the spread across them is the uncertainty.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from training.model.cgcnn import CGCNN, CGCNNConfig, EnsembleHead, GraphBatchLike, Head
+from training.train.normalizer import Normalizer
+
+CHECKPOINT_FORMAT = "electrode-voltage-cgcnn"
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class CheckpointError(ValueError):
+    """The file is not a checkpoint this code can read (wrong format, schema, or contents)."""
+
+
+def to_plain(value: Any, where: str = "value") -> Any:
+    """Recursively convert to weights_only-safe types (numpy scalars -> python, tuple -> list).
+
+    Raises TypeError naming the offending key instead of failing later at load time.
+    """
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: dict keys must be str, got {k!r}")
+            out[k] = to_plain(v, f"{where}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where}: {type(value).__name__} is not checkpoint-safe (use plain types)")
+
+
+def _tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _config_dict(model: CGCNN, model_config: CGCNNConfig | Mapping[str, Any] | None) -> dict:
+    if model_config is None:
+        return model.config.to_dict()
+    cfg = (
+        model_config
+        if isinstance(model_config, CGCNNConfig)
+        else CGCNNConfig.from_dict(dict(model_config))
+    )
+    if cfg != model.config:
+        raise ValueError(f"model_config {cfg} does not match the model's {model.config}")
+    return cfg.to_dict()
+
+
+def _head_states(heads: Sequence[Head | Mapping[str, Tensor]] | None) -> list | None:
+    if heads is None:
+        return None
+    return [_tensors(h.state_dict() if isinstance(h, nn.Module) else h) for h in heads]
+
+
+def checkpoint_payload(
+    model: CGCNN,
+    model_config: CGCNNConfig | Mapping[str, Any] | None,
+    converter_dict: Mapping[str, Any] | Any,
+    normalizer: Normalizer,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    heads: Sequence[Head | Mapping[str, Tensor]] | None = None,
+    members: Sequence[tuple[CGCNN, Sequence[Head] | None]] = (),
+) -> dict[str, Any]:
+    """The dict ``save_checkpoint`` writes (also handy for in-memory round trips)."""
+    if not isinstance(converter_dict, Mapping) and hasattr(converter_dict, "to_dict"):
+        converter_dict = converter_dict.to_dict()  # accept a GraphConverter too
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "model_config": _config_dict(model, model_config),
+        "converter": to_plain(dict(converter_dict), "converter"),
+        "normalizer": normalizer.to_dict(),
+        "state_dict": _tensors(model.state_dict()),
+        "heads": _head_states(heads),
+        "members": [
+            {"state_dict": _tensors(m.state_dict()), "heads": _head_states(h)} for m, h in members
+        ],
+        "extra": to_plain(dict(extra or {}), "extra"),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: CGCNN,
+    model_config: CGCNNConfig | Mapping[str, Any] | None,
+    converter_dict: Mapping[str, Any] | Any,
+    normalizer: Normalizer,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    heads: Sequence[Head | Mapping[str, Tensor]] | None = None,
+    members: Sequence[tuple[CGCNN, Sequence[Head] | None]] = (),
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename) and return its path."""
+    payload = checkpoint_payload(
+        model, model_config, converter_dict, normalizer, extra, heads=heads, members=members
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint brought back to life: model in eval mode plus everything to serve it."""
+
+    model: CGCNN
+    model_config: CGCNNConfig
+    converter_dict: dict[str, Any]
+    normalizer: Normalizer
+    extra: dict[str, Any] = field(default_factory=dict)
+    ensemble: EnsembleHead | None = None
+    schema_version: int = SCHEMA_VERSION
+    members: list[tuple[CGCNN, list[Head]]] = field(default_factory=list)
+
+    def backbones(self) -> list[tuple[CGCNN, list[Head]]]:
+        """Every whole model with its heads (member 0 first): what transfer learning adapts."""
+        first = list(self.ensemble.heads) if self.ensemble is not None else []
+        return [(self.model, first), *self.members]
+
+    @torch.inference_mode()
+    def predict_volts(self, batch: GraphBatchLike) -> Tensor:
+        """Predictions in volts, (n_crystals,)."""
+        self.model.eval()
+        return self.normalizer.denorm(self.model(batch))
+
+    @torch.inference_mode()
+    def predict_with_std(self, batch: GraphBatchLike) -> tuple[Tensor, Tensor]:
+        """(mean, std) in volts over every member's heads; std is 0 for a single plain model."""
+        outs = []
+        for model, heads in self.backbones():
+            model.eval()
+            if heads:
+                pooled = model.pooled(batch)
+                outs.extend(head(pooled) for head in heads)
+            else:
+                outs.append(model(batch))
+        volts = self.normalizer.denorm(torch.stack(outs, dim=0))
+        return volts.mean(dim=0), volts.std(dim=0, unbiased=False)
+
+
+def _require(payload: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = payload.get(key)
+    if not isinstance(value, kind):
+        raise CheckpointError(f"checkpoint field {key!r} missing or not {kind}")
+    return value
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Read a checkpoint with ``weights_only=True``; reject unknown formats/schema versions."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:  # weights_only refuses pickled code objects with UnpicklingError
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    version = payload.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise CheckpointError(
+            f"{path}: checkpoint schema_version {version!r} is not supported by this code "
+            f"(supported: {sorted(SUPPORTED_SCHEMA_VERSIONS)}); retrain or upgrade the package"
+        )
+    config = CGCNNConfig.from_dict(_require(payload, "model_config", dict))
+    normalizer = Normalizer.from_dict(_require(payload, "normalizer", dict))
+    if not (math.isfinite(normalizer.mean) and normalizer.std > 0):
+        raise CheckpointError(f"{path}: invalid normaliser {normalizer}")
+    model = CGCNN(config)
+    model.load_state_dict(_require(payload, "state_dict", dict))
+    model.eval()
+    ensemble = None
+    heads = _load_heads(config, payload.get("heads"))
+    if heads:
+        ensemble = EnsembleHead(model, heads).eval()
+    members = []
+    for i, member in enumerate(payload.get("members") or []):
+        m = CGCNN(config)
+        m.load_state_dict(_require(member, "state_dict", dict))
+        members.append((m.eval(), _load_heads(config, member.get("heads"), f"member {i}")))
+    return LoadedModel(
+        model=model,
+        model_config=config,
+        converter_dict=dict(_require(payload, "converter", dict)),
+        normalizer=normalizer,
+        extra=dict(payload.get("extra") or {}),
+        ensemble=ensemble,
+        schema_version=int(version),
+        members=members,
+    )
+
+
+def _load_heads(config: CGCNNConfig, states: Any, where: str = "heads") -> list[Head]:
+    if states is None:
+        return []
+    if not isinstance(states, list):
+        raise CheckpointError(f"{where}: heads must be a list of state dicts")
+    heads = []
+    for state in states:
+        head = Head(config)
+        head.load_state_dict(state)
+        heads.append(head.eval())
+    return heads

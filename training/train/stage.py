@@ -1,0 +1,212 @@
+"""The source-ion (Li) training stage: CGCNN from scratch, K-head ensemble for uncertainty,
+scored once on test, checkpointed, and everything logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.io.cif import CifWriter
+
+from training.datasets import IonData
+from training.graphs.encoding import encoding_fingerprint
+from training.graphs.store import GraphLoader, GraphStore
+from training.model.artifact import save_checkpoint
+from training.model.cgcnn import CGCNN, CGCNNConfig, Head
+from training.plots import parity_plot
+from training.tracking import MlflowSettings, setup_mlflow, standard_tags
+from training.train.core import Scored, Trained, model_predictor, score, train_from_scratch
+from training.train.heads import HeadConfig, fit_heads, heads_volts, pooled_features
+from training.train.loop import TrainConfig
+from training.train.metrics import regression_metrics
+from training.train.normalizer import Normalizer
+from training.train.uncertainty import calibration, fit_std_scale
+
+log = logging.getLogger(__name__)
+DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json", "data/graphs/graphs.pt")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    model: CGCNNConfig
+    train: TrainConfig
+    heads: HeadConfig
+    n_models: int = 1
+
+    @classmethod
+    def from_sections(
+        cls, model: dict, train: dict, heads: dict, best: dict | None = None
+    ) -> TrainSettings:
+        """params.yaml sections, overridden by the tuning stage's best parameters if given."""
+        best = best or {}
+        heads = dict(heads)
+        n_models = int(heads.pop("n_models", 1))
+        return cls(
+            model=CGCNNConfig.from_dict({**model, **best.get("model", {})}),
+            train=TrainConfig.from_dict({**train, **best.get("train", {})}),
+            heads=HeadConfig(**heads),
+            n_models=n_models,
+        )
+
+
+def _split_loader(store: GraphStore, data: IonData, split: str) -> GraphLoader:
+    items = list(zip(data.host_ids(split), data.targets(split).tolist(), strict=True))
+    return GraphLoader(store, items, batch_size=512, shuffle=False)
+
+
+def member_heads(
+    model: CGCNN, normalizer: Normalizer, data: IonData, store: GraphStore, cfg: HeadConfig
+) -> tuple[list[Head], dict[str, np.ndarray]]:
+    """A member's heads (its own, or K bootstrap heads) and their predictions (K, n) per split."""
+    feats = {s: pooled_features(model, _split_loader(store, data, s)) for s in data.parts}
+    if cfg.n_heads <= 1:
+        heads = [Head.from_model(model)]
+    else:
+        heads = fit_heads(
+            Head.from_model(model),
+            feats["train"], data.targets("train"),
+            feats["val"], data.targets("val"),
+            normalizer, cfg,
+        )  # fmt: skip
+    return heads, {s: heads_volts(heads, feats[s], normalizer) for s in data.parts}
+
+
+def combine(per_member: list[dict[str, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Mean and spread over every head of every member, per split."""
+    out = {}
+    for split in per_member[0]:
+        stacked = np.concatenate([m[split] for m in per_member], axis=0)
+        out[split] = (stacked.mean(axis=0), stacked.std(axis=0))
+    return out
+
+
+def train_elements(data: IonData) -> list[str]:
+    els: set[str] = set()
+    for rec in data.parts["train"]:
+        els.update(
+            sp["element"] for site in rec.charged_structure["sites"] for sp in site["species"]
+        )
+    return sorted(els)
+
+
+def run_train_stage(
+    data: IonData,
+    store: GraphStore,
+    settings: TrainSettings,
+    mlflow_settings: MlflowSettings,
+    checkpoint_out: Path,
+    metrics_out: Path,
+    plot_out: Path,
+    log_model: bool = True,
+) -> dict[str, Any]:
+    import mlflow
+
+    setup_mlflow(mlflow_settings)
+    with mlflow.start_run(run_name=f"train-{data.ion}") as run:
+        tags = standard_tags(Path("."), DATA_OUTPUTS)
+        mlflow.set_tags({"stage": "train", "ion": data.ion, **tags})
+        mlflow.log_params(_params(settings, data))
+        members = train_members(data, store, settings)
+        trained = members[0]
+        single = score(model_predictor(trained.model, trained.normalizer), data, store)
+        heads, preds = zip(
+            *(member_heads(m.model, m.normalizer, data, store, settings.heads) for m in members),
+            strict=True,
+        )
+        ens = combine(list(preds))
+        val_mean, val_std = ens["val"]
+        scale = fit_std_scale(data.targets("val"), val_mean, val_std)
+        report = _report(data, trained, single, ens, scale, settings)
+        report["members"] = [m.fit.best_val_mae for m in members]
+        save_checkpoint(
+            checkpoint_out, trained.model, settings.model, store.converter.to_dict(),
+            trained.normalizer, _extra(data, report, scale, run.info.run_id), heads=heads[0],
+            members=[(m.model, h) for m, h in zip(members[1:], heads[1:], strict=True)],
+        )  # fmt: skip
+        test_mean = ens["test"][0]
+        parity_plot(data.targets("test"), test_mean, plot_out, f"CGCNN {data.ion} (test)")
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        metrics_out.write_text(json.dumps(report, indent=2) + "\n")
+        mlflow.log_metrics(_flat_metrics(report))
+        mlflow.log_artifact(str(plot_out))
+        mlflow.log_artifact(str(metrics_out))
+        if log_model:
+            example = str(CifWriter(data.parts["test"][0].structure()))
+            info = log_pyfunc_model(checkpoint_out, example)
+            report["model_uri"] = info.model_uri
+        report["run_id"] = run.info.run_id
+    return report
+
+
+def train_members(data: IonData, store: GraphStore, settings: TrainSettings) -> list[Trained]:
+    """``n_models`` CGCNNs from different seeds; member 0's curves are logged without prefix."""
+    import mlflow
+
+    members = []
+    for i in range(settings.n_models):
+        prefix = "" if i == 0 else f"m{i}_"
+
+        def log_epoch(epoch: int, m: dict[str, float], prefix: str = prefix) -> None:
+            mlflow.log_metrics({prefix + k: v for k, v in m.items()}, step=epoch)
+
+        cfg = replace(settings.train, seed=settings.train.seed + i)
+        members.append(train_from_scratch(data, store, settings.model, cfg, on_epoch=log_epoch))
+    return members
+
+
+def log_pyfunc_model(checkpoint: Path, example_cif: str) -> Any:
+    from training.train.logging import log_pyfunc
+
+    return log_pyfunc(checkpoint, example_cif)
+
+
+def _params(settings: TrainSettings, data: IonData) -> dict[str, Any]:
+    out: dict[str, Any] = {f"model.{k}": v for k, v in settings.model.to_dict().items()}
+    out.update({f"train.{k}": v for k, v in settings.train.to_dict().items()})
+    out.update({f"heads.{k}": v for k, v in vars(settings.heads).items()})
+    out["n_models"] = settings.n_models
+    out.update({f"n_{s}": len(v) for s, v in data.parts.items()})
+    return {k: str(v) for k, v in out.items()}
+
+
+def _report(data, trained, single: Scored, ens, scale: float, settings) -> dict[str, Any]:
+    ensemble_metrics = {
+        s: regression_metrics(data.targets(s), mean) for s, (mean, _std) in ens.items()
+    }
+    mean, std = ens["test"]
+    return {
+        "ion": data.ion,
+        "n": {s: len(v) for s, v in data.parts.items()},
+        "best_epoch": trained.fit.best_epoch,
+        "train_seconds": round(trained.fit.train_seconds, 1),
+        "single_model": single.metrics,
+        "ensemble": ensemble_metrics,
+        "uncertainty": {"std_scale": scale, **calibration(data.targets("test"), mean, std * scale)},
+        "test_mae": ensemble_metrics["test"]["mae"],
+    }
+
+
+def _extra(data: IonData, report: dict, scale: float, run_id: str) -> dict[str, Any]:
+    return {
+        "ion": data.ion,
+        "std_scale": scale,
+        "train_elements": train_elements(data),
+        "encoding_fingerprint": encoding_fingerprint(),
+        "test_mae": report["test_mae"],
+        "metrics": {"ensemble": report["ensemble"], "single_model": report["single_model"]},
+        "mlflow_run_id": run_id,
+    }
+
+
+def _flat_metrics(report: dict) -> dict[str, float]:
+    out = {}
+    for kind in ("single_model", "ensemble"):
+        for split, vals in report[kind].items():
+            out.update({f"{kind}_{split}_{k}": v for k, v in vals.items()})
+    out.update({f"unc_{k}": v for k, v in report["uncertainty"].items()})
+    return out

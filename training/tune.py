@@ -1,0 +1,231 @@
+"""Optuna tuning of the source-ion CGCNN: search space and budget from ``params.yaml``.
+
+Storage is a URL (sqlite file by default, PostgreSQL to scale out): every worker process that
+points at the same storage and study name joins the same study, and ``MaxTrialsCallback`` keeps
+the *total* budget. Trials report validation MAE per epoch and are pruned by the configured
+pruner. MLflow: one parent run per study, one nested run per trial (the parent's id lives in the
+study's user attributes so workers on other machines nest under it too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.datasets import IonData
+from training.graphs.store import GraphStore
+from training.train.core import train_from_scratch
+from training.train.stage import TrainSettings
+
+log = logging.getLogger(__name__)
+PARENT_ATTR = "mlflow_parent_run_id"
+DEFAULT_STORAGE = Path("work/optuna/optuna.db")
+
+
+class FloatRange(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    low: float
+    high: float
+    log: bool = False
+
+
+class SearchSpace(BaseModel):
+    """Each key is a train.* or model.* setting; ranges or lists of choices."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lr: FloatRange = FloatRange(low=5e-4, high=5e-3, log=True)
+    weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-3, log=True)
+    batch_size: list[int] = [32, 64, 128]
+    atom_fea_len: list[int] = [64]
+    h_fea_len: list[int] = [64, 128]
+    n_conv: list[int] = [3]
+
+
+class TuneSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    study_name: str = "cgcnn-Li"
+    storage: str | None = None
+    n_trials: int = Field(default=8, ge=1)
+    epochs: int = Field(default=30, ge=1)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    n_startup_trials: int = 2
+    n_warmup_steps: int = 8
+    sampler_seed: int = 0
+    space: SearchSpace = SearchSpace()
+
+
+def study_key(settings: TuneSettings, base: TrainSettings, splits: Path) -> str:
+    """Study name + a digest of everything the trials depend on (space, base settings, split).
+
+    Workers with the same configuration join one study; a changed configuration or split starts
+    a fresh one instead of silently reusing finished trials of another setup.
+    """
+    payload = json.dumps(
+        [
+            settings.model_dump(exclude={"storage", "study_name"}),
+            base.model.to_dict(),
+            base.train.to_dict(),
+            hashlib.sha256(Path(splits).read_bytes()).hexdigest(),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    return f"{settings.study_name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+
+
+def storage_url(settings: TuneSettings, root: Path = Path(".")) -> str:
+    if settings.storage:
+        return settings.storage
+    path = (root / DEFAULT_STORAGE).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _pruner(settings: TuneSettings, max_epochs: int) -> Any:
+    import optuna
+
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=settings.n_startup_trials, n_warmup_steps=settings.n_warmup_steps
+        )
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(settings: TuneSettings, storage: str) -> Any:
+    import optuna
+
+    return optuna.create_study(
+        study_name=settings.study_name,
+        storage=storage,
+        direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=settings.sampler_seed),
+        pruner=_pruner(settings, settings.epochs),
+        load_if_exists=True,
+    )
+
+
+def suggest(trial: Any, space: SearchSpace) -> dict[str, dict[str, Any]]:
+    """Sampled overrides, grouped like params.yaml (``train``/``model`` sections)."""
+    out: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    for name, spec in space.model_dump().items():
+        section = "model" if name in ("atom_fea_len", "h_fea_len", "n_conv", "n_h") else "train"
+        if isinstance(spec, dict):
+            val = trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"])
+        else:
+            val = trial.suggest_categorical(name, list(spec))
+        out[section][name] = val
+    return out
+
+
+def _parent_run(study: Any, ion: str) -> str:
+    """The study's MLflow parent run: created by the first worker, reused by the others."""
+    import mlflow
+
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id:
+        return run_id
+    run = mlflow.start_run(run_name=f"tune-{ion}-{study.study_name}")
+    mlflow.set_tags({"stage": "tune", "ion": ion, "optuna_study": study.study_name})
+    mlflow.end_run()
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    return run.info.run_id
+
+
+def objective_factory(
+    data: IonData, store: GraphStore, base: TrainSettings, settings: TuneSettings, parent: str
+):
+    import mlflow
+    import optuna
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = suggest(trial, settings.space)
+        cfg = TrainSettings.from_sections(
+            base.model.to_dict(), {**base.train.to_dict(), "epochs": settings.epochs},
+            vars(base.heads), overrides,
+        )  # fmt: skip
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        tags = {"mlflow.parentRunId": parent, "stage": "tune-trial", "ion": data.ion}
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, tags=tags):
+            mlflow.log_params({f"{s}.{k}": v for s, d in overrides.items() for k, v in d.items()})
+
+            def report(epoch: int, m: dict[str, float]) -> None:
+                mlflow.log_metrics(m, step=epoch)
+                trial.report(m["val_mae"], epoch)
+                if trial.should_prune():
+                    mlflow.set_tag("optuna_state", "pruned")
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+            result = train_from_scratch(data, store, cfg.model, cfg.train, on_epoch=report).fit
+            mlflow.set_tag("optuna_state", "complete")
+            mlflow.log_metric("best_val_mae", result.best_val_mae)
+        return result.best_val_mae
+
+    return objective
+
+
+def run_tune(
+    data: IonData,
+    store: GraphStore,
+    base: TrainSettings,
+    settings: TuneSettings,
+    out: Path | None,
+    n_trials: int | None = None,
+) -> dict[str, Any]:
+    """Run trials until the study holds ``settings.n_trials`` finished trials (all workers)."""
+    import mlflow
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    study = open_study(settings, storage_url(settings))
+    parent = _parent_run(study, data.ion)
+    budget = MaxTrialsCallback(
+        settings.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(
+        objective_factory(data, store, base, settings, parent),
+        n_trials=n_trials or settings.n_trials,
+        callbacks=[budget],
+        catch=(FloatingPointError,),
+    )
+    best = best_params(study)
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_metric("best_val_mae", best["value"])
+        mlflow.log_params(
+            {f"best.{s}.{k}": v for s in ("train", "model") for k, v in best[s].items()}
+        )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(best, indent=2) + "\n")
+    return best
+
+
+def best_params(study: Any) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not done:
+        raise RuntimeError(f"study {study.study_name} has no completed trial")
+    best = study.best_trial
+    groups: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    for k, v in best.params.items():
+        groups["model" if k in ("atom_fea_len", "h_fea_len", "n_conv", "n_h") else "train"][k] = v
+    states = [t.state.name.lower() for t in trials]
+    return {
+        **groups,
+        "value": best.value,
+        "trial": best.number,
+        "n_trials": len(trials),
+        "states": {s: states.count(s) for s in sorted(set(states))},
+    }
