@@ -230,6 +230,146 @@ def tune(
     )
 
 
+@app.command("ion-model")
+@_user_errors
+def ion_model(
+    ion: Annotated[str, typer.Option(help="working ion")],
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    splits: Annotated[Path, typer.Option(help="splits file")],
+    graphs: Annotated[Path, typer.Option(help="graph cache")],
+    source_checkpoint: Annotated[Path, typer.Option(help="the source ion's checkpoint")],
+    baselines: Annotated[Path, typer.Option(help="baseline test predictions CSV of this ion")],
+    checkpoint: Annotated[Path, typer.Option(help="this ion's model checkpoint out")],
+    metrics: Annotated[Path, typer.Option(help="comparison metrics JSON out")],
+    predictions: Annotated[Path, typer.Option(help="test predictions CSV out")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Transfer learning (or, for the source ion, evaluation) and the comparison for one ion."""
+    from training.datasets import load_ion_data
+    from training.graphs.store import GraphStore
+    from training.tracking import MlflowSettings
+    from training.transfer import TransferSettings
+    from training.transfer_stage import run_ion_stage
+
+    p = _require_ion(load_params(params), ion)
+    report = run_ion_stage(
+        load_ion_data(records, splits, ion),
+        GraphStore.load(graphs),
+        p.source_ion,
+        source_checkpoint,
+        baselines,
+        TransferSettings.model_validate(p.section("transfer")),
+        MlflowSettings.model_validate(p.section("mlflow")),
+        checkpoint,
+        metrics,
+        predictions,
+    )
+    for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test_mae_mean"]):
+        typer.echo(
+            f"{ion} {name:20s} test MAE {m['test_mae_mean']:.3f} +- {m['test_mae_std']:.3f} V"
+        )
+
+
+@app.command()
+@_user_errors
+def compare(
+    metrics_dir: Annotated[Path, typer.Option(help="folder with ion_<ion>.json reports")],
+    predictions_dir: Annotated[Path, typer.Option(help="folder with ion_<ion>.csv predictions")],
+    table: Annotated[Path, typer.Option(help="comparison CSV out")],
+    markdown: Annotated[Path, typer.Option(help="comparison markdown out")],
+    plot: Annotated[Path, typer.Option(help="parity grid PNG out")],
+    summary: Annotated[Path, typer.Option(help="summary metrics JSON out")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The methods x ions table and the grid of parity plots."""
+    import mlflow
+
+    from training.compare import run_compare
+    from training.tracking import MlflowSettings, setup_mlflow, standard_tags
+
+    p = load_params(params)
+    ions = p.ion_names
+    run_compare(
+        [metrics_dir / f"ion_{i}.json" for i in ions],
+        [predictions_dir / f"ion_{i}.csv" for i in ions],
+        table, markdown, plot, summary,
+    )  # fmt: skip
+    setup_mlflow(MlflowSettings.model_validate(p.section("mlflow")))
+    with mlflow.start_run(run_name="compare"):
+        mlflow.set_tags({"stage": "compare", **standard_tags()})
+        for path in (table, markdown, plot, summary):
+            mlflow.log_artifact(str(path))
+    typer.echo(markdown.read_text())
+
+
+@app.command()
+@_user_errors
+def register(
+    metrics_dir: Annotated[Path, typer.Option(help="folder with ion_<ion>.json reports")],
+    models_dir: Annotated[Path, typer.Option(help="folder with <ion>.pt checkpoints")],
+    splits: Annotated[Path, typer.Option(help="splits file (its test ids are hashed)")],
+    receipt: Annotated[Path, typer.Option(help="registration receipt JSON out")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Register every ion's changed model (alias candidate); first run promotes champions."""
+    import hashlib
+    import json
+
+    from training.data.split import load_splits
+    from training.register_stage import register_ion
+    from training.tracking import MlflowSettings, dataset_version, setup_mlflow
+
+    p = load_params(params)
+    mls = MlflowSettings.model_validate(p.section("mlflow"))
+    setup_mlflow(mls)
+    auto = bool(p.section("registry").get("auto_promote_first", True))
+    split_ids = load_splits(splits)
+    data_hash = dataset_version(Path("."), ("data/clean/records.jsonl.gz",)).get(
+        "data/clean/records.jsonl.gz", "unknown"
+    )
+    out = {}
+    for ion in p.ion_names:
+        report = json.loads((metrics_dir / f"ion_{ion}.json").read_text())
+        test_ids = "\n".join(sorted(split_ids[ion]["test"]))
+        split_hash = hashlib.sha256(test_ids.encode()).hexdigest()[:16]
+        out[ion] = register_ion(
+            ion, report, models_dir / f"{ion}.pt", mls.model_name_prefix, split_hash,
+            data_hash, auto,
+        )  # fmt: skip
+        r = out[ion]
+        typer.echo(f"{r['name']}: v{r['version']} (new: {r['registered_now']}), "
+                   f"champion v{r['champion']}")  # fmt: skip
+    receipt.parent.mkdir(parents=True, exist_ok=True)
+    receipt.write_text(json.dumps(out, indent=2) + "\n")
+
+
+@app.command()
+def promote(
+    ion: Annotated[str, typer.Option(help="working ion")],
+    version: Annotated[int | None, typer.Option(help="version (default: the candidate)")] = None,
+    force: Annotated[bool, typer.Option(help="skip the test-MAE gate")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Point alias champion at a version, refusing a candidate worse than the champion."""
+    from training.registry import PromotionRefused, model_name
+    from training.registry import promote as do_promote
+    from training.tracking import MlflowSettings, setup_mlflow
+
+    try:
+        p = _require_ion(load_params(params), ion)
+    except UsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    mls = MlflowSettings.model_validate(p.section("mlflow"))
+    setup_mlflow(mls)
+    try:
+        info, reason = do_promote(model_name(mls.model_name_prefix, ion), version, force)
+    except PromotionRefused as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{info.name} v{info.version} is now champion ({reason})")
+
+
 def _require_ion(p: Params, ion: str) -> Params:
     if ion not in p.ions:
         raise UsageError(f"ion {ion!r} is not enabled in params.yaml (ions: {p.ion_names})")

@@ -1,0 +1,180 @@
+"""Transfer learning, the comparison's baselines, uncertainty, and the registry with its gate."""
+
+from __future__ import annotations
+
+import copy
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from training.datasets import load_ion_data
+from training.graphs.store import GraphStore
+from training.model.artifact import load_checkpoint
+from training.model.cgcnn import CGCNNConfig
+from training.registry import (
+    CANDIDATE,
+    CHAMPION,
+    PromotionRefused,
+    by_alias,
+    check_gate,
+    promote,
+    register,
+)
+from training.tracking import MlflowSettings
+from training.train.heads import HeadConfig
+from training.train.loop import TrainConfig
+from training.train.stage import TrainSettings, run_train_stage
+from training.train.uncertainty import calibration, fit_std_scale
+from training.transfer import TransferSettings, source_predictions, transfer
+from training.transfer_stage import evaluate_target
+
+
+@pytest.fixture(scope="module")
+def source(tiny_data, tmp_path_factory):
+    """A small trained Li ensemble (2 members x 2 heads) as the transfer source."""
+    tmp = tmp_path_factory.mktemp("src")
+    settings = TrainSettings(
+        model=CGCNNConfig(atom_fea_len=16, h_fea_len=16, n_conv=2),
+        train=TrainConfig(epochs=15, batch_size=8, optimizer="adamw", lr=3e-3, scheduler="none"),
+        heads=HeadConfig(n_heads=2, epochs=40),
+        n_models=2,
+    )
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp / 'm.db'}", experiment="src")
+    try:
+        store = GraphStore.load(tiny_data["graphs"])
+        out = (tmp / "li.pt", tmp / "li.json", tmp / "li.png")
+        run_train_stage(data, store, settings, mls, *out, log_model=False)
+    finally:
+        mlflow.set_tracking_uri(None)
+    return tmp / "li.pt"
+
+
+@pytest.fixture
+def cfg() -> TransferSettings:
+    return TransferSettings(seeds=[0, 1], n_heads=2, epochs=80, patience=20,
+                            scratch={"epochs": 3, "batch_size": 8, "optimizer": "adamw",
+                                     "lr": 2e-3, "scheduler": "none"})  # fmt: skip
+
+
+def test_freezing_really_freezes(source, tiny_data, cfg):
+    src = load_checkpoint(source)
+    before = [copy.deepcopy(m.state_dict()) for m, _ in src.backbones()]
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    res = transfer(src, data, GraphStore.load(tiny_data["graphs"]), cfg, "frozen", seed=0)
+    for member, state in zip(res.members, before, strict=True):
+        after = member.model.state_dict()
+        for k, v in state.items():
+            if not k.startswith(("conv_to_fc", "fcs", "fc_out")):
+                assert torch.equal(after[k], v), f"backbone tensor {k} changed"
+        # The heads did change.
+        assert not torch.equal(member.heads[0].fc_out.weight, state["fc_out.weight"])
+    # The source checkpoint's objects were not modified either.
+    for (m, _), state in zip(src.backbones(), before, strict=True):
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items())
+
+
+def test_adapt_mode_changes_only_batchnorm_statistics(source, tiny_data, cfg):
+    src = load_checkpoint(source)
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    res = transfer(src, data, GraphStore.load(tiny_data["graphs"]), cfg, "adapt", seed=0)
+    before, after = src.model.state_dict(), res.members[0].model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "adapt mode should re-estimate BatchNorm statistics"
+    assert all("running_" in k or "num_batches" in k or k.startswith(("conv_to_fc", "fc_out"))
+               for k in changed), changed  # fmt: skip
+
+
+def test_comparison_offset_and_uncertainty(source, tiny_data, cfg):
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    store = GraphStore.load(tiny_data["graphs"])
+    report, final = evaluate_target(data, store, source, cfg)
+    src = load_checkpoint(source)
+    unchanged = source_predictions(src, data, store)
+    offset = np.mean(data.targets("train") - unchanged["train"])
+    assert report["offset_V"] == pytest.approx(offset)
+    # The offset is the best constant shift on the training split: training MAE/MSE never worse.
+    y = data.targets("train")
+    assert np.mean((y - unchanged["train"] - offset) ** 2) <= np.mean((y - unchanged["train"]) ** 2)
+    for name in ("mean", "source_unchanged", "source_offset", "cgcnn_scratch", "transfer"):
+        assert name in report["methods"]
+    assert report["methods"]["transfer"]["n_seeds"] == 2
+    assert report["bn_mode"] in ("adapt", "frozen")
+    _, std = final.mean_std("test")
+    assert (std > 0).all()
+    unc = report["uncertainty"]
+    assert 0.0 <= unc["coverage_90"] <= 1.0 and unc["std_scale"] > 0
+
+
+def test_calibration_math():
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.1, 1.0, 4000)
+    y = rng.normal(0, std)
+    scale = fit_std_scale(y, np.zeros_like(y), std * 0.5)
+    assert scale == pytest.approx(2.0, rel=0.1)
+    cal = calibration(y, np.zeros_like(y), std)
+    assert cal["coverage_90"] == pytest.approx(0.9, abs=0.03)
+    assert cal["spearman_err_std"] > 0.3
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch, source):
+    uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("reg", artifact_location=(tmp_path / "art").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    from training.train.logging import log_pyfunc
+
+    def log(mae: float, split: str = "s1"):
+        with mlflow.start_run():
+            info = log_pyfunc(source, _example_cif())
+        return register(info.model_uri, "electrode-voltage-Mg",
+                        {"test_mae": mae, "split_hash": split}, CANDIDATE)  # fmt: skip
+
+    yield log
+    mlflow.set_tracking_uri(None)
+
+
+def _example_cif() -> str:
+    from pymatgen.core import Lattice, Structure
+    from pymatgen.io.cif import CifWriter
+
+    return str(CifWriter(Structure(Lattice.cubic(4.2), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])))
+
+
+def test_registry_round_trip_and_gate(registry, tmp_path):
+    v1 = registry(0.50)
+    assert by_alias(v1.name, CANDIDATE).version == v1.version
+    assert by_alias(v1.name, CHAMPION) is None
+    promote(v1.name)  # no champion yet: allowed
+    model = mlflow.pyfunc.load_model(f"models:/{v1.name}@champion")
+    import pandas as pd
+
+    out = model.predict(pd.DataFrame({"structure": [_example_cif()], "format": ["cif"]}))
+    assert np.isfinite(out["voltage"]).all()
+
+    worse = registry(0.60)
+    with pytest.raises(PromotionRefused, match="worse"):
+        promote(worse.name)
+    assert by_alias(worse.name, CHAMPION).version == v1.version
+    other_split = registry(0.10, split="s2")
+    with pytest.raises(PromotionRefused, match="different splits"):
+        check_gate(other_split, by_alias(v1.name, CHAMPION))
+    better = registry(0.40)
+    promote(better.name)
+    assert by_alias(better.name, CHAMPION).version == better.version
+    # Forced promotion overrides the gate; the CLI says no with a non-zero exit.
+    worst = registry(0.90)
+    from training.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text("ions: {Li: {}, Mg: {}}\nmlflow: {experiment: reg}\n")
+    res = CliRunner().invoke(app, ["promote", "--ion", "Mg", "--params", str(params)])
+    assert res.exit_code == 1 and "worse" in res.output
+    res = CliRunner().invoke(app, ["promote", "--ion", "Mg", "--force", "--params", str(params)])
+    assert res.exit_code == 0, res.output
+    assert by_alias(worst.name, CHAMPION).version == worst.version

@@ -1,0 +1,120 @@
+"""The comparison across ions: the paper's table (methods x ions, mean +- std over seeds) and its
+Fig. 2-style grid of parity plots, as DVC metrics/plots and MLflow artifacts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.plots import parity_grid
+
+# Zhang et al. (2022), validation-selected and -reported (so optimistic), transfer learning.
+PAPER_TL_MAE = {"Zn": 0.479, "Mg": 0.451, "Ca": 0.403, "Na": 0.508, "Al": 0.680, "K": 0.656}
+METHOD_ORDER = [
+    "mean", "svr", "krr", "rf", "source_unchanged", "source_offset", "cgcnn_scratch", "cgcnn",
+    "transfer", "transfer_bn_adapt", "transfer_bn_frozen",
+]  # fmt: skip
+
+
+def load_reports(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    reports = {}
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        reports[r["ion"]] = r
+    return reports
+
+
+def table_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for ion, r in reports.items():
+        for name in METHOD_ORDER:
+            m = r["methods"].get(name)
+            if m is None:
+                continue
+            rows.append({
+                "ion": ion, "method": name, "test_mae_mean": round(m["test_mae_mean"], 4),
+                "test_mae_std": round(m["test_mae_std"], 4), "n_seeds": m["n_seeds"],
+                "n_test": r["n"]["test"],
+            })  # fmt: skip
+    return rows
+
+
+def markdown(reports: dict[str, dict[str, Any]]) -> str:
+    ions = list(reports)
+    head = "| method | " + " | ".join(ions) + " |\n|---|" + "---|" * len(ions) + "\n"
+    lines = []
+    for name in METHOD_ORDER:
+        cells = []
+        present = False
+        for ion in ions:
+            m = reports[ion]["methods"].get(name)
+            if m is None:
+                cells.append("")
+                continue
+            present = True
+            best = min(v["test_mae_mean"] for v in reports[ion]["methods"].values())
+            cell = f"{m['test_mae_mean']:.3f} ± {m['test_mae_std']:.3f}"
+            cells.append(f"**{cell}**" if m["test_mae_mean"] == best else cell)
+        if present:
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    paper = (
+        "| paper TL (val) | "
+        + " | ".join(f"{PAPER_TL_MAE[i]:.3f}" if i in PAPER_TL_MAE else "" for i in ions)
+        + " |"
+    )
+    unc = (
+        "| coverage90 (test) | "
+        + " | ".join(
+            f"{reports[i]['uncertainty'].get('coverage_90', float('nan')):.2f}" for i in ions
+        )
+        + " |"
+    )
+    bn = (
+        "| BN mode (val-selected) | "
+        + " | ".join(reports[i].get("bn_mode", "") for i in ions)
+        + " |"
+    )
+    return (
+        "Test MAE (V), mean ± std over seeds, grouped test split (no host shared with any "
+        "training set). Bold: best per ion.\n\n" + head + "\n".join([*lines, paper, unc, bn]) + "\n"
+    )
+
+
+def run_compare(
+    metrics_paths: list[Path], predictions_paths: list[Path], out_csv: Path, out_md: Path,
+    out_plot: Path, summary_json: Path,
+) -> dict[str, Any]:  # fmt: skip
+    reports = load_reports(metrics_paths)
+    rows = table_rows(reports)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out_md.write_text(markdown(reports))
+    panels = {}
+    for p in predictions_paths:
+        data = list(csv.DictReader(Path(p).read_text().splitlines()))
+        if not data:
+            continue
+        ion = Path(p).stem.split("_", 1)[1]
+        col = "transfer" if "transfer" in data[0] else "cgcnn"
+        panels[f"{ion} ({col})"] = (
+            np.array([float(r["target"]) for r in data]),
+            np.array([float(r[col]) for r in data]),
+        )
+    parity_grid(panels, out_plot)
+    summary = {
+        ion: {"final_test_mae": r["test_mae"],
+              "best_baseline_mae": min(r["methods"][b]["test_mae_mean"]
+                                       for b in ("svr", "krr", "rf") if b in r["methods"]),
+              **{f"unc_{k}": v for k, v in r["uncertainty"].items()}}
+        for ion, r in reports.items()
+    }  # fmt: skip
+    summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

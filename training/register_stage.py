@@ -1,0 +1,70 @@
+"""Register each ion's model in the MLflow registry (alias ``candidate``), when it changed.
+
+A version is "changed" when its checkpoint's content hash differs from the newest registered
+version's. On the first run (no champion yet) the candidate is promoted automatically when
+``registry.auto_promote_first`` is set; after that, promotion is a person's decision (MLflow UI,
+or ``voltage promote`` with its gate). A receipt of what was registered is written for DVC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from training.registry import (
+    CANDIDATE,
+    CHAMPION,
+    by_alias,
+    model_name,
+    promote,
+    register,
+)
+from training.tracking import git_commit
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def latest_version(name: str) -> Any | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def register_ion(
+    ion: str, report: dict[str, Any], checkpoint: Path, prefix: str, split_hash: str,
+    data_hash: str, auto_promote_first: bool,
+) -> dict[str, Any]:  # fmt: skip
+    name = model_name(prefix, ion)
+    ckpt_hash = file_hash(checkpoint)
+    latest = latest_version(name)
+    if latest is not None and (latest.tags or {}).get("checkpoint_sha256") == ckpt_hash:
+        version, registered = int(latest.version), False
+    else:
+        baselines = {
+            f"baseline_{b}_mae": round(report["methods"][b]["test_mae_mean"], 4)
+            for b in ("mean", "svr", "krr", "rf")
+            if b in report["methods"]
+        }
+        tags = {
+            "ion": ion, "test_mae": round(report["test_mae"], 4), "split_hash": split_hash,
+            "dataset_hash": data_hash, "git_commit": git_commit(), "checkpoint_sha256": ckpt_hash,
+            "bn_mode": report.get("bn_mode", "n/a"), **baselines,
+        }  # fmt: skip
+        version, registered = register(report["model_uri"], name, tags, CANDIDATE).version, True
+    promoted = None
+    if auto_promote_first and by_alias(name, CHAMPION) is None:
+        promoted = promote(name, version, force=True)[0].version
+    champ = by_alias(name, CHAMPION)
+    return {
+        "name": name, "version": version, "registered_now": registered,
+        "run_id": report["run_id"], "test_mae": report["test_mae"],
+        "auto_promoted": promoted, "champion": champ.version if champ else None,
+    }  # fmt: skip

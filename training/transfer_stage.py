@@ -1,0 +1,223 @@
+"""The per-ion model stage (DVC ``foreach`` over the ions): the comparison row and the model to
+register. For the source ion it evaluates the trained source ensemble; for every other ion it runs
+transfer learning and every comparison method over the configured seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pymatgen.io.cif import CifWriter
+
+from training.datasets import IonData
+from training.graphs.encoding import encoding_fingerprint
+from training.graphs.store import GraphStore
+from training.model.artifact import load_checkpoint, save_checkpoint
+from training.tracking import MlflowSettings, setup_mlflow, standard_tags
+from training.train.metrics import regression_metrics
+from training.train.stage import train_elements
+from training.train.uncertainty import calibration, fit_std_scale
+from training.transfer import (
+    TransferResult,
+    TransferSettings,
+    metrics_by_split,
+    scratch_cgcnn,
+    source_predictions,
+    transfer,
+    uncertainty_report,
+)
+
+DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json", "data/graphs/graphs.pt")
+
+
+def _summary(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """mean +- std over seeds of test and val MAE (selection uses val only)."""
+    test = np.array([m["test"]["mae"] for m in per_seed])
+    val = np.array([m["val"]["mae"] for m in per_seed])
+    return {
+        "test_mae_mean": float(test.mean()),
+        "test_mae_std": float(test.std()),
+        "val_mae_mean": float(val.mean()),
+        "test_rmse_mean": float(np.mean([m["test"]["rmse"] for m in per_seed])),
+        "test_r2_mean": float(np.mean([m["test"]["r2"] for m in per_seed])),
+        "n_seeds": len(per_seed),
+    }
+
+
+def baseline_rows(data: IonData, baseline_csv: Path) -> dict[str, dict[str, Any]]:
+    """SVR/KRR/RF/mean test predictions from the baselines stage, on the very same test ids."""
+    rows = {r["battery_id"]: r for r in csv.DictReader(baseline_csv.read_text().splitlines())}
+    ids = data.ids("test")
+    missing = [b for b in ids if b not in rows]
+    if missing:
+        raise ValueError(f"baseline predictions lack {len(missing)} test ids: {missing[:3]}")
+    names = [c for c in next(iter(rows.values())) if c not in ("battery_id", "target")]
+    out = {}
+    for name in names:
+        pred = np.array([float(rows[b][name]) for b in ids])
+        m = regression_metrics(data.targets("test"), pred)
+        out[name] = {"test_mae_mean": m["mae"], "test_mae_std": 0.0, "test_rmse_mean": m["rmse"],
+                     "test_r2_mean": m["r2"], "n_seeds": 1}  # fmt: skip
+    return out
+
+
+def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[str, Any]:
+    src = load_checkpoint(checkpoint)
+    preds = source_predictions(src, data, store)
+    m = metrics_by_split(data, preds)
+    cgcnn = _summary([m])
+    return {
+        "methods": {"cgcnn": cgcnn, "source_unchanged": cgcnn},
+        "test_predictions": {"cgcnn": preds["test"]},
+        "test_mae": m["test"]["mae"],
+        "uncertainty": src.extra.get("uncertainty") or {},
+    }
+
+
+def evaluate_target(
+    data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings
+) -> tuple[dict[str, Any], TransferResult]:
+    src = load_checkpoint(checkpoint)
+    methods: dict[str, Any] = {}
+    y_train = data.targets("train")
+    mean_pred = {s: np.full(len(data.parts[s]), y_train.mean()) for s in data.parts}
+    methods["mean"] = _summary([metrics_by_split(data, mean_pred)])
+    unchanged = source_predictions(src, data, store)
+    methods["source_unchanged"] = _summary([metrics_by_split(data, unchanged)])
+    offset = float(np.mean(y_train - unchanged["train"]))
+    shifted = {s: p + offset for s, p in unchanged.items()}
+    methods["source_offset"] = _summary([metrics_by_split(data, shifted)])
+
+    scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
+    methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
+
+    runs: dict[str, list[TransferResult]] = {
+        mode: [transfer(src, data, store, cfg, mode, seed) for seed in cfg.seeds]
+        for mode in cfg.bn_modes
+    }
+    per_mode = {
+        mode: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
+                        for r in results])
+        for mode, results in runs.items()
+    }  # fmt: skip
+    best_mode = min(per_mode, key=lambda mode: per_mode[mode]["val_mae_mean"])
+    methods["transfer"] = per_mode[best_mode]
+    for mode, summ in per_mode.items():
+        methods[f"transfer_bn_{mode}"] = summ
+    final = runs[best_mode][0]
+    report = {
+        "methods": methods,
+        "bn_mode": best_mode,
+        "bn_selected_on": "validation MAE (mean over seeds)",
+        "offset_V": offset,
+        "test_predictions": {
+            "transfer": final.mean_std("test")[0],
+            "source_unchanged": unchanged["test"],
+            "cgcnn_scratch": scratch[0]["test"],
+        },
+        "test_mae": regression_metrics(data.targets("test"), final.mean_std("test")[0])["mae"],
+        "uncertainty": uncertainty_report(data, final),
+    }
+    return report, final
+
+
+def save_transfer_checkpoint(
+    path: Path, result: TransferResult, src_path: Path, data: IonData, report: dict, run_id: str
+) -> None:
+    src = load_checkpoint(src_path)
+    first, *rest = result.members
+    extra = {
+        "ion": data.ion,
+        "source_ion": src.extra.get("ion"),
+        "bn_mode": result.bn_mode,
+        "std_scale": report["uncertainty"]["std_scale"],
+        "train_elements": train_elements(data),
+        "encoding_fingerprint": encoding_fingerprint(),
+        "test_mae": report["test_mae"],
+        "mlflow_run_id": run_id,
+    }
+    save_checkpoint(
+        path, first.model, src.model_config, src.converter_dict, result.normalizer, extra,
+        heads=first.heads, members=[(m.model, m.heads) for m in rest],
+    )  # fmt: skip
+
+
+def source_uncertainty(data: IonData, store: GraphStore, checkpoint: Path) -> dict[str, float]:
+    src = load_checkpoint(checkpoint)
+    from training.transfer import split_loader
+
+    def mean_std(split: str) -> tuple[np.ndarray, np.ndarray]:
+        outs = [src.predict_with_std(b) for b in split_loader(store, data, split)]
+        return (np.concatenate([o[0].double().numpy() for o in outs]),
+                np.concatenate([o[1].double().numpy() for o in outs]))  # fmt: skip
+
+    vm, vs = mean_std("val")
+    tm, ts = mean_std("test")
+    scale = float(src.extra.get("std_scale", fit_std_scale(data.targets("val"), vm, vs)))
+    return {"std_scale": scale, **calibration(data.targets("test"), tm, ts * scale)}
+
+
+def run_ion_stage(
+    data: IonData,
+    store: GraphStore,
+    source_ion: str,
+    source_checkpoint: Path,
+    baseline_csv: Path,
+    cfg: TransferSettings,
+    mlflow_settings: MlflowSettings,
+    checkpoint_out: Path,
+    metrics_out: Path,
+    predictions_out: Path,
+) -> dict[str, Any]:
+    import mlflow
+
+    from training.train.logging import log_pyfunc
+
+    setup_mlflow(mlflow_settings)
+    is_source = data.ion == source_ion
+    with mlflow.start_run(run_name=f"{'evaluate' if is_source else 'transfer'}-{data.ion}") as run:
+        mlflow.set_tags({"stage": "ion_model", "ion": data.ion, "source_ion": source_ion,
+                         **standard_tags(Path("."), DATA_OUTPUTS)})  # fmt: skip
+        mlflow.log_params({f"transfer.{k}": str(v) for k, v in cfg.model_dump().items()})
+        if is_source:
+            report = evaluate_source(data, store, source_checkpoint)
+            report["uncertainty"] = source_uncertainty(data, store, source_checkpoint)
+            checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_checkpoint, checkpoint_out)
+        else:
+            report, final = evaluate_target(data, store, source_checkpoint, cfg)
+            save_transfer_checkpoint(
+                checkpoint_out, final, source_checkpoint, data, report, run.info.run_id
+            )
+        report["methods"].update(baseline_rows(data, baseline_csv))
+        preds = report.pop("test_predictions")
+        _write_predictions(predictions_out, data, preds)
+        report.update({"ion": data.ion, "source_ion": source_ion,
+                       "n": {s: len(v) for s, v in data.parts.items()}})  # fmt: skip
+        for name, summ in report["methods"].items():
+            mlflow.log_metric(f"{name}_test_mae", summ["test_mae_mean"])
+        mlflow.log_metrics({f"unc_{k}": v for k, v in report["uncertainty"].items()})
+        example = str(CifWriter(data.parts["test"][0].structure()))
+        info = log_pyfunc(checkpoint_out, example)
+        report["model_uri"] = info.model_uri
+        report["run_id"] = run.info.run_id
+        metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        metrics_out.write_text(json.dumps(report, indent=2) + "\n")
+        mlflow.log_artifact(str(metrics_out))
+        mlflow.log_artifact(str(predictions_out))
+    return report
+
+
+def _write_predictions(path: Path, data: IonData, preds: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(preds)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["battery_id", "target", *names])
+        for i, (bid, y) in enumerate(zip(data.ids("test"), data.targets("test"), strict=True)):
+            w.writerow([bid, f"{y:.4f}", *(f"{preds[n][i]:.4f}" for n in names)])
