@@ -33,7 +33,6 @@ from training.drift_reference import (
     DEFAULT_SITE_EDGES,
     DEFAULT_VOLTAGE_EDGES,
     _fractions,
-    main,
     reference_stats,
     structure_elements,
     write_reference,
@@ -286,10 +285,19 @@ def test_drift_reference_stage_entry_point(tmp_path: Path) -> None:
     splits = tmp_path / "splits.json"
     write_splits(splits, {"Li": {"train": ids[:8], "val": ids[8:9], "test": ids[9:]}}, seed=0)
     out = tmp_path / "drift_reference.json"
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    def main(args: list[str]) -> int:
+        res = CliRunner().invoke(app, ["drift-reference", *args])
+        assert res.exit_code == 0, res.output
+        return res.exit_code
+
     assert main(["--records", str(records), "--splits", str(splits), "--out", str(out)]) == 0
     assert load_reference(out)["Li"]["n"] == 8
     preds = tmp_path / "preds.json"
     preds.write_text(json.dumps({"Li": {b: 6.9 for b in ids[:8]}}))
     main(["--records", str(records), "--splits", str(splits), "--out", str(out),
-          "--predictions", str(preds)])  # fmt: skip
+          "--predictions-json", str(preds)])  # fmt: skip
     assert load_reference(out)["Li"]["voltage"]["fractions"][-1] == 1.0

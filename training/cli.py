@@ -370,6 +370,41 @@ def promote(
     typer.echo(f"{info.name} v{info.version} is now champion ({reason})")
 
 
+@app.command("drift-reference")
+@_user_errors
+def drift_reference(
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    splits: Annotated[Path, typer.Option(help="splits file")],
+    out: Annotated[Path, typer.Option(help="drift reference JSON out")],
+    graphs: Annotated[Path | None, typer.Option(help="graph cache (with --models-dir)")] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="folder of <ion>.pt: reference = their predictions")
+    ] = None,
+    predictions_json: Annotated[
+        Path | None, typer.Option(help="or: {ion: {battery_id: volts}} on the training split")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Per-ion training-data statistics the service compares live traffic against (drift)."""
+    from training.drift_reference import build_from_files, model_predictions, write_reference
+
+    predictions: Path | dict | None = predictions_json
+    if models_dir is not None:
+        if graphs is None:
+            raise UsageError("--models-dir needs --graphs")
+        ions = [i for i in load_params(params).ion_names if (models_dir / f"{i}.pt").is_file()]
+        preds = model_predictions(
+            records, splits, graphs, {i: models_dir / f"{i}.pt" for i in ions}
+        )
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+            json.dump(preds, fh)
+        predictions_json = Path(fh.name)
+    stats = build_from_files(records, splits, predictions_json)
+    write_reference(out, stats)
+    for ion, entry in stats.items():
+        typer.echo(f"{ion}: n={entry['n']}, {len(entry['elements'])} elements")
+
+
 def _require_ion(p: Params, ion: str) -> Params:
     if ion not in p.ions:
         raise UsageError(f"ion {ion!r} is not enabled in params.yaml (ions: {p.ion_names})")

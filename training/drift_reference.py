@@ -25,7 +25,6 @@ Run as a DVC stage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections import defaultdict
@@ -140,9 +139,12 @@ def write_reference(path: str | Path, stats: Mapping[str, Any]) -> None:
 
 
 def build_from_files(
-    records_path: Path, splits_path: Path, predictions_path: Path | None = None
+    records_path: Path,
+    splits_path: Path,
+    predictions_path: Path | Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Load records, splits and optional predictions (``{ion: {battery_id: volts}}`` JSON)."""
+    """Load records, splits and optional predictions ``{ion: {battery_id: volts}}`` (a JSON
+    file or the mapping itself)."""
     from training.data.split import load_splits
 
     splits = load_splits(splits_path)
@@ -153,7 +155,11 @@ def build_from_files(
     train_ids = {ion: set(parts["train"]) for ion, parts in splits.items()}
     preds: dict[str, np.ndarray] | None = None
     if predictions_path is not None:
-        raw = json.loads(Path(predictions_path).read_text())
+        raw = (
+            predictions_path
+            if isinstance(predictions_path, Mapping)
+            else json.loads(Path(predictions_path).read_text())
+        )
         preds = {}
         for ion, by_id in raw.items():
             train = [r for r in by_ion.get(ion, []) if r.battery_id in train_ids.get(ion, set())]
@@ -164,26 +170,19 @@ def build_from_files(
     return reference_stats(by_ion, train_ids, preds)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``drift_reference`` DVC stage."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=Path, required=True, help="cleaned records (jsonl.gz)")
-    parser.add_argument("--splits", type=Path, required=True, help="splits.json")
-    parser.add_argument("--out", type=Path, required=True, help="drift_reference.json to write")
-    parser.add_argument(
-        "--predictions",
-        type=Path,
-        default=None,
-        help="optional JSON {ion: {battery_id: predicted volts}} on the training split",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    stats = build_from_files(args.records, args.splits, args.predictions)
-    write_reference(args.out, stats)
-    for ion, entry in stats.items():
-        log.info("%s: n=%d, %d elements", ion, entry["n"], len(entry["elements"]))
-    return 0
+def model_predictions(
+    records_path: Path, splits_path: Path, graphs_path: Path, checkpoints: Mapping[str, Path]
+) -> dict[str, dict[str, float]]:
+    """Each ion's own model on its training split: the reference for the served predictions."""
+    from training.datasets import load_ion_data
+    from training.graphs.store import GraphStore
+    from training.inference import VoltageModel
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    store = GraphStore.load(graphs_path)
+    out: dict[str, dict[str, float]] = {}
+    for ion, ckpt in checkpoints.items():
+        data = load_ion_data(records_path, splits_path, ion)
+        model = VoltageModel.from_checkpoint(ckpt)
+        mean, _ = model.predict_graphs([store.get(h) for h in data.host_ids("train")])
+        out[ion] = dict(zip(data.ids("train"), mean.tolist(), strict=True))
+    return out
