@@ -393,13 +393,9 @@ def drift_reference(
         if graphs is None:
             raise UsageError("--models-dir needs --graphs")
         ions = [i for i in load_params(params).ion_names if (models_dir / f"{i}.pt").is_file()]
-        preds = model_predictions(
-            records, splits, graphs, {i: models_dir / f"{i}.pt" for i in ions}
-        )
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-            json.dump(preds, fh)
-        predictions_json = Path(fh.name)
-    stats = build_from_files(records, splits, predictions_json)
+        checkpoints = {i: models_dir / f"{i}.pt" for i in ions}
+        predictions = model_predictions(records, splits, graphs, checkpoints)
+    stats = build_from_files(records, splits, predictions)
     write_reference(out, stats)
     for ion, entry in stats.items():
         typer.echo(f"{ion}: n={entry['n']}, {len(entry['elements'])} elements")
