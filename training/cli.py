@@ -401,6 +401,106 @@ def drift_reference(
         typer.echo(f"{ion}: n={entry['n']}, {len(entry['elements'])} elements")
 
 
+@app.command()
+@_user_errors
+def interpret(
+    ion: Annotated[str, typer.Option(help="working ion")],
+    checkpoint: Annotated[Path, typer.Option(help="the ion's model checkpoint")],
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    splits: Annotated[Path, typer.Option(help="splits file")],
+    graphs: Annotated[Path, typer.Option(help="graph cache")],
+    baselines_metrics: Annotated[Path, typer.Option(help="baselines JSON (RF importances)")],
+    plots_dir: Annotated[Path, typer.Option(help="folder for the PNGs")],
+    metrics: Annotated[Path, typer.Option(help="interpretation JSON out")],
+    head: Annotated[Path, typer.Option(help="local-voltage head JSON out (for the service)")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """What the model learned (paper Fig. 3): embeddings, local voltages, environments, RF."""
+    from training.interpret.stage import InterpretPaths, InterpretSettings, run_interpret
+    from training.tracking import MlflowSettings
+
+    p = _require_ion(load_params(params), ion)
+    report = run_interpret(
+        ion, checkpoint, records, splits, graphs, baselines_metrics,
+        InterpretPaths(plots_dir, metrics, head),
+        InterpretSettings.model_validate(p.section("interpret")),
+        MlflowSettings.model_validate(p.section("mlflow")),
+    )  # fmt: skip
+    for name, claim in report["claims"].items():
+        typer.echo(f"{ion} {name}: {'held' if claim['held'] else 'NOT held'}")
+
+
+@app.command()
+@_user_errors
+def screen(
+    inputs: Annotated[Path, typer.Argument(help="folder, .tar(.gz) or .zip of CIF/POSCAR/JSON")],
+    out: Annotated[Path, typer.Option(help="ranked CSV (.errors.csv, .partial.jsonl beside it)")],
+    summary: Annotated[Path, typer.Option(help="summary JSON out")],
+    ions: Annotated[str, typer.Option(help="comma-separated ions (default: params.yaml)")] = "",
+    checkpoint: Annotated[
+        list[str] | None, typer.Option(help="ION=PATH instead of the champion (repeatable)")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="voltage threshold of the summary (V)")] = 3.0,
+    batch_size: Annotated[int, typer.Option(help="structures per inference batch")] = 64,
+    shard: Annotated[str | None, typer.Option(help="i/n: only shard i (0-based) of n")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume")] = True,
+    workers: Annotated[int, typer.Option(help="processes (parse, graphs, inference)")] = 2,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Rank candidate structures by predicted voltage per ion (resumable, shardable)."""
+    from training.screen import champion_models, checkpoint_models, parse_shard, run_screen
+    from training.tracking import MlflowSettings, setup_mlflow
+
+    p = load_params(params)
+    names = [i.strip() for i in ions.split(",") if i.strip()] or p.ion_names
+    for ion in names:
+        _require_ion(p, ion)
+    paths = {}
+    for spec in checkpoint or []:
+        ion, sep, path = spec.partition("=")
+        if not sep or ion not in names:
+            raise UsageError(f"--checkpoint wants ION=PATH for one of {names}, got {spec!r}")
+        paths[ion] = Path(path)
+    models = checkpoint_models(paths)
+    rest = [i for i in names if i not in paths]
+    if rest:
+        mls = MlflowSettings.model_validate(p.section("mlflow"))
+        setup_mlflow(mls)
+        models.update(champion_models(rest, mls.model_name_prefix))
+    try:
+        res = run_screen(
+            inputs, names, models, out, summary, threshold=threshold, batch_size=batch_size,
+            shard=parse_shard(shard), resume=resume, workers=workers, progress=progress,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    typer.echo(f"{res['n_predicted']} predicted, {res['n_errors']} unusable (see errors CSV)")
+    for ion, s in res["per_ion"].items():
+        share = 100 * (s["share_above"] or 0.0)
+        typer.echo(f"{ion}: {s['n_above']} of {s['n']} above {threshold} V ({share:.1f}%)")
+
+
+@app.command("screen-merge")
+@_user_errors
+def screen_merge(
+    parts: Annotated[list[Path], typer.Argument(help="shard CSVs (or their .partial.jsonl)")],
+    out: Annotated[Path, typer.Option(help="merged ranked CSV out")],
+    summary: Annotated[Path, typer.Option(help="merged summary JSON out")],
+    threshold: Annotated[float, typer.Option(help="voltage threshold of the summary (V)")] = 3.0,
+    allow_incomplete: Annotated[bool, typer.Option(help="merge unfinished shards too")] = False,
+) -> None:
+    """Merge the outputs of ``voltage screen --shard i/n`` for i = 0..n-1."""
+    from training.screen import merge_screen
+
+    try:
+        res = merge_screen(parts, out, summary, threshold, not allow_incomplete)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for ion, s in res["per_ion"].items():
+        typer.echo(f"{ion}: {s['n_above']} of {s['n']} above {threshold} V")
+
+
 def _require_ion(p: Params, ion: str) -> Params:
     if ion not in p.ions:
         raise UsageError(f"ion {ion!r} is not enabled in params.yaml (ions: {p.ion_names})")

@@ -1,0 +1,838 @@
+"""Screening: rank many candidate electrode structures by predicted voltage, per working ion.
+
+``run_screen`` reads a folder or a ``.tar(.gz)``/``.zip`` of CIF / POSCAR / pymatgen-JSON files,
+predicts voltage and uncertainty with one model per ion, and writes, next to ``out_csv``:
+
+* ``<out>.partial.jsonl``: append-only progress, one JSON line per input id (prediction or error).
+  It is the source of truth: a rerun with ``resume=True`` skips every id already in it, so an
+  interrupted job (pre-empted Slurm task, evicted pod) loses at most one batch.
+* ``<out>.csv``: the ranked table (rank within ion, id, formula, ion, voltage, uncertainty,
+  out-of-domain warnings); ``<out>.errors.csv``: files that could not be used and why;
+  ``summary_json``: count and share above the threshold per ion (the paper's headline numbers).
+
+Sharding: ``shard=(i, n)`` keeps the ids whose sha256 falls in bucket i of n.  A hash, rather than
+a stride over the sorted list, means a file's shard depends on its own name only: adding files
+to the input never moves the others between shards, so every shard's partial file stays valid for
+``resume``.  ``merge_screen`` checks the shards cover 0..n-1 exactly once and are complete.
+
+Throughput: pymatgen's CIF parser costs ~10 ms per structure, more than graph building and
+inference together, so CIFs in the plain P1 layout that pymatgen and Materials Project write are
+read by a small exact-path parser (``fast_p1_cif``) that falls back to pymatgen for anything
+else; parsing and graph building run in a process pool while the parent runs the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import re
+import tarfile
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.graphs.converter import CrystalGraph, GraphConverter, validate_structure
+from training.graphs.encoding import MAX_Z, element_data
+from training.graphs.store import collate
+from training.inference import VoltageModel
+from training.structure_io import MIN_DISTANCE, StructureInputError, parse_structure
+
+log = logging.getLogger(__name__)
+
+PARTIAL_FORMAT = "screen-partial-v1"
+CSV_COLUMNS = ("rank", "id", "formula", "ion", "voltage", "uncertainty", "warnings")
+ERROR_COLUMNS = ("id", "kind", "message")
+SUFFIX_FORMATS = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar"}
+POSCAR_NAMES = ("POSCAR", "CONTCAR")
+
+
+# =============================================================================== file names
+def partial_path(out_csv: Path) -> Path:
+    return out_csv.with_suffix(".partial.jsonl")
+
+
+def errors_path(out_csv: Path) -> Path:
+    return out_csv.with_suffix(".errors.csv")
+
+
+def structure_format(name: str) -> str | None:
+    """Format of a file from its name (None: not a structure file, e.g. a README)."""
+    base = name.rsplit("/", 1)[-1]
+    if not base or base.startswith(".") or "__MACOSX" in name:
+        return None
+    if base.upper().startswith(POSCAR_NAMES):
+        return "poscar"
+    dot = base.rfind(".")
+    return SUFFIX_FORMATS.get(base[dot:].lower()) if dot > 0 else None
+
+
+# =============================================================================== inputs
+def _is_tar(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2"))
+
+
+def _is_zip(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".zip"
+
+
+def list_inputs(inputs: Path) -> dict[str, str]:
+    """id -> format of every structure file; the id is the path inside the folder/archive."""
+    if inputs.is_dir():
+        names = [p.relative_to(inputs).as_posix() for p in inputs.rglob("*") if p.is_file()]
+    elif _is_tar(inputs):
+        with tarfile.open(inputs, "r:*") as tar:
+            names = [m.name.removeprefix("./") for m in tar.getmembers() if m.isfile()]
+    elif _is_zip(inputs):
+        with zipfile.ZipFile(inputs) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+    elif inputs.is_file():
+        names = [inputs.name]
+    else:
+        raise FileNotFoundError(f"screening input not found: {inputs}")
+    found = {n: structure_format(n) for n in names}
+    return {n: fmt for n, fmt in sorted(found.items()) if fmt is not None}
+
+
+def iter_contents(inputs: Path, wanted: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    """(id, raw bytes) of the wanted ids, in storage order (tar streams are read front to back)."""
+    wanted = set(wanted)
+    if inputs.is_dir():
+        for key in sorted(wanted):
+            yield key, (inputs / key).read_bytes()
+    elif _is_tar(inputs):
+        left = len(wanted)
+        with tarfile.open(inputs, "r:*") as tar:
+            for member in tar:
+                key = member.name.removeprefix("./")
+                if member.isfile() and key in wanted:
+                    yield key, tar.extractfile(member).read()  # type: ignore[union-attr]
+                    left -= 1
+                    if left == 0:  # stop decompressing once everything wanted was read
+                        return
+    elif _is_zip(inputs):
+        with zipfile.ZipFile(inputs) as zf:
+            for key in sorted(wanted):
+                yield key, zf.read(key)
+    elif inputs.name in wanted:
+        yield inputs.name, inputs.read_bytes()
+
+
+# =============================================================================== sharding
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0-based i, as Slurm array ids and Kubernetes completion indexes are) or None."""
+    if text is None or text == "":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"--shard must look like i/n (e.g. 3/8), got {text!r}")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need n >= 1 and 0 <= i < n")
+    return i, n
+
+
+def shard_of(key: str, n: int) -> int:
+    """Bucket of an id among n shards: a function of the id alone (stable as inputs grow)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % n
+
+
+def select_shard(ids: Iterable[str], shard: tuple[int, int] | None) -> list[str]:
+    """The sorted ids that belong to ``shard`` (all of them when None)."""
+    ids = sorted(ids)
+    if shard is None:
+        return ids
+    i, n = shard
+    return [k for k in ids if shard_of(k, n) == i]
+
+
+# =============================================================================== fast CIF
+_SYMBOL = re.compile(r"[A-Z][a-z]?")
+_CELL_KEYS = tuple(
+    f"_cell_{k}"
+    for k in ("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma")
+)
+_SYMOP_KEYS = ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz")
+_IDEAL_FRACS = (1.0 / 3.0, 2.0 / 3.0)
+_FRAC_TOL = 1e-4  # pymatgen CifParser's frac_tolerance
+
+
+_Z_OF: dict[str, int] = {}
+
+
+def _z_of() -> dict[str, int]:
+    """Element symbol -> Z (filled on first use: element data costs a mendeleev read)."""
+    if not _Z_OF:
+        _Z_OF.update({el.symbol: el.z for el in element_data()})
+    return _Z_OF
+
+
+def _cif_blocks(text: str) -> tuple[dict[str, str], list[tuple[list[str], list[str]]]] | None:
+    """(scalar tags, loops) of a one-block CIF, or None when the layout is not the plain one."""
+    scalars: dict[str, str] = {}
+    loops: list[tuple[list[str], list[str]]] = []
+    lines = text.splitlines()
+    n_blocks, i = 0, 0
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        low = line.lower()
+        if low.startswith("data_"):
+            n_blocks += 1
+        elif low == "loop_":
+            headers: list[str] = []
+            while i < len(lines) and lines[i].strip().startswith("_"):
+                headers.append(lines[i].strip().lower())
+                i += 1
+            rows: list[str] = []
+            while i < len(lines):
+                row = lines[i].strip()
+                if row.startswith(("_", ";")) or row.lower().startswith(("loop_", "data_")):
+                    break
+                if row and not row.startswith("#"):
+                    rows.append(row)
+                i += 1
+            loops.append((headers, rows))
+        elif line.startswith("_"):
+            parts = line.split(None, 1)
+            if len(parts) != 2:  # value on the next line(s): not the plain layout
+                return None
+            scalars[parts[0].lower()] = parts[1].strip()
+        else:  # text fields (;) or anything unexpected
+            return None
+    return (scalars, loops) if n_blocks == 1 else None
+
+
+def _identity_only(loops: list[tuple[list[str], list[str]]]) -> bool:
+    """True when the CIF's symmetry-operation loop holds the identity and nothing else."""
+    for headers, rows in loops:
+        if any(h in _SYMOP_KEYS for h in headers):
+            if len(rows) != 1:
+                return False
+            op = re.sub(r"[\s'\"]", "", rows[0]).lower()
+            return op.endswith("x,y,z") and (op[:-5] == "" or op[:-5].isdigit())
+    return False
+
+
+def _atom_sites(loops: list[tuple[list[str], list[str]]]) -> tuple[list[str], np.ndarray] | None:
+    """(symbols, frac coords) of the atom-site loop; None unless plain and fully occupied."""
+    z_of = _z_of()
+    for headers, rows in loops:
+        if "_atom_site_fract_x" not in headers:
+            continue
+        if "_atom_site_type_symbol" not in headers:
+            return None
+        col = {h: k for k, h in enumerate(headers)}
+        occ = col.get("_atom_site_occupancy")
+        ix = [col["_atom_site_fract_x"], col["_atom_site_fract_y"], col["_atom_site_fract_z"]]
+        symbols, coords = [], []
+        for row in rows:
+            tok = row.split()
+            if len(tok) != len(headers):
+                return None
+            sym = tok[col["_atom_site_type_symbol"]]
+            if not _SYMBOL.fullmatch(sym) or sym not in z_of:
+                return None
+            if occ is not None and float(tok[occ]) != 1.0:
+                return None
+            symbols.append(sym)
+            coords.append([float(tok[k]) for k in ix])
+        return symbols, np.asarray(coords, dtype=np.float64).reshape(-1, 3)
+    return None
+
+
+def _ideal_fracs(frac: np.ndarray) -> np.ndarray:
+    """pymatgen's rounding of coordinates within 1e-4 (relative) of 1/3 and 2/3."""
+    out = frac.copy()
+    for ideal in _IDEAL_FRACS:
+        out[np.abs(frac / ideal - 1.0) <= _FRAC_TOL] = ideal
+    return out
+
+
+def fast_p1_cif(text: str) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """(symbols, frac coords in [0, 1), lattice matrix) of a plain P1 CIF, else None.
+
+    Plain = one data block, only the identity symmetry operation, one atom-site loop with type
+    symbols, full occupancies, no uncertainties or text fields: what pymatgen's ``CifWriter``
+    and Materials Project produce.  The result equals pymatgen's ``Structure.from_str`` up to
+    the site order (pymatgen sorts by species), which the model is invariant to.  None means
+    "use pymatgen", never "invalid".
+    """
+    try:
+        parsed = _cif_blocks(text)
+        if parsed is None:
+            return None
+        scalars, loops = parsed
+        if any(k.startswith(("_space_group_magn", "_parent_space_group")) for k in scalars):
+            return None  # magnetic CIF: pymatgen has a dedicated path
+        if not _identity_only(loops):
+            return None
+        sites = _atom_sites(loops)
+        if sites is None or not sites[0]:
+            return None
+        cell = [float(scalars[k]) for k in _CELL_KEYS]
+    except (KeyError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in cell) or not np.isfinite(sites[1]).all():
+        return None
+    from pymatgen.core import Lattice
+
+    frac = _ideal_fracs(sites[1])
+    return sites[0], frac - np.floor(frac), Lattice.from_parameters(*cell).matrix
+
+
+# =============================================================================== preparation
+@dataclass(frozen=True)
+class Prepared:
+    """A parsed, checked structure with one graph per distinct converter of the models."""
+
+    id: str
+    formula: str
+    n_sites: int
+    elements: tuple[str, ...]
+    graphs: tuple[CrystalGraph, ...]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An input that cannot be screened; ``kind`` uses the service's error kinds."""
+
+    id: str
+    kind: str
+    message: str
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(predictor: _Predictor, max_sites: int) -> None:
+    """Per-process state: the models and converters (inherited, not pickled, under fork)."""
+    _WORKER["predictor"] = predictor
+    _WORKER["converters"] = [conv for conv, _ in predictor.groups]
+    _WORKER["max_sites"] = max_sites
+
+
+def _init_pool_worker(predictor: _Predictor, max_sites: int) -> None:
+    """Pool initializer: one torch thread per worker (the workers are the parallelism)."""
+    torch.set_num_threads(1)
+    _init_worker(predictor, max_sites)
+
+
+def _formula(symbols: Sequence[str]) -> str:
+    from pymatgen.core import Composition
+
+    return Composition(Counter(symbols)).reduced_formula
+
+
+Arrays = tuple[list[str], np.ndarray, np.ndarray, tuple[bool, bool, bool]]
+
+
+def _arrays(text: str, fmt: str, max_sites: int) -> Arrays:
+    """(symbols, cartesian coords, lattice, pbc) via the fast CIF path or pymatgen + checks."""
+    if fmt == "cif":
+        fast = _fast_checked(text, max_sites)
+        if fast is not None:
+            return fast
+    structure = parse_structure(text, fmt, max_sites)
+    numbers = validate_structure(structure)
+    symbols = [element_data()[int(z) - 1].symbol for z in numbers]
+    return symbols, structure.cart_coords, structure.lattice.matrix, structure.lattice.pbc
+
+
+def _fast_checked(text: str, max_sites: int) -> Arrays | None:
+    """The fast path plus the checks of ``check_structure`` that are cheap on arrays."""
+    fast = fast_p1_cif(text)
+    if fast is None:
+        return None
+    symbols, frac, lattice = fast
+    if len(symbols) > max_sites:
+        raise StructureInputError(
+            "too_many_sites", f"structure has {len(symbols)} sites; the limit is {max_sites}"
+        )
+    if abs(float(np.linalg.det(lattice))) < 1e-3:
+        return None  # let pymatgen name the degenerate lattice
+    return symbols, frac @ lattice, lattice, (True, True, True)
+
+
+def _check_overlap(graph: CrystalGraph) -> None:
+    """Sites closer than MIN_DISTANCE are overlapping atoms (same rule as ``check_structure``)."""
+    real = graph.nbr_dist[graph.nbr_mask]
+    if real.size and float(real.min()) < MIN_DISTANCE:
+        raise StructureInputError(
+            "overlapping_atoms",
+            f"two sites are {float(real.min()):.3f} A apart (minimum {MIN_DISTANCE} A)",
+        )
+
+
+def prepare(key: str, fmt: str, data: bytes) -> Prepared | Failed:
+    """Bytes -> checked graphs, or the reason it failed (never raises: screening must go on)."""
+    try:
+        text = data.decode("utf-8")
+        symbols, cart, lattice, pbc = _arrays(text, fmt, _WORKER["max_sites"])
+        z_of = _z_of()
+        numbers = np.array([z_of[s] for s in symbols], dtype=np.int16)
+        if numbers.max() > MAX_Z:
+            raise StructureInputError("unknown_element", f"elements beyond Z={MAX_Z}")
+        convs = _WORKER["converters"]
+        graphs = tuple(c.convert_arrays(numbers, cart, lattice, pbc) for c in convs)
+        _check_overlap(graphs[0])
+        return Prepared(key, _formula(symbols), len(symbols), tuple(sorted(set(symbols))), graphs)
+    except UnicodeDecodeError:
+        return Failed(key, "parse", "file is not UTF-8 text")
+    except StructureInputError as exc:
+        return Failed(key, exc.kind, str(exc))
+    except Exception as exc:  # one bad file must not stop a screen of millions
+        return Failed(key, "parse", f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def screen_chunk(jobs: Sequence[tuple[str, str, bytes]]) -> list[dict[str, Any]]:
+    """Parse, build graphs and predict one chunk of (id, format, bytes): one record per job.
+
+    The whole chain runs in the worker so that inference, the costliest step for ensembles and
+    multi-ion screens, is parallel too; the parent only reads inputs and writes results.
+    """
+    prepared, out = [], {}
+    for job in jobs:
+        res = prepare(*job)
+        if isinstance(res, Failed):
+            out[res.id] = _error_record(res)
+        else:
+            prepared.append(res)
+    for rec in _WORKER["predictor"].records(prepared):
+        out[rec["id"]] = rec
+    return [out[key] for key, _, _ in jobs]
+
+
+# =============================================================================== models
+def model_ident(model: VoltageModel) -> str:
+    """Short hash of every weight, the normaliser and the std scale: "same model" for resume."""
+    digest = hashlib.sha256()
+    loaded = model.loaded
+    digest.update(json.dumps([loaded.normalizer.mean, loaded.normalizer.std]).encode())
+    digest.update(repr(model.std_scale).encode())
+    for k, (member, heads) in enumerate(loaded.backbones()):
+        states = [member.state_dict(), *(h.state_dict() for h in heads)]
+        for j, state in enumerate(states):
+            for name, tensor in sorted(state.items()):
+                digest.update(f"{k}.{j}.{name}".encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def champion_models(ions: Sequence[str], prefix: str = "electrode-voltage") -> dict[str, Any]:
+    """Each ion's registered champion (MLflow alias), unwrapped to its ``VoltageModel``."""
+    import mlflow
+
+    from training.registry import CHAMPION, model_name
+
+    out = {}
+    for ion in ions:
+        uri = f"models:/{model_name(prefix, ion)}@{CHAMPION}"
+        out[ion] = mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+    return out
+
+
+def checkpoint_models(paths: Mapping[str, Path]) -> dict[str, VoltageModel]:
+    """Models from checkpoint files (tests, or screening before anything is registered)."""
+    return {ion: VoltageModel.from_checkpoint(p) for ion, p in paths.items()}
+
+
+def _converter_groups(
+    ions: Sequence[str], models: Mapping[str, VoltageModel]
+) -> list[tuple[GraphConverter, list[str]]]:
+    """Ions grouped by graph converter: a structure's graph is built once per distinct one."""
+    groups: dict[str, tuple[GraphConverter, list[str]]] = {}
+    for ion in ions:
+        conv = models[ion].converter
+        key = json.dumps(conv.to_dict(), sort_keys=True)
+        groups.setdefault(key, (conv, []))[1].append(ion)
+    return list(groups.values())
+
+
+# =============================================================================== prediction
+def _backbone_key(model: torch.nn.Module) -> str:
+    """Hash of a member's embedding + conv tensors: equal keys give equal atom vectors."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(("embedding.", "convs.")) and not name.endswith("num_batches_tracked"):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Predictor:
+    """Batches prepared structures through every ion's model and turns them into records.
+
+    Reproduces ``LoadedModel.predict_with_std`` (mean and population std over every member's
+    heads, std times the model's ``std_scale``), but runs each distinct backbone once per batch:
+    ions transferred with frozen BatchNorm share the source ion's backbones, and the backbone is
+    nearly all of the cost, so a multi-ion screen costs little more than a single-ion one.
+    """
+
+    def __init__(self, ions: Sequence[str], models: Mapping[str, VoltageModel]) -> None:
+        self.ions = list(ions)
+        self.models = dict(models)
+        self.groups = _converter_groups(ions, models)
+        self.members = {
+            ion: [(_backbone_key(m), m, heads) for m, heads in models[ion].loaded.backbones()]
+            for ion in self.ions
+        }
+
+    @torch.inference_mode()
+    def _predict(self, items: Sequence[Prepared]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for g, (conv, ions) in enumerate(self.groups):
+            batch = collate([p.graphs[g] for p in items], conv, self.models[ions[0]].encoding)
+            pooled: dict[str, torch.Tensor] = {}
+            for ion in ions:
+                outs = []
+                for key, model, heads in self.members[ion]:
+                    if key not in pooled:
+                        pooled[key] = model.eval().pooled(batch)
+                    if heads:
+                        outs.extend(head(pooled[key]) for head in heads)
+                    else:
+                        outs.append(model.head(pooled[key]))
+                vm = self.models[ion]
+                volts = vm.loaded.normalizer.denorm(torch.stack(outs, dim=0)).double()
+                std = volts.std(dim=0, unbiased=False) * vm.std_scale
+                out[ion] = (volts.mean(dim=0).numpy(), std.numpy())
+        return out
+
+    def records(self, items: Sequence[Prepared]) -> list[dict[str, Any]]:
+        """One JSON-able record per item; a batch that fails is retried item by item."""
+        if not items:
+            return []
+        try:
+            preds = self._predict(items)
+        except Exception:
+            if len(items) == 1:
+                log.exception("prediction failed for %s", items[0].id)
+                return [_error_record(Failed(items[0].id, "internal", "prediction failed"))]
+            return [rec for item in items for rec in self.records([item])]
+        return [self._record(k, item, preds) for k, item in enumerate(items)]
+
+    def _record(self, k: int, item: Prepared, preds: Mapping[str, Any]) -> dict[str, Any]:
+        per_ion = {}
+        for ion in self.ions:
+            mean, std = preds[ion]
+            per_ion[ion] = {
+                "voltage": round(float(mean[k]), 5),
+                "uncertainty": round(float(std[k]), 5),
+                "warnings": self._warnings(ion, item),
+            }
+        return {"id": item.id, "formula": item.formula, "n_sites": item.n_sites, "pred": per_ion}
+
+    def _warnings(self, ion: str, item: Prepared) -> list[str]:
+        """Out-of-domain flags: elements the ion's model never saw in training."""
+        known = self.models[ion].train_elements
+        unseen = sorted(set(item.elements) - known) if known else []
+        return [f"unseen_elements:{'+'.join(unseen)}"] if unseen else []
+
+
+def _error_record(f: Failed) -> dict[str, Any]:
+    return {"id": f.id, "error": {"kind": f.kind, "message": f.message}}
+
+
+# =============================================================================== partial file
+def read_partial(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict], dict | None]:
+    """(header, records by id, last completion line) of a partial file, tolerating a torn tail.
+
+    A crash can leave half a line at the end; it is cut off (the file is truncated to its last
+    newline) so appending goes on from a clean line boundary.
+    """
+    if not path.is_file():
+        return None, {}, None
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        cut = raw.rfind(b"\n") + 1
+        with path.open("r+b") as fh:
+            fh.truncate(cut)
+        raw = raw[:cut]
+    header, done, records = None, None, {}
+    for line in raw.decode("utf-8").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "_header" in obj:
+            header = header or obj["_header"]
+        elif "_done" in obj:
+            done = obj["_done"]
+        elif "id" in obj:
+            records[obj["id"]] = obj
+    return header, records, done
+
+
+def _check_header(found: dict[str, Any] | None, expected: dict[str, Any], path: Path) -> None:
+    if found is None:
+        return
+    for key in ("ions", "models", "shard"):
+        if found.get(key) != expected.get(key):
+            raise ValueError(
+                f"{path} was written with other {key} ({found.get(key)} vs {expected.get(key)}); "
+                "resume only continues the same screen: use --no-resume or another output"
+            )
+
+
+def _append(fh: io.TextIOBase, objs: Iterable[dict[str, Any]]) -> None:
+    fh.write("".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objs))
+    fh.flush()
+
+
+# =============================================================================== outputs
+def _rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for rec in records:
+        for ion, p in rec.get("pred", {}).items():
+            rows.append(
+                {
+                    "id": rec["id"], "formula": rec["formula"], "ion": ion,
+                    "voltage": p["voltage"], "uncertainty": p["uncertainty"],
+                    "warnings": ";".join(p["warnings"]),
+                }
+            )  # fmt: skip
+    rows.sort(key=lambda r: (-r["voltage"], r["ion"], r["id"]))
+    ranks: Counter[str] = Counter()
+    for row in rows:
+        ranks[row["ion"]] += 1
+        row["rank"] = ranks[row["ion"]]
+    return rows
+
+
+def summarize(
+    records: Mapping[str, dict[str, Any]], ions: Sequence[str], threshold: float
+) -> dict[str, Any]:
+    """Count and share of structures above ``threshold`` per ion, plus error counts."""
+    errors = Counter(r["error"]["kind"] for r in records.values() if "error" in r)
+    per_ion = {}
+    for ion in ions:
+        v = np.array([r["pred"][ion]["voltage"] for r in records.values() if "pred" in r])
+        ood = sum(1 for r in records.values() if "pred" in r and r["pred"][ion]["warnings"])
+        n_above = int((v > threshold).sum())
+        per_ion[ion] = {
+            "n": int(v.size), "n_above": n_above,
+            "share_above": n_above / v.size if v.size else None,
+            "mean": float(v.mean()) if v.size else None,
+            "median": float(np.median(v)) if v.size else None,
+            "max": float(v.max()) if v.size else None,
+            "n_out_of_domain": ood,
+        }  # fmt: skip
+    return {
+        "threshold": threshold,
+        "n_inputs": len(records),
+        "n_predicted": sum(1 for r in records.values() if "pred" in r),
+        "n_errors": sum(errors.values()),
+        "errors_by_kind": dict(sorted(errors.items())),
+        "per_ion": per_ion,
+    }
+
+
+def write_outputs(
+    records: Mapping[str, dict[str, Any]],
+    ions: Sequence[str],
+    out_csv: Path,
+    summary_json: Path,
+    threshold: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Ranked CSV, errors CSV and summary JSON from the records (rewritten whole, atomically)."""
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    rows = _rows(records.values())
+    _write_csv(out_csv, CSV_COLUMNS, rows, {"voltage": "{:.4f}", "uncertainty": "{:.4f}"})
+    errs = [
+        {"id": r["id"], **r["error"]} for _, r in sorted(records.items()) if "error" in r
+    ]  # fmt: skip
+    _write_csv(errors_path(out_csv), ERROR_COLUMNS, errs, {})
+    summary = {**summarize(records, ions, threshold), **dict(extra or {})}
+    summary_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = summary_json.with_name(summary_json.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(summary_json)
+    return summary
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict], fmt: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(columns)
+        for row in rows:
+            w.writerow([fmt[c].format(row[c]) if c in fmt else row[c] for c in columns])
+    tmp.replace(path)
+
+
+# =============================================================================== the screen
+def _chunks(
+    inputs: Path, todo: Sequence[str], formats: Mapping[str, str], size: int
+) -> Iterator[list[tuple[str, str, bytes]]]:
+    chunk: list[tuple[str, str, bytes]] = []
+    for key, data in iter_contents(inputs, todo):
+        chunk.append((key, formats[key], data))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _record_stream(
+    chunks: Iterator[list[tuple[str, str, bytes]]],
+    predictor: _Predictor,
+    max_sites: int,
+    workers: int,
+) -> Iterator[list[dict[str, Any]]]:
+    """Records chunk by chunk, from a process pool (``workers`` > 1) or this process."""
+    if workers <= 1:
+        _init_worker(predictor, max_sites)
+        yield from map(screen_chunk, chunks)
+        return
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else None)  # fork: models are not copied
+    with ctx.Pool(workers, _init_pool_worker, (predictor, max_sites)) as pool:
+        yield from pool.imap(screen_chunk, chunks)
+
+
+def run_screen(
+    inputs: Path,
+    ions: Sequence[str],
+    models: Mapping[str, VoltageModel],
+    out_csv: Path,
+    summary_json: Path,
+    threshold: float = 3.0,
+    batch_size: int = 64,
+    shard: tuple[int, int] | None = None,
+    resume: bool = True,
+    workers: int = 1,
+    max_sites: int = 500,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Screen ``inputs`` with one model per ion; returns the summary (see module docstring).
+
+    ``workers`` > 1 runs parsing, graphs and inference in that many processes (one torch thread
+    each). ``batch_size`` is both the inference batch and the unit of work and of progress; 64 is
+    measured fastest on CPU (the (edges, 128) conv tensors of 64 crystals stay cache-sized; 256
+    ran ~1.5x slower per structure). ``limit`` keeps the first N ids of the shard (previews,
+    benchmarks). With ``resume`` the ids already in ``<out>.partial.jsonl`` are skipped; without
+    it that file starts afresh.
+    """
+    from tqdm import tqdm
+
+    missing = [i for i in ions if i not in models]
+    if not ions or missing:
+        raise ValueError(f"need a model for every ion; missing: {missing or 'no ions given'}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    t0 = time.perf_counter()
+    formats = list_inputs(inputs)
+    selected = select_shard(formats, shard)[:limit]
+    predictor = _Predictor(ions, models)
+    header = {
+        "format": PARTIAL_FORMAT, "ions": list(ions),
+        "models": {i: model_ident(models[i]) for i in ions},
+        "shard": list(shard) if shard else None, "inputs": str(inputs),
+    }  # fmt: skip
+    part = partial_path(out_csv)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    found, records, _ = read_partial(part) if resume else (None, {}, None)
+    _check_header(found, header, part)
+    todo = [k for k in selected if k not in records]
+    chunks = _chunks(inputs, todo, formats, batch_size)
+    with part.open("a" if found else "w") as fh, tqdm(
+        total=len(todo), unit="struct", disable=not progress, desc="screen"
+    ) as bar:  # fmt: skip
+        if not found:
+            _append(fh, [{"_header": header}])
+        for recs in _record_stream(chunks, predictor, max_sites, workers):
+            _append(fh, recs)
+            records.update((r["id"], r) for r in recs)
+            bar.update(len(recs))
+        seconds = time.perf_counter() - t0
+        done = {"n_selected": len(selected), "n_new": len(todo), "seconds": round(seconds, 3)}
+        _append(fh, [{"_done": done}])
+    kept = {k: records[k] for k in selected if k in records}
+    extra = {
+        "shard": header["shard"], "ions": list(ions), "models": header["models"],
+        "seconds": round(seconds, 3), "n_new": len(todo), "workers": workers,
+        "structures_per_second": round(len(todo) / seconds, 1) if seconds > 0 else None,
+    }  # fmt: skip
+    return write_outputs(kept, ions, out_csv, summary_json, threshold, extra)
+
+
+# =============================================================================== merge
+def merge_screen(
+    parts: Sequence[Path],
+    out_csv: Path,
+    summary_json: Path,
+    threshold: float = 3.0,
+    require_complete: bool = True,
+) -> dict[str, Any]:
+    """Merge shard outputs (their ``.csv`` or ``.partial.jsonl`` paths) into one ranked table.
+
+    Refuses shards of different screens (ions, models), a set of shards that is not exactly
+    0..n-1, ids present in two shards, and (unless ``require_complete=False``) shards that did
+    not finish: a silently missing shard would understate every count in the summary.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    headers, merged = [], {}
+    for p in parts:
+        path = p if p.name.endswith(".partial.jsonl") else partial_path(p)
+        header, records, done = read_partial(path)
+        if header is None:
+            raise ValueError(f"{path}: not a screening partial file (no header)")
+        if require_complete and (done is None or len(records) < done["n_selected"]):
+            raise ValueError(f"{path}: shard {header['shard']} is incomplete; rerun it (resume)")
+        overlap = merged.keys() & records.keys()
+        if overlap:
+            raise ValueError(
+                f"{path}: {len(overlap)} ids also in another part, e.g. {min(overlap)}"
+            )
+        headers.append(header)
+        merged.update(records)
+    _check_shards(headers)
+    ions = headers[0]["ions"]
+    extra = {
+        "shard": None,
+        "merged_shards": len(parts),
+        "ions": ions,
+        "models": headers[0]["models"],
+    }
+    return write_outputs(merged, ions, out_csv, summary_json, threshold, extra)
+
+
+def _check_shards(headers: Sequence[dict[str, Any]]) -> None:
+    first = headers[0]
+    for h in headers[1:]:
+        if h["ions"] != first["ions"] or h["models"] != first["models"]:
+            raise ValueError("shards come from different screens (ions or models differ)")
+    shards = [tuple(h["shard"]) if h["shard"] else None for h in headers]
+    if None in shards:
+        if len(shards) > 1:
+            raise ValueError("an unsharded screen cannot be merged with other parts")
+        return
+    counts = {n for _, n in shards}  # type: ignore[misc]
+    if len(counts) != 1:
+        raise ValueError(f"shards of different partitions: n in {sorted(counts)}")
+    n = counts.pop()
+    seen = Counter(i for i, _ in shards)  # type: ignore[misc]
+    missing = sorted(set(range(n)) - set(seen))
+    dupes = sorted(i for i, c in seen.items() if c > 1)
+    if missing or dupes:
+        raise ValueError(
+            f"shards must be 0..{n - 1} once each: missing {missing}, repeated {dupes}"
+        )
