@@ -65,11 +65,11 @@ def test_repro_skip_push_pull(project: Path):
     again = _dvc("repro", "split", cwd=project)
     assert "Running stage" not in again, again
 
-    _dvc("push", cwd=project)
+    _dvc("push", "--with-deps", "split", cwd=project)
     shutil.rmtree(project / ".dvc" / "cache")
     for p in DATA_OUTPUTS:
         (project / p).unlink()
-    _dvc("pull", cwd=project)
+    _dvc("pull", "--with-deps", "split", cwd=project)
     assert {p: _digest(project / p) for p in DATA_OUTPUTS} == digests
 
     # Changing a parameter reruns exactly the dependent stages.

@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import socket
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,17 +102,27 @@ def _pruner(settings: TuneSettings, max_epochs: int) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def open_study(settings: TuneSettings, storage: str) -> Any:
+def open_study(settings: TuneSettings, storage: str, attempts: int = 5) -> Any:
+    """Create or join the study. Workers started together on a fresh database race to create
+    its schema (one gets an IntegrityError); the loser retries and joins."""
     import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
-    return optuna.create_study(
-        study_name=settings.study_name,
-        storage=storage,
-        direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=settings.sampler_seed),
-        pruner=_pruner(settings, settings.epochs),
-        load_if_exists=True,
-    )
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(
+                study_name=settings.study_name,
+                storage=storage,
+                direction="minimize",
+                sampler=optuna.samplers.TPESampler(seed=settings.sampler_seed),
+                pruner=_pruner(settings, settings.epochs),
+                load_if_exists=True,
+            )
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
 
 
 def suggest(trial: Any, space: SearchSpace) -> dict[str, dict[str, Any]]:

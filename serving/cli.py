@@ -1,0 +1,195 @@
+"""``voltage-serve``: predict from the command line, and package champions for ``bentoml build``.
+
+    voltage-serve predict cathode.cif --ion Mg                 # local: registry champion
+    voltage-serve predict POSCAR --ion Li --url http://127.0.0.1:3000 --json
+    voltage-serve export-models                                # champions -> BentoML store
+
+Exit status: 0 answered; 2 bad input (unreadable file, unknown format or ion, a structure the
+service refuses; the message names the problem); 3 no answer (no champion, service unreachable
+or failing). Local mode goes through the same predictor as the service, so answers are equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="Electrode voltage service tools.", no_args_is_help=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def guess_format(path: Path) -> str | None:
+    """cif / poscar / json from the file name (POSCAR and CONTCAR have no suffix)."""
+    name, suffix = path.name.upper(), path.suffix.lower()
+    if suffix == ".cif":
+        return "cif"
+    if suffix == ".json":
+        return "json"
+    if suffix in (".vasp", ".poscar") or name.startswith(("POSCAR", "CONTCAR")):
+        return "poscar"
+    return None
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _predict_local(ion: str, text: str, fmt: str, tracking_uri: str | None) -> dict[str, Any]:
+    import torch
+
+    from serving.config import ServingConfig, quiet_mlflow_defaults
+    from serving.errors import ServingError
+    from serving.predictor import PredictRequest
+    from serving.runtime import ServingRuntime
+
+    torch.set_num_threads(1)
+    quiet_mlflow_defaults()
+    config = ServingConfig.from_env()
+    known = {i.lower(): i for i in config.ions}
+    if ion.lower() not in known:
+        raise _fail(f"unknown ion {ion!r}; use one of {', '.join(config.ions)}", EXIT_BAD_INPUT)
+    name = known[ion.lower()]
+    config = dataclasses.replace(
+        config,
+        ions=(name,),
+        disabled_ions=frozenset(),
+        model_source="registry",
+        tracking_uri=tracking_uri or config.tracking_uri,
+        drift_reference=None,
+    )
+    runtime = ServingRuntime(config).start(watch=False)
+    try:
+        result = runtime.predictor.predict_sync(PredictRequest(name, text, fmt))
+    except ServingError as e:
+        code = EXIT_BAD_INPUT if e.http_status == 400 else EXIT_UNAVAILABLE
+        raise _fail(f"{e.kind}: {e.message}", code) from None
+    finally:
+        runtime.stop()
+    return result.to_dict()
+
+
+def _predict_remote(url: str, ion: str, text: str, fmt: str, timeout: float) -> dict[str, Any]:
+    body = json.dumps({"ion": ion, "structure": text, "format": fmt}).encode()
+    request = urllib.request.Request(
+        url.rstrip("/") + "/predict",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read())
+            message = f"{detail.get('kind', 'error')}: {detail.get('error', detail)}"
+        except ValueError:
+            message = f"HTTP {exc.code}"
+        code = EXIT_BAD_INPUT if 400 <= exc.code < 500 else EXIT_UNAVAILABLE
+        raise _fail(message, code) from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise _fail(f"service at {url} not reachable: {exc}", EXIT_UNAVAILABLE) from None
+
+
+def format_table(result: dict[str, Any]) -> str:
+    model = result["model"]
+    rows = [
+        ("ion", result["ion"]),
+        ("formula", result["formula"]),
+        ("sites", str(result["n_sites"])),
+        ("voltage", f"{result['voltage']:.3f} V"),
+        ("uncertainty", f"{result['uncertainty']:.3f} V"),
+        ("model", f"{model['name']} v{model['version']} ({model['source']})"),
+    ]
+    if result.get("reference_voltage") is not None:
+        rows.append(("snapshot voltage", f"{result['reference_voltage']:.3f} V"))
+    rows += [("warning", w) for w in result.get("warnings", [])]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+@app.command()
+def predict(
+    structure: Annotated[Path, typer.Argument(help="CIF, POSCAR or pymatgen JSON file")],
+    ion: Annotated[str, typer.Option("--ion", help="working ion, e.g. Li, Mg")],
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="cif | poscar | json (default: from the name)")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option("--url", help="a running service, e.g. http://127.0.0.1:3000")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON answer")] = False,
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow store (local mode)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for --url")] = 60.0,
+) -> None:
+    """Predict the average voltage of one structure with the ion's champion model."""
+    try:
+        text = structure.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"cannot read {structure}: {exc}", EXIT_BAD_INPUT) from None
+    fmt = (fmt or guess_format(structure) or "").lower()
+    if fmt not in ("cif", "poscar", "json"):
+        raise _fail(
+            f"cannot tell the format of {structure.name}; pass --format cif|poscar|json",
+            EXIT_BAD_INPUT,
+        )
+    if url:
+        result = _predict_remote(url, ion, text, fmt, timeout)
+    else:
+        result = _predict_local(ion, text, fmt, tracking_uri)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+@app.command("export-models")
+def export_models_cmd(
+    ion: Annotated[
+        list[str] | None, typer.Option("--ion", help="ions to export (default: all configured)")
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri")] = None,
+) -> None:
+    """Save each ion's registry champion into the BentoML model store (then: bentoml build)."""
+    from serving.config import ServingConfig, quiet_mlflow_defaults
+    from serving.export_models import export_models
+
+    quiet_mlflow_defaults()
+    config = ServingConfig.from_env()
+    ions = ion or list(config.enabled_ions)
+    uri = tracking_uri or config.tracking_uri
+    try:
+        exported = export_models(ions, uri, config.name_prefix)
+    except Exception as exc:
+        raise _fail(f"export failed: {exc}", EXIT_UNAVAILABLE) from None
+    for e in exported:
+        state = "exported" if e.created else "already exported"
+        typer.echo(f"{e.ion}: {e.registry_name} v{e.registry_version} -> {e.tag} ({state})")
+    missing = sorted(set(ions) - {e.ion for e in exported})
+    if missing:
+        typer.echo(f"no champion (not exported): {', '.join(missing)}", err=True)
+    if not exported:
+        raise typer.Exit(EXIT_UNAVAILABLE)
+
+
+if __name__ == "__main__":
+    app()

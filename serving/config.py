@@ -1,0 +1,153 @@
+"""Service settings, read from the environment (with ``params.yaml`` for the ion list).
+
+Why environment variables: the same code runs from a checkout (``bentoml serve``), from a built
+Bento and from a container, and each BentoML worker is a separate process that inherits the
+environment. Every variable is listed in docs/serving.md. Nothing is read at import time:
+:meth:`ServingConfig.from_env` is called when the service instance is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IONS = ("Li", "Na", "K", "Mg", "Ca", "Zn", "Al")
+MODEL_SOURCES = ("auto", "registry", "bento")
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+
+
+def _int(env: Mapping[str, str], key: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(key)
+    if raw in (None, ""):
+        return default
+    value = int(raw)
+    if value < minimum:
+        raise ValueError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(key)
+    if raw in (None, ""):
+        return default
+    value = float(raw)
+    if value < minimum:
+        raise ValueError(f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _params_defaults(path: Path) -> dict[str, Any]:
+    """Ion list, model name prefix and tracking URI from ``params.yaml`` (the pipeline's own
+    settings), so a service started from the checkout follows the pipeline without extra env."""
+    if not path.is_file():
+        return {}
+    from training.config import load_params
+
+    params = load_params(path)
+    out: dict[str, Any] = {"ions": tuple(params.ion_names)}
+    try:
+        mlflow_section = params.section("mlflow") or {}
+    except KeyError:
+        mlflow_section = {}
+    if mlflow_section.get("model_name_prefix"):
+        out["name_prefix"] = str(mlflow_section["model_name_prefix"])
+    if mlflow_section.get("tracking_uri"):
+        out["tracking_uri"] = str(mlflow_section["tracking_uri"])
+    return out
+
+
+def default_tracking_uri(root: Path = Path(".")) -> str:
+    """The pipeline's default store (``training.tracking``): sqlite under ``work/mlflow``."""
+    from training.tracking import DEFAULT_DB
+
+    return f"sqlite:///{(root / DEFAULT_DB).resolve()}"
+
+
+def quiet_mlflow_defaults() -> None:
+    """Server-friendly MLflow client defaults (kept if already set): no progress bars in logs,
+    and a registry that does not answer costs seconds, not minutes of retries."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything the service reads from its environment (defaults in brackets in the docs)."""
+
+    ions: tuple[str, ...] = DEFAULT_IONS
+    disabled_ions: frozenset[str] = frozenset()
+    name_prefix: str = "electrode-voltage"
+    tracking_uri: str = ""
+    model_source: str = "auto"
+    reload_interval_s: float = 30.0
+    max_sites: int = 500
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_batch_items: int = 256
+    batch_max_size: int = 64
+    batch_max_wait_ms: float = 2.0
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    grpc_enabled: bool = True
+    drift_reference: Path | None = Path("data/drift_reference.json")
+    drift_window: int = 1000
+    records_path: Path | None = Path("data/clean/records.jsonl.gz")
+
+    def __post_init__(self) -> None:
+        if not self.ions:
+            raise ValueError("no ions configured (VOLTAGE_IONS or params.yaml ions)")
+        if self.model_source not in MODEL_SOURCES:
+            raise ValueError(f"VOLTAGE_MODEL_SOURCE must be one of {MODEL_SOURCES}")
+        unknown = self.disabled_ions - set(self.ions)
+        if unknown:
+            raise ValueError(f"VOLTAGE_DISABLED_IONS names ions not served: {sorted(unknown)}")
+
+    @property
+    def enabled_ions(self) -> tuple[str, ...]:
+        return tuple(i for i in self.ions if i not in self.disabled_ions)
+
+    def model_name(self, ion: str) -> str:
+        from training.registry import model_name
+
+        return model_name(self.name_prefix, ion)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
+        """Build from ``env`` (default ``os.environ``); errors name the offending variable."""
+        env = os.environ if env is None else env
+        params = _params_defaults(Path(env.get("VOLTAGE_PARAMS", "params.yaml")))
+        ions = _split(env.get("VOLTAGE_IONS")) or params.get("ions", DEFAULT_IONS)
+        tracking_uri = (
+            env.get("MLFLOW_TRACKING_URI") or params.get("tracking_uri") or default_tracking_uri()
+        )
+        drift = env.get("VOLTAGE_DRIFT_REFERENCE", "data/drift_reference.json")
+        records = env.get("VOLTAGE_RECORDS", "data/clean/records.jsonl.gz")
+        return cls(
+            ions=ions,
+            disabled_ions=frozenset(_split(env.get("VOLTAGE_DISABLED_IONS"))),
+            name_prefix=env.get("VOLTAGE_MODEL_PREFIX")
+            or params.get("name_prefix", "electrode-voltage"),
+            tracking_uri=tracking_uri,
+            model_source=env.get("VOLTAGE_MODEL_SOURCE", "auto"),
+            reload_interval_s=_float(env, "VOLTAGE_RELOAD_INTERVAL", 30.0, 0.1),
+            max_sites=_int(env, "VOLTAGE_MAX_SITES", 500, 1),
+            max_body_bytes=_int(env, "VOLTAGE_MAX_BODY_BYTES", 2 * 1024 * 1024, 1),
+            max_batch_items=_int(env, "VOLTAGE_MAX_BATCH_ITEMS", 256, 1),
+            batch_max_size=_int(env, "VOLTAGE_BATCH_MAX_SIZE", 64, 1),
+            batch_max_wait_ms=_float(env, "VOLTAGE_BATCH_MAX_WAIT_MS", 2.0, 0.0),
+            grpc_host=env.get("VOLTAGE_GRPC_HOST", "127.0.0.1"),
+            grpc_port=_int(env, "VOLTAGE_GRPC_PORT", 50051, 0),
+            grpc_enabled=env.get("VOLTAGE_GRPC_ENABLED", "1").lower() not in ("0", "false", "no"),
+            drift_reference=Path(drift) if drift else None,
+            drift_window=_int(env, "VOLTAGE_DRIFT_WINDOW", 1000, 1),
+            records_path=Path(records) if records else None,
+        )

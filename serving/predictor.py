@@ -1,0 +1,452 @@
+"""The predictor: one served model per ion, structures in, voltages with uncertainty out.
+
+Shared by the BentoML HTTP API, the gRPC server and ``voltage-serve predict`` (no BentoML or gRPC
+import here), so the three answer identically. A request goes through:
+
+1. ion check (configured, not disabled, has a model) -> ``unknown_ion`` / ``no_champion``;
+2. parse + checks (:mod:`serving.inputs`) -> the structure kinds of ``training.structure_io``;
+3. graph with the converter stored in *that* model's checkpoint (never current settings);
+4. inference in the process-wide :class:`~serving.batching.MicroBatcher`.
+
+Model swaps are atomic: :meth:`Predictor.set_model` replaces the ion's immutable
+:class:`~serving.models.ServedModel` in a dict; a request reads it once, at step 1, and keeps
+that object until its answer, so requests in flight finish on the old model.
+
+The predictor counts requests, errors, stage times and predictions on :class:`ServiceMetrics`
+and feeds the drift window; the transports only add their own latency histogram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.batching import MicroBatcher
+from serving.config import ServingConfig
+from serving.drift import DriftWindow, element_symbols
+from serving.errors import ServingError, internal
+from serving.inputs import to_structure
+from serving.lookup import MaterialLookup
+from serving.metrics import ServiceMetrics
+from serving.models import ServedModel
+
+logger = logging.getLogger(__name__)
+
+#: How often (seconds) drift gauges of one ion are recomputed on the request path at most.
+DRIFT_REFRESH_S = 1.0
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """One prediction request, as received (fields unchecked)."""
+
+    ion: str | None = None
+    structure: str | dict[str, Any] | None = None
+    format: str | None = None
+    material_id: str | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> PredictRequest:
+        """From a JSON object; wrong field types become a ``parse`` error naming the field."""
+        if not isinstance(data, dict):
+            raise ServingError("parse", "each item must be a JSON object")
+        for key in ("ion", "format", "material_id"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ServingError("parse", f"'{key}' must be a string")
+        structure = data.get("structure")
+        if structure is not None and not isinstance(structure, str | dict):
+            raise ServingError("parse", "'structure' must be a string (or a JSON object)")
+        return cls(data.get("ion"), structure, data.get("format"), data.get("material_id"))
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """One answered prediction (the HTTP JSON and the gRPC message carry the same fields)."""
+
+    ion: str
+    voltage: float
+    uncertainty: float
+    model_name: str
+    model_version: int
+    model_source: str
+    formula: str
+    n_sites: int
+    unseen_elements: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    material_id: str | None = None
+    reference_voltage: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ion": self.ion,
+            "voltage": self.voltage,
+            "uncertainty": self.uncertainty,
+            "model": {
+                "name": self.model_name,
+                "version": self.model_version,
+                "source": self.model_source,
+            },
+            "formula": self.formula,
+            "n_sites": self.n_sites,
+            "unseen_elements": list(self.unseen_elements),
+            "warnings": list(self.warnings),
+            "material_id": self.material_id,
+            "reference_voltage": self.reference_voltage,
+        }
+
+
+Outcome = PredictResult | ServingError
+
+
+@dataclass
+class _Prepared:
+    ion: str
+    served: ServedModel
+    structure: Any
+    graph: Any
+    material_id: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Predictor:
+    """Holds the served models and answers prediction requests (thread- and task-safe)."""
+
+    def __init__(
+        self,
+        config: ServingConfig,
+        metrics: ServiceMetrics | None = None,
+        drift: DriftWindow | None = None,
+        lookup: MaterialLookup | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or ServiceMetrics(ions=config.ions)
+        self.drift = drift
+        self.lookup = lookup or MaterialLookup(config.records_path)
+        self._models: dict[str, ServedModel] = {}
+        self._by_lower = {ion.lower(): ion for ion in config.ions}
+        self._drift_refreshed: dict[str, float] = {}
+        self._parsers_warm = False
+        self._lock = threading.Lock()
+        self.batcher = MicroBatcher(
+            self._infer,
+            max_batch=config.batch_max_size,
+            max_wait_s=config.batch_max_wait_ms / 1000.0,
+            on_batch=lambda n, s: self.metrics.observe_stage("inference", s),
+        )
+        self.metrics.init_ions(config.enabled_ions)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Predictor:
+        self.batcher.start()
+        return self
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+    # ------------------------------------------------------------------ models
+    def warm(self, served: ServedModel) -> None:
+        """Run the parsers (once) and ``served`` on a tiny crystal so the first real request is
+        not slow (lazy imports in pymatgen, first torch call); not counted in any metric."""
+        from pymatgen.core import Lattice, Structure
+        from pymatgen.io.cif import CifWriter
+
+        s = Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+        if not self._parsers_warm:
+            for fmt, text in (("cif", str(CifWriter(s))), ("poscar", s.to(fmt="poscar"))):
+                to_structure(text, fmt, self.config.max_sites)
+            self._parsers_warm = True
+        served.model.predict_graphs([served.model.converter.convert(s)])
+
+    def set_model(self, ion: str, served: ServedModel | None) -> None:
+        """Atomically replace the model served for ``ion`` (None: serve nothing)."""
+        if ion not in self.config.ions:
+            raise ValueError(f"ion {ion!r} is not configured")
+        with self._lock:
+            old = self._models.get(ion)
+            if served is None:
+                self._models.pop(ion, None)
+            else:
+                self._models[ion] = served
+        if served is None:
+            self.metrics.set_model(ion, None, None)
+        else:
+            self.metrics.set_model(ion, served.name, served.version)
+        if self.drift is not None and old is not served:
+            self.drift.clear(ion)  # the window describes one model's predictions
+
+    def model_for(self, ion: str) -> ServedModel | None:
+        return self._models.get(ion)
+
+    def models(self) -> dict[str, ServedModel]:
+        return dict(self._models)
+
+    def ready(self) -> bool:
+        """Every configured, enabled ion has a model (disabled ions do not count)."""
+        return all(ion in self._models for ion in self.config.enabled_ions)
+
+    def missing(self) -> list[str]:
+        return [ion for ion in self.config.enabled_ions if ion not in self._models]
+
+    def list_models(self) -> list[dict[str, Any]]:
+        out = []
+        for ion in self.config.ions:
+            served = self._models.get(ion)
+            out.append(
+                {
+                    "ion": ion,
+                    "loaded": served is not None,
+                    "disabled": ion in self.config.disabled_ions,
+                    "model": served.describe() if served is not None else None,
+                }
+            )
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def resolve_ion(self, ion: str | None) -> tuple[str, ServedModel]:
+        if ion is None or not str(ion).strip():
+            raise ServingError(
+                "unknown_ion", f"'ion' is missing; use one of {', '.join(self.config.ions)}"
+            )
+        name = self._by_lower.get(str(ion).strip().lower())
+        if name is None:
+            shown = str(ion)[:20]
+            raise ServingError(
+                "unknown_ion",
+                f"unknown ion {shown!r}; this service serves {', '.join(self.config.ions)}",
+            )
+        if name in self.config.disabled_ions:
+            raise ServingError("no_champion", f"ion {name} is disabled on this service")
+        served = self._models.get(name)
+        if served is None:
+            raise ServingError(
+                "no_champion",
+                f"no champion model for ion {name}: registered model "
+                f"{self.config.model_name(name)} has no loadable 'champion' version",
+            )
+        return name, served
+
+    def _structure_input(self, req: PredictRequest) -> tuple[Any, str | None, str | None]:
+        """(structure, format, material_id): the request's own, or the snapshot's."""
+        if req.material_id is None or not str(req.material_id).strip():
+            return req.structure, req.format, None
+        mid = str(req.material_id).strip()
+        has_structure = req.structure is not None and not (
+            isinstance(req.structure, str) and not req.structure.strip()
+        )
+        if has_structure:
+            raise ServingError("format", "give either 'structure' or 'material_id', not both")
+        if not self.lookup.available:
+            raise ServingError(
+                "format",
+                "lookup by material_id is not available on this service (no snapshot records "
+                f"at {self.config.records_path}); send the structure instead",
+            )
+        text = self.lookup.structure_json(mid)
+        if text is None:
+            raise ServingError("parse", f"unknown material id {mid[:40]!r} (not in the snapshot)")
+        return text, "json", mid
+
+    def prepare(self, req: PredictRequest) -> _Prepared:
+        """Steps 1-3 (CPU work; call from a worker thread in async code)."""
+        ion, served = self.resolve_ion(req.ion)
+        structure, fmt, material_id = self._structure_input(req)
+        if isinstance(structure, str) and len(structure) > self.config.max_body_bytes:
+            raise ServingError(
+                "too_large",
+                f"structure text is {len(structure)} bytes; the limit is "
+                f"{self.config.max_body_bytes}",
+            )
+        t0 = time.perf_counter()
+        parsed = to_structure(structure, fmt, self.config.max_sites)
+        t1 = time.perf_counter()
+        graph = served.model.converter.convert(parsed)
+        t2 = time.perf_counter()
+        self.metrics.observe_stage("parse", t1 - t0)
+        self.metrics.observe_stage("graph", t2 - t1)
+        return _Prepared(ion, served, parsed, graph, material_id, {"parse": t1 - t0})
+
+    def _infer(self, served: ServedModel, graphs: Sequence[Any]) -> tuple[Any, Any]:
+        return served.model.predict_graphs(graphs)
+
+    def finish(self, prep: _Prepared, voltage: float, uncertainty: float) -> PredictResult:
+        """Build the answer, and feed metrics and drift."""
+        if not (math.isfinite(voltage) and math.isfinite(uncertainty)):
+            raise ServingError("internal", "the model returned a non-finite prediction")
+        unseen = prep.served.model.unseen(prep.structure)
+        warnings = ()
+        if unseen:
+            warnings = (
+                f"elements never seen in the {prep.ion} training data: {', '.join(unseen)}; "
+                "the prediction is an extrapolation",
+            )
+        self.metrics.observe_prediction(prep.ion, voltage)
+        self._observe_drift(prep, voltage)
+        ref = None
+        if prep.material_id is not None:
+            ref = self.lookup.voltage(prep.material_id, prep.ion)
+        return PredictResult(
+            ion=prep.ion,
+            voltage=voltage,
+            uncertainty=uncertainty,
+            model_name=prep.served.name,
+            model_version=prep.served.version,
+            model_source=prep.served.source,
+            formula=prep.structure.composition.reduced_formula,
+            n_sites=len(prep.structure),
+            unseen_elements=unseen,
+            warnings=warnings,
+            material_id=prep.material_id,
+            reference_voltage=ref,
+        )
+
+    def _observe_drift(self, prep: _Prepared, voltage: float) -> None:
+        if self.drift is None:
+            return
+        elements = element_symbols(prep.structure)
+        if not self.drift.observe(prep.ion, voltage, elements, len(prep.structure)):
+            return
+        now = time.monotonic()
+        if now - self._drift_refreshed.get(prep.ion, -math.inf) >= DRIFT_REFRESH_S:
+            self._drift_refreshed[prep.ion] = now
+            self.refresh_drift(prep.ion)
+
+    def refresh_drift(self, ion: str | None = None) -> None:
+        """Recompute drift gauges (one ion, or all reference ions that are served)."""
+        if self.drift is None:
+            return
+        ions = [ion] if ion is not None else [i for i in self.drift.ions if i in self.config.ions]
+        for name in ions:
+            try:
+                self.metrics.set_drift(self.drift.stats(name))
+            except KeyError:
+                continue
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _record(self, endpoint: str, protocol: str, ion: Any, outcome: Outcome) -> None:
+        ion_label = ion if isinstance(ion, str) else None
+        if ion_label is not None:
+            ion_label = self._by_lower.get(ion_label.strip().lower(), ion_label)
+        if isinstance(outcome, ServingError):
+            self.metrics.record_request(
+                endpoint, protocol, ion_label, outcome.status_label, outcome.kind
+            )
+        else:
+            self.metrics.record_request(endpoint, protocol, outcome.ion, "ok")
+
+    def _submit(self, req: PredictRequest) -> tuple[_Prepared, Future[tuple[float, float]]]:
+        try:
+            prep = self.prepare(req)
+            return prep, self.batcher.submit(prep.served, prep.graph)
+        finally:
+            self.batcher.arrived()
+
+    def _prepare_many(
+        self, reqs: Sequence[PredictRequest]
+    ) -> list[tuple[_Prepared, Future[tuple[float, float]]] | ServingError]:
+        """Prepare every item, then queue all graphs at once (one micro-batch if they fit)."""
+        prepared: list[_Prepared | ServingError] = []
+        try:
+            for req in reqs:
+                try:
+                    prepared.append(self.prepare(req))
+                except ServingError as exc:
+                    prepared.append(exc)
+                except Exception as exc:
+                    logger.exception("preparing a batch item failed")
+                    prepared.append(internal(exc))
+        finally:
+            self.batcher.arrived()
+        out: list[tuple[_Prepared, Future[tuple[float, float]]] | ServingError] = []
+        for p in prepared:
+            out.append(
+                p if isinstance(p, ServingError) else (p, self.batcher.submit(p.served, p.graph))
+            )
+        return out
+
+    def _outcome(self, prep: _Prepared, fut_result: Any) -> Outcome:
+        try:
+            voltage, uncertainty = fut_result
+            return self.finish(prep, voltage, uncertainty)
+        except ServingError as exc:
+            return exc
+        except Exception as exc:
+            logger.exception("finishing a prediction failed")
+            return internal(exc)
+
+    # ------------------------------------------------------------------ async API
+    async def predict(
+        self, req: PredictRequest, endpoint: str = "predict", protocol: str = "http"
+    ) -> PredictResult:
+        """One prediction; raises ServingError (already counted) on failure."""
+        self.batcher.expect()
+        try:
+            prep, fut = await asyncio.to_thread(self._submit, req)
+            result = await asyncio.wrap_future(fut)
+            outcome = self._outcome(prep, result)
+        except ServingError as exc:
+            outcome = exc
+        except Exception as exc:
+            logger.exception("prediction failed")
+            outcome = internal(exc)
+        self._record(endpoint, protocol, req.ion, outcome)
+        if isinstance(outcome, ServingError):
+            raise outcome
+        return outcome
+
+    async def predict_many(
+        self,
+        reqs: Sequence[PredictRequest | ServingError],
+        endpoint: str = "predict_batch",
+        protocol: str = "http",
+    ) -> list[Outcome]:
+        """Many predictions in order; a failed item is a ServingError in its slot."""
+        todo = [r for r in reqs if isinstance(r, PredictRequest)]
+        self.batcher.expect()
+        staged = iter(await asyncio.to_thread(self._prepare_many, todo))
+        results: list[Outcome] = []
+        for req in reqs:
+            if isinstance(req, ServingError):
+                results.append(req)
+                continue
+            item = next(staged)
+            if isinstance(item, ServingError):
+                results.append(item)
+                continue
+            prep, fut = item
+            try:
+                value = await asyncio.wrap_future(fut)
+            except Exception as exc:
+                logger.exception("batch item inference failed")
+                results.append(internal(exc))
+                continue
+            results.append(self._outcome(prep, value))
+        for req, outcome in zip(reqs, results, strict=True):
+            ion = req.ion if isinstance(req, PredictRequest) else None
+            self._record(endpoint, protocol, ion, outcome)
+        return results
+
+    # ------------------------------------------------------------------ sync API
+    def predict_sync(
+        self, req: PredictRequest, endpoint: str = "predict", protocol: str = "local"
+    ) -> PredictResult:
+        """Blocking variant (command line, tests); same behaviour as :meth:`predict`."""
+        self.batcher.expect()
+        try:
+            prep, fut = self._submit(req)
+            outcome = self._outcome(prep, fut.result())
+        except ServingError as exc:
+            outcome = exc
+        except Exception as exc:
+            logger.exception("prediction failed")
+            outcome = internal(exc)
+        self._record(endpoint, protocol, req.ion, outcome)
+        if isinstance(outcome, ServingError):
+            raise outcome
+        return outcome

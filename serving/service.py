@@ -1,0 +1,341 @@
+"""BentoML service: the champion model per working ion over HTTP (and gRPC, same process).
+
+Run from the repository root::
+
+    bentoml serve serving.service:VoltageService --port 3000
+
+HTTP: ``POST /predict``, ``POST /predict_batch`` (a JSON list), ``POST|GET /models``;
+``/docs`` (Swagger UI), ``/docs.json`` (OpenAPI), ``/healthz``, ``/readyz``, ``/metrics``.
+gRPC (``serving/voltage.proto``) on ``VOLTAGE_GRPC_HOST:VOLTAGE_GRPC_PORT`` (127.0.0.1:50051),
+started by the ``on_startup`` hook and stopped by ``on_shutdown``. Settings: docs/serving.md.
+
+Packaged models: BentoML packs into a Bento only the models declared as class attributes, so
+each model exported by ``voltage-serve export-models`` (BentoML name ``electrode-voltage-<ion>``)
+that exists in the local BentoML store when this module is imported becomes an attribute
+``model_<ion>``. That store lookup is the only thing done at import; the models are loaded
+(and the registry asked) only when a worker starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from pydantic import BaseModel, Field, WithJsonSchema
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from serving.errors import ServingError
+from serving.http_guard import RequestGuard, error_body, note_of
+from serving.predictor import PredictRequest, PredictResult
+
+logger = logging.getLogger("serving.service")
+
+PROTOCOL = "http"
+
+
+# ------------------------------------------------------------------------------ schemas
+def _loose(schema: dict[str, Any]) -> Any:
+    """Accept any JSON value (the predictor reports a wrong type as a 400 naming the field)
+    while documenting the intended type in the OpenAPI schema."""
+    return Annotated[Any, WithJsonSchema(schema)]
+
+
+IonField = _loose({"type": "string", "example": "Mg", "description": "working ion"})
+StructureField = _loose(
+    {
+        "description": "structure text in `format` (CIF, POSCAR), or a pymatgen "
+        "Structure.as_dict() object / JSON text when format is json",
+        "anyOf": [{"type": "string"}, {"type": "object"}],
+    }
+)
+FormatField = _loose({"type": "string", "enum": ["cif", "poscar", "json"], "default": "cif"})
+MaterialField = _loose(
+    {"type": "string", "example": "mp-10033", "description": "snapshot id instead of structure"}
+)
+
+
+class PredictItem(BaseModel):
+    """One item of ``/predict_batch`` (same fields as ``/predict``)."""
+
+    ion: str | None = None
+    structure: str | dict[str, Any] | None = None
+    format: str | None = Field(None, json_schema_extra={"enum": ["cif", "poscar", "json"]})
+    material_id: str | None = None
+
+
+BatchItem = _loose(PredictItem.model_json_schema())
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+    source: str = Field(description="registry or bento")
+
+
+class PredictionOut(BaseModel):
+    ion: str
+    voltage: float = Field(description="average voltage vs. the metal (V)")
+    uncertainty: float = Field(description="ensemble standard deviation (V)")
+    model: ModelRef
+    formula: str
+    n_sites: int
+    unseen_elements: list[str] = Field(
+        default_factory=list, description="elements never seen in this ion's training data"
+    )
+    warnings: list[str] = Field(default_factory=list)
+    material_id: str | None = None
+    reference_voltage: float | None = Field(None, description="snapshot DFT voltage, if known")
+
+
+class BatchItemOut(BaseModel):
+    index: int
+    ok: bool
+    prediction: PredictionOut | None = None
+    error: str | None = None
+    kind: str | None = None
+    status: int | None = None
+
+
+class IonModel(BaseModel):
+    ion: str
+    loaded: bool
+    disabled: bool
+    name: str | None = None
+    version: int | None = None
+    source: str | None = None
+    run_id: str | None = None
+    test_mae: float | None = Field(None, description="test MAE recorded with the version (V)")
+    loaded_at: str | None = Field(None, description="when this worker loaded it (UTC)")
+
+
+class ModelsOut(BaseModel):
+    ready: bool
+    models: list[IonModel]
+
+
+def _prediction(r: PredictResult) -> PredictionOut:
+    return PredictionOut.model_validate(r.to_dict())
+
+
+def _models_out(runtime: Any) -> ModelsOut:
+    rows = []
+    for row in runtime.predictor.list_models():
+        m = row["model"] or {}
+        rows.append(IonModel(ion=row["ion"], loaded=row["loaded"], disabled=row["disabled"], **m))
+    return ModelsOut(ready=runtime.predictor.ready(), models=rows)
+
+
+def _error_response(e: ServingError, ctx: bentoml.Context) -> Any:
+    """Errors bypass the output model: a JSON body with the message and kind. (BentoML copies
+    ``ctx.response.status_code`` onto any response of an API that takes a context.)"""
+    ctx.response.status_code = e.http_status
+    return Response(error_body(e), status_code=e.http_status, media_type="application/json")
+
+
+def _mark(ctx: bentoml.Context) -> None:
+    note = note_of(ctx.request.state)
+    if note is not None:
+        note.recorded = True
+
+
+# ------------------------------------------------------------------------------ packaged models
+def _packaged_attributes() -> dict[str, bentoml.models.BentoModel]:
+    """``model_<ion>`` -> BentoModel for each exported model present in the BentoML store."""
+    from serving.export_models import packaged_tags
+
+    prefix = os.environ.get("VOLTAGE_MODEL_PREFIX", "electrode-voltage")
+    try:
+        tags = packaged_tags(prefix)
+    except Exception as exc:  # an unreadable store must not stop the service from importing
+        logger.warning("BentoML model store not readable (%s): no packaged models", exc)
+        return {}
+    return {f"model_{ion.lower()}": bentoml.models.BentoModel(tag) for ion, tag in tags.items()}
+
+
+def _workers() -> int:
+    return int(os.environ.get("VOLTAGE_WORKERS", "1"))
+
+
+def _access_log() -> dict[str, Any]:
+    """One log line per API request (VOLTAGE_ACCESS_LOG=0 turns it off: it costs CPU); probes
+    and scrapes are never logged."""
+    enabled = os.environ.get("VOLTAGE_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
+    return {"enabled": enabled, "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}
+
+
+def _with_packaged_models(cls: type) -> type:
+    """Add the packaged models as class attributes before BentoML inspects the class."""
+    for attr, model in _packaged_attributes().items():
+        setattr(cls, attr, model)
+    return cls
+
+
+# ------------------------------------------------------------------------------ service
+@bentoml.service(
+    workers=_workers(),
+    traffic={"timeout": 60},
+    logging={"access": _access_log()},
+    envs=[{"name": "OMP_NUM_THREADS", "value": "1"}],
+)
+@_with_packaged_models
+class VoltageService:
+    """Average voltage of insertion electrodes, one CGCNN champion per working ion."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from serving.config import ServingConfig, quiet_mlflow_defaults
+
+        torch.set_num_threads(int(os.environ.get("VOLTAGE_TORCH_THREADS", "1")))
+        logging.getLogger("serving").setLevel(os.environ.get("VOLTAGE_LOG_LEVEL", "INFO"))
+        quiet_mlflow_defaults()
+        self.config = ServingConfig.from_env()
+        self.runtime: Any = None
+        self.grpc: Any = None
+
+    def _packaged(self) -> dict[str, Any]:
+        """ion -> PackagedModel: the Bento's own models when serving a built Bento, else the
+        class attributes (models present in the local store)."""
+        from serving.export_models import packaged_model
+
+        svc = getattr(self, "bento_service", None)
+        bento = getattr(svc, "bento", None)
+        if bento is not None:
+            tags = [info.tag for info in bento.info.all_models]
+        else:
+            tags = [
+                m.tag
+                for m in type(self).__dict__.values()
+                if isinstance(m, bentoml.models.BentoModel)
+            ]
+        out = {}
+        for tag in tags:
+            found = packaged_model(tag)
+            if found is not None:
+                ion, pkg = found
+                out[ion] = pkg
+        return out
+
+    @bentoml.on_startup
+    async def start_serving(self) -> None:
+        """Load models (registry or packaged), start watcher, batcher and the gRPC server."""
+        from prometheus_client import CollectorRegistry
+
+        from serving.runtime import ServingRuntime
+
+        runtime = ServingRuntime(self.config, CollectorRegistry(), self._packaged())
+        await asyncio.to_thread(runtime.start)
+        self.runtime = runtime
+        if self.config.grpc_enabled:
+            from serving.grpc_server import GrpcServer
+
+            self.grpc = GrpcServer(runtime.predictor, self.config.grpc_host, self.config.grpc_port)
+            await self.grpc.start()
+
+    @bentoml.on_shutdown
+    async def stop_serving(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+            self.grpc = None
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.stop)
+
+    def __is_ready__(self) -> bool:
+        return self.runtime is not None and self.runtime.predictor.ready()
+
+    @bentoml.api(route="/predict")
+    async def predict(
+        self,
+        ion: IonField = None,
+        structure: StructureField = None,
+        format: FormatField = None,
+        material_id: MaterialField = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> PredictionOut:
+        """Predict the average voltage (V) and its uncertainty for one structure."""
+        _mark(ctx)
+        try:
+            req = PredictRequest.from_mapping(
+                {"ion": ion, "structure": structure, "format": format, "material_id": material_id}
+            )
+        except ServingError as e:
+            self.runtime.metrics.record_request("predict", PROTOCOL, None, e.status_label, e.kind)
+            return _error_response(e, ctx)
+        try:
+            result = await self.runtime.predictor.predict(req, "predict", PROTOCOL)
+        except ServingError as e:
+            return _error_response(e, ctx)
+        return _prediction(result)
+
+    @bentoml.api(route="/predict_batch")
+    async def predict_batch(
+        self, items: list[BatchItem], /, *, ctx: bentoml.Context
+    ) -> list[BatchItemOut]:
+        """Predict a list of items (ions may differ), answered in order; a bad item gets its
+        own error entry and never fails the others."""
+        _mark(ctx)
+        reqs: list[PredictRequest | ServingError] = []
+        for item in items:
+            try:
+                reqs.append(PredictRequest.from_mapping(item))
+            except ServingError as e:
+                reqs.append(e)
+        outcomes = await self.runtime.predictor.predict_many(reqs, "predict_batch", PROTOCOL)
+        out = []
+        for i, o in enumerate(outcomes):
+            if isinstance(o, ServingError):
+                out.append(
+                    BatchItemOut(
+                        index=i, ok=False, error=o.message, kind=o.kind, status=o.http_status
+                    )
+                )
+            else:
+                out.append(BatchItemOut(index=i, ok=True, prediction=_prediction(o)))
+        return out
+
+    @bentoml.api(route="/models")
+    async def models(self, *, ctx: bentoml.Context) -> ModelsOut:
+        """Per configured ion: the served registered model and version, its test MAE, when it
+        was loaded (also ``GET /models``)."""
+        _mark(ctx)
+        self.runtime.metrics.record_request("models", PROTOCOL, "all", "ok")
+        return _models_out(self.runtime)
+
+
+# ------------------------------------------------------------------------------ extras
+def _runtime() -> Any:
+    """The running worker's ServingRuntime (None before start-up finished)."""
+    try:
+        instance = bentoml.get_current_service()
+    except Exception:
+        return None
+    return getattr(instance, "runtime", None)
+
+
+async def _get_models(request: Request) -> Response:
+    runtime = _runtime()
+    if runtime is None:
+        return JSONResponse({"error": "starting"}, status_code=503)
+    runtime.metrics.record_request("models", PROTOCOL, "all", "ok")
+    return JSONResponse(_models_out(runtime).model_dump())
+
+
+async def _docs(request: Request) -> Response:
+    """Swagger UI over BentoML's OpenAPI document (``/docs.json``)."""
+    from _bentoml_impl import server as bentoml_server
+
+    return FileResponse(Path(bentoml_server.__file__).parent / "main-openapi.html")
+
+
+VoltageService.add_asgi_middleware(RequestGuard, runtime_of=_runtime)
+VoltageService.mount_asgi_app(
+    Starlette(routes=[Route("/models", _get_models), Route("/docs", _docs)]), path="/"
+)
