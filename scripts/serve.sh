@@ -9,6 +9,7 @@ export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/work/mlflow/ml
 export VOLTAGE_DRIFT_REFERENCE="${VOLTAGE_DRIFT_REFERENCE:-$PWD/data/drift_reference.json}"
 export VOLTAGE_RECORDS="${VOLTAGE_RECORDS:-$PWD/data/clean/records.jsonl.gz}"
 export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/work/prometheus}"
+export VOLTAGE_WORKERS="${VOLTAGE_WORKERS:-2}"  # 2 HTTP workers: the throughput optimum on 2 cores
 export BENTOML_HOME="${BENTOML_HOME:-$PWD/work/bentoml}"
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR" "$BENTOML_HOME"
 exec .venv/bin/bentoml serve serving.service:VoltageService \
