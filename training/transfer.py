@@ -21,10 +21,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from training.datasets import IonData
-from training.graphs.store import GraphLoader, GraphStore
+from training.graphs.store import GraphStore
 from training.model.artifact import LoadedModel
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
-from training.train.core import model_predictor, score, train_from_scratch
+from training.train.core import model_predictor, score, split_loader, train_from_scratch
 from training.train.heads import (
     HeadConfig,
     adapt_batchnorm,
@@ -63,11 +63,6 @@ class TransferSettings(BaseModel):
             n_heads=self.n_heads, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
             bootstrap=self.bootstrap, patience=self.patience, seed=seed,
         )  # fmt: skip
-
-
-def split_loader(store: GraphStore, data: IonData, split: str) -> GraphLoader:
-    items = list(zip(data.host_ids(split), data.targets(split).tolist(), strict=True))
-    return GraphLoader(store, items, batch_size=512, shuffle=False)
 
 
 @dataclass

@@ -149,7 +149,7 @@ def save_transfer_checkpoint(
 
 def source_uncertainty(data: IonData, store: GraphStore, checkpoint: Path) -> dict[str, float]:
     src = load_checkpoint(checkpoint)
-    from training.transfer import split_loader
+    from training.train.core import split_loader
 
     def mean_std(split: str) -> tuple[np.ndarray, np.ndarray]:
         outs = [src.predict_with_std(b) for b in split_loader(store, data, split)]

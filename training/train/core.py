@@ -32,6 +32,12 @@ def loaders(store: GraphStore, data: IonData, batch_size: int, seed: int) -> dic
     return out
 
 
+def split_loader(store: GraphStore, data: IonData, split: str) -> GraphLoader:
+    """An evaluation loader over one split, in split-file order (no shuffling)."""
+    items = list(zip(data.host_ids(split), data.targets(split).tolist(), strict=True))
+    return GraphLoader(store, items, batch_size=512, shuffle=False)
+
+
 @dataclass
 class Scored:
     """Metrics per split (volts) and the test predictions, keyed by battery id."""
@@ -52,9 +58,7 @@ def score(
     """Score any predictor (volts out) on each split, in split-file order."""
     out = Scored(metrics={})
     for split in splits:
-        items = list(zip(data.host_ids(split), data.targets(split).tolist(), strict=True))
-        loader = GraphLoader(store, items, batch_size=512, shuffle=False)
-        y_pred = predict_fn(loader)
+        y_pred = predict_fn(split_loader(store, data, split))
         out.metrics[split] = regression_metrics(data.targets(split), y_pred)
         out.predictions[split] = dict(zip(data.ids(split), y_pred.tolist(), strict=True))
     return out

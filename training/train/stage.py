@@ -15,12 +15,19 @@ from pymatgen.io.cif import CifWriter
 
 from training.datasets import IonData
 from training.graphs.encoding import encoding_fingerprint
-from training.graphs.store import GraphLoader, GraphStore
+from training.graphs.store import GraphStore
 from training.model.artifact import save_checkpoint
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
 from training.plots import parity_plot
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
-from training.train.core import Scored, Trained, model_predictor, score, train_from_scratch
+from training.train.core import (
+    Scored,
+    Trained,
+    model_predictor,
+    score,
+    split_loader,
+    train_from_scratch,
+)
 from training.train.heads import HeadConfig, fit_heads, heads_volts, pooled_features
 from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
@@ -54,16 +61,11 @@ class TrainSettings:
         )
 
 
-def _split_loader(store: GraphStore, data: IonData, split: str) -> GraphLoader:
-    items = list(zip(data.host_ids(split), data.targets(split).tolist(), strict=True))
-    return GraphLoader(store, items, batch_size=512, shuffle=False)
-
-
 def member_heads(
     model: CGCNN, normalizer: Normalizer, data: IonData, store: GraphStore, cfg: HeadConfig
 ) -> tuple[list[Head], dict[str, np.ndarray]]:
     """A member's heads (its own, or K bootstrap heads) and their predictions (K, n) per split."""
-    feats = {s: pooled_features(model, _split_loader(store, data, s)) for s in data.parts}
+    feats = {s: pooled_features(model, split_loader(store, data, s)) for s in data.parts}
     if cfg.n_heads <= 1:
         heads = [Head.from_model(model)]
     else:
