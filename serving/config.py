@@ -101,6 +101,7 @@ class ServingConfig:
     drift_reference: Path | None = Path("data/drift_reference.json")
     drift_window: int = 1000
     records_path: Path | None = Path("data/clean/records.jsonl.gz")
+    local_voltage_dir: Path | None = Path("models/local_voltage")
 
     def __post_init__(self) -> None:
         if not self.ions:
@@ -131,6 +132,7 @@ class ServingConfig:
         )
         drift = env.get("VOLTAGE_DRIFT_REFERENCE", "data/drift_reference.json")
         records = env.get("VOLTAGE_RECORDS", "data/clean/records.jsonl.gz")
+        heads = env.get("VOLTAGE_LOCAL_VOLTAGE_DIR", "models/local_voltage")
         return cls(
             ions=ions,
             disabled_ions=frozenset(_split(env.get("VOLTAGE_DISABLED_IONS"))),
@@ -150,4 +152,5 @@ class ServingConfig:
             drift_reference=Path(drift) if drift else None,
             drift_window=_int(env, "VOLTAGE_DRIFT_WINDOW", 1000, 1),
             records_path=Path(records) if records else None,
+            local_voltage_dir=Path(heads) if heads else None,
         )

@@ -51,6 +51,7 @@ class PredictRequest:
     structure: str | dict[str, Any] | None = None
     format: str | None = None
     material_id: str | None = None
+    explain: bool = False
 
     @classmethod
     def from_mapping(cls, data: Any) -> PredictRequest:
@@ -63,7 +64,12 @@ class PredictRequest:
         structure = data.get("structure")
         if structure is not None and not isinstance(structure, str | dict):
             raise ServingError("parse", "'structure' must be a string (or a JSON object)")
-        return cls(data.get("ion"), structure, data.get("format"), data.get("material_id"))
+        explain = data.get("explain")
+        if explain is not None and not isinstance(explain, bool):
+            raise ServingError("parse", "'explain' must be true or false")
+        return cls(
+            data.get("ion"), structure, data.get("format"), data.get("material_id"), bool(explain)
+        )
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,10 @@ class PredictResult:
     warnings: tuple[str, ...] = ()
     material_id: str | None = None
     reference_voltage: float | None = None
+    local_voltages: tuple[dict[str, Any], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "ion": self.ion,
             "voltage": self.voltage,
             "uncertainty": self.uncertainty,
@@ -100,6 +107,8 @@ class PredictResult:
             "material_id": self.material_id,
             "reference_voltage": self.reference_voltage,
         }
+        out["local_voltages"] = None if self.local_voltages is None else list(self.local_voltages)
+        return out
 
 
 Outcome = PredictResult | ServingError
@@ -113,6 +122,7 @@ class _Prepared:
     graph: Any
     material_id: str | None
     timings: dict[str, float] = field(default_factory=dict)
+    explain: bool = False
 
 
 class Predictor:
@@ -131,6 +141,7 @@ class Predictor:
         self.lookup = lookup or MaterialLookup(config.records_path)
         self._models: dict[str, ServedModel] = {}
         self._by_lower = {ion.lower(): ion for ion in config.ions}
+        self._heads: dict[tuple[str, int, str], Any] = {}
         self._drift_refreshed: dict[str, float] = {}
         self._parsers_warm = False
         self._lock = threading.Lock()
@@ -270,7 +281,9 @@ class Predictor:
         t2 = time.perf_counter()
         self.metrics.observe_stage("parse", t1 - t0)
         self.metrics.observe_stage("graph", t2 - t1)
-        return _Prepared(ion, served, parsed, graph, material_id, {"parse": t1 - t0})
+        return _Prepared(
+            ion, served, parsed, graph, material_id, {"parse": t1 - t0}, explain=req.explain
+        )
 
     def _infer(self, served: ServedModel, graphs: Sequence[Any]) -> tuple[Any, Any]:
         return served.model.predict_graphs(graphs)
@@ -291,6 +304,11 @@ class Predictor:
         ref = None
         if prep.material_id is not None:
             ref = self.lookup.voltage(prep.material_id, prep.ion)
+        local = None
+        if prep.explain:
+            local, note = self._explain(prep)
+            if note:
+                warnings = (*warnings, note)
         return PredictResult(
             ion=prep.ion,
             voltage=voltage,
@@ -304,7 +322,40 @@ class Predictor:
             warnings=warnings,
             material_id=prep.material_id,
             reference_voltage=ref,
+            local_voltages=local,
         )
+
+    def _local_head(self, served: ServedModel) -> Any:
+        """The ion's local-voltage head (paper Eq. 2), checked against the served backbones once
+        per served version; a head fitted on other backbones is refused, not misapplied."""
+        from training.interpret.local_voltage import LocalVoltageHead
+
+        key = (served.ion, served.version, served.source)
+        if key not in self._heads:
+            folder = self.config.local_voltage_dir
+            path = folder / f"{served.ion}.json" if folder is not None else None
+            try:
+                if path is None or not path.is_file():
+                    raise FileNotFoundError(f"no local-voltage head for {served.ion}")
+                head = LocalVoltageHead.load(path)
+                head.check_matches(served.model.loaded)
+                self._heads[key] = head
+            except (OSError, ValueError) as exc:
+                self._heads[key] = str(exc)
+        return self._heads[key]
+
+    def _explain(self, prep: _Prepared) -> tuple[tuple[dict[str, Any], ...] | None, str | None]:
+        from training.interpret.local_voltage import local_voltages_for_graphs
+
+        head = self._local_head(prep.served)
+        if isinstance(head, str):
+            return None, f"local voltages unavailable: {head}"
+        (local,) = local_voltages_for_graphs(prep.served.model, [prep.graph], head)
+        rows = tuple(
+            {"site": i, "element": site.specie.symbol, "local_voltage": float(v)}
+            for i, (site, v) in enumerate(zip(prep.structure, local, strict=True))
+        )
+        return rows, None
 
     def _observe_drift(self, prep: _Prepared, voltage: float) -> None:
         if self.drift is None:

@@ -68,6 +68,7 @@ class PredictItem(BaseModel):
     structure: str | dict[str, Any] | None = None
     format: str | None = Field(None, json_schema_extra={"enum": ["cif", "poscar", "json"]})
     material_id: str | None = None
+    explain: bool = False
 
 
 BatchItem = _loose(PredictItem.model_json_schema())
@@ -92,6 +93,9 @@ class PredictionOut(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     material_id: str | None = None
     reference_voltage: float | None = Field(None, description="snapshot DFT voltage, if known")
+    local_voltages: list[dict[str, Any]] | None = Field(
+        None, description='with "explain": true, per-site local voltages (site, element, V)'
+    )
 
 
 class BatchItemOut(BaseModel):
@@ -257,6 +261,7 @@ class VoltageService:
         structure: StructureField = None,
         format: FormatField = None,
         material_id: MaterialField = None,
+        explain: bool = False,
         *,
         ctx: bentoml.Context,
     ) -> PredictionOut:
@@ -264,7 +269,13 @@ class VoltageService:
         _mark(ctx)
         try:
             req = PredictRequest.from_mapping(
-                {"ion": ion, "structure": structure, "format": format, "material_id": material_id}
+                {
+                    "ion": ion,
+                    "structure": structure,
+                    "format": format,
+                    "material_id": material_id,
+                    "explain": explain,
+                }
             )
         except ServingError as e:
             self.runtime.metrics.record_request("predict", PROTOCOL, None, e.status_label, e.kind)

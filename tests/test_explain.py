@@ -1,0 +1,82 @@
+"""``"explain": true``: per-site local voltages from the ion's fitted local-voltage head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from serving_fixtures import build_checkpoint, cif, sample_structures
+
+from serving.config import ServingConfig
+from serving.metrics import ServiceMetrics
+from serving.models import ServedModel
+from serving.predictor import Predictor, PredictRequest
+from training.graphs.store import collate
+from training.inference import VoltageModel
+from training.interpret.local_voltage import (
+    backbone_fingerprint,
+    fit_local_head,
+    member_atom_vectors,
+)
+
+
+def _fit_head(model: VoltageModel):
+    """Fit a head on the model's own per-crystal mean atom vectors (what the stage does)."""
+    structures = sample_structures(12)
+    graphs = model.graphs(structures)
+    batch = collate(graphs, model.converter, model.encoding)
+    atoms = member_atom_vectors(model.loaded, batch)
+    idx = batch.crystal_idx.numpy()
+    pooled = [
+        np.stack([a.numpy()[idx == i].mean(axis=0) for i in range(len(graphs))]) for a in atoms
+    ]
+    targets = np.linspace(1.0, 4.0, len(graphs))
+    return fit_local_head(pooled, targets, backbone_fingerprint(model.loaded), ridge=1e-3)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = VoltageModel.from_checkpoint(build_checkpoint(tmp_path / "li.pt", "Li", 1))
+    other = VoltageModel.from_checkpoint(build_checkpoint(tmp_path / "li2.pt", "Li", 2))
+    heads = tmp_path / "heads"
+    head = _fit_head(model)
+    head.save(heads / "Li.json")
+    config = ServingConfig(ions=("Li",), drift_reference=None, records_path=None,
+                           local_voltage_dir=heads)  # fmt: skip
+    p = Predictor(config, ServiceMetrics(CollectorRegistry(), config.ions)).start()
+    yield p, model, other, head
+    p.stop()
+
+
+def test_explain_returns_site_voltages_whose_mean_is_the_head_prediction(setup):
+    p, model, _, head = setup
+    p.set_model("Li", ServedModel("Li", model, "electrode-voltage-Li", 1, "registry"))
+    s = sample_structures(3)[2]
+    res = p.predict_sync(PredictRequest("Li", cif(s), explain=True))
+    rows = res.to_dict()["local_voltages"]
+    assert [r["site"] for r in rows] == list(range(len(s)))
+    assert [r["element"] for r in rows] == [site.specie.symbol for site in s]
+    graph = model.graphs([s])
+    batch = collate(graph, model.converter, model.encoding)
+    pooled = [a.mean(dim=0, keepdim=True) for a in member_atom_vectors(model.loaded, batch)]
+    crystal = float(head.crystal(pooled)[0])
+    assert np.mean([r["local_voltage"] for r in rows]) == pytest.approx(crystal, abs=1e-4)
+    # Without explain, no local voltages are computed or returned.
+    plain = p.predict_sync(PredictRequest("Li", cif(s))).to_dict()
+    assert plain["local_voltages"] is None
+    assert plain["voltage"] == pytest.approx(res.voltage)
+
+
+def test_head_of_other_backbones_is_refused_with_a_warning(setup):
+    p, _, other, _ = setup
+    p.set_model("Li", ServedModel("Li", other, "electrode-voltage-Li", 2, "registry"))
+    res = p.predict_sync(PredictRequest("Li", cif(sample_structures(1)[0]), explain=True))
+    assert res.local_voltages is None
+    assert any("fitted on other backbones" in w for w in res.warnings)
+
+
+def test_explain_must_be_boolean():
+    from serving.errors import ServingError
+
+    with pytest.raises(ServingError, match="explain"):
+        PredictRequest.from_mapping({"ion": "Li", "structure": "x", "explain": "yes"})
