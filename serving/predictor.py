@@ -345,17 +345,12 @@ class Predictor:
         return self._heads[key]
 
     def _explain(self, prep: _Prepared) -> tuple[tuple[dict[str, Any], ...] | None, str | None]:
-        from training.interpret.local_voltage import local_voltages_for_graphs
+        from training.interpret.local_voltage import explain_graph
 
         head = self._local_head(prep.served)
         if isinstance(head, str):
             return None, f"local voltages unavailable: {head}"
-        (local,) = local_voltages_for_graphs(prep.served.model, [prep.graph], head)
-        rows = tuple(
-            {"site": i, "element": site.specie.symbol, "local_voltage": float(v)}
-            for i, (site, v) in enumerate(zip(prep.structure, local, strict=True))
-        )
-        return rows, None
+        return tuple(explain_graph(prep.served.model, prep.structure, prep.graph, head)), None
 
     def _observe_drift(self, prep: _Prepared, voltage: float) -> None:
         if self.drift is None:
@@ -421,6 +416,23 @@ class Predictor:
             )
         return out
 
+    @staticmethod
+    def _failure(exc: Exception) -> ServingError:
+        """A request's exception as its outcome: bad input as is, anything else as internal."""
+        if isinstance(exc, ServingError):
+            return exc
+        logger.exception("prediction failed")
+        return internal(exc)
+
+    def _settle(
+        self, endpoint: str, protocol: str, req: PredictRequest, outcome: Outcome
+    ) -> PredictResult:
+        """Count the outcome, then return the result or raise the error."""
+        self._record(endpoint, protocol, req.ion, outcome)
+        if isinstance(outcome, ServingError):
+            raise outcome
+        return outcome
+
     def _outcome(self, prep: _Prepared, fut_result: Any) -> Outcome:
         try:
             voltage, uncertainty = fut_result
@@ -441,15 +453,9 @@ class Predictor:
             prep, fut = await asyncio.to_thread(self._submit, req)
             result = await asyncio.wrap_future(fut)
             outcome = self._outcome(prep, result)
-        except ServingError as exc:
-            outcome = exc
         except Exception as exc:
-            logger.exception("prediction failed")
-            outcome = internal(exc)
-        self._record(endpoint, protocol, req.ion, outcome)
-        if isinstance(outcome, ServingError):
-            raise outcome
-        return outcome
+            outcome = self._failure(exc)
+        return self._settle(endpoint, protocol, req, outcome)
 
     async def predict_many(
         self,
@@ -492,12 +498,6 @@ class Predictor:
         try:
             prep, fut = self._submit(req)
             outcome = self._outcome(prep, fut.result())
-        except ServingError as exc:
-            outcome = exc
         except Exception as exc:
-            logger.exception("prediction failed")
-            outcome = internal(exc)
-        self._record(endpoint, protocol, req.ion, outcome)
-        if isinstance(outcome, ServingError):
-            raise outcome
-        return outcome
+            outcome = self._failure(exc)
+        return self._settle(endpoint, protocol, req, outcome)

@@ -243,6 +243,13 @@ def explain(
     if check:
         head.check_matches(voltage_model.loaded)
     graph = voltage_model.converter.convert(structure)
+    return explain_graph(voltage_model, structure, graph, head)
+
+
+def explain_graph(
+    voltage_model: VoltageModel, structure: Structure, graph: CrystalGraph, head: LocalVoltageHead
+) -> list[dict[str, Any]]:
+    """``explain`` for a structure whose graph is already built (the service has it)."""
     (local,) = local_voltages_for_graphs(voltage_model, [graph], head)
     return [
         {"site": i, "element": site.specie.symbol, "local_voltage": float(v)}
