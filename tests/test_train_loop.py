@@ -174,7 +174,23 @@ def test_non_finite_loss_raises(data) -> None:
         fit(fresh_model(), train, val, TrainConfig(epochs=2, lr=1e12), Normalizer(0.0, 1e-3))
 
 
+@pytest.mark.parametrize("loss", ["l1", "huber"])
+def test_every_loss_learns_and_is_the_one_reported(data, loss: str) -> None:
+    cfg = TrainConfig(epochs=30, optimizer="adam", lr=3e-3, scheduler="cosine", loss=loss)
+    model, result, norm = run(data, cfg)
+    store, items = data
+    _, y_true, y_pred = predict(model, GraphLoader(store, items, batch_size=10), norm)
+    assert mae(y_true, y_pred) < 0.6 * mae(y_true, np.full_like(y_true, y_true.mean()))
+    if loss == "l1":  # the optimised loss is the one reported: L1 in volts is the train MAE
+        for h in result.history:
+            assert h["train_loss"] * norm.std == pytest.approx(h["train_mae"], rel=1e-4)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.6 * losses[0]
+
+
 def test_train_config_validation() -> None:
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="hinge")
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")
     with pytest.raises(ValueError, match="unknown"):

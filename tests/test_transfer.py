@@ -28,7 +28,12 @@ from training.train.heads import HeadConfig
 from training.train.loop import TrainConfig
 from training.train.stage import TrainSettings, run_train_stage
 from training.train.uncertainty import calibration, fit_std_scale
-from training.transfer import TransferSettings, source_predictions, transfer
+from training.transfer import (
+    TransferSettings,
+    source_predictions,
+    transfer,
+    uncertainty_report,
+)
 from training.transfer_stage import evaluate_target
 
 
@@ -77,6 +82,23 @@ def test_freezing_really_freezes(source, tiny_data, cfg):
         assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items())
 
 
+def test_gp_head_transfer_freezes_backbone_and_learns(source, tiny_data, cfg):
+    src = load_checkpoint(source)
+    before = [copy.deepcopy(m.state_dict()) for m, _ in src.backbones()]
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    res = transfer(src, data, GraphStore.load(tiny_data["graphs"]), cfg, "frozen", seed=0,
+                   head_kind="gp")  # fmt: skip
+    assert res.head_kind == "gp"
+    for member, state in zip(res.members, before, strict=True):
+        assert [type(h).__name__ for h in member.heads] == ["GPHead"]
+        assert all(torch.equal(member.model.state_dict()[k], v) for k, v in state.items())
+    mean, _ = res.mean_std("train")
+    y = data.targets("train")
+    assert np.mean(np.abs(mean - y)) < np.mean(np.abs(y - y.mean()))
+    assert (res.mean_std("test")[1] > 0).all()
+    assert uncertainty_report(data, res)["std_scale"] == 1.0
+
+
 def test_adapt_mode_changes_only_batchnorm_statistics(source, tiny_data, cfg):
     src = load_checkpoint(source)
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
@@ -101,12 +123,22 @@ def test_comparison_offset_and_uncertainty(source, tiny_data, cfg):
     assert np.mean((y - unchanged["train"] - offset) ** 2) <= np.mean((y - unchanged["train"]) ** 2)
     for name in ("mean", "source_unchanged", "source_offset", "cgcnn_scratch", "transfer"):
         assert name in report["methods"]
-    assert report["methods"]["transfer"]["n_seeds"] == 2
-    assert report["bn_mode"] in ("adapt", "frozen")
+    for mode in cfg.bn_modes:
+        assert report["methods"][f"transfer_fc_bn_{mode}"]["n_seeds"] == 2
+        assert report["methods"][f"transfer_gp_bn_{mode}"]["n_seeds"] == 1  # deterministic
+    assert report["bn_mode"] in ("adapt", "frozen") and report["head"] in ("fc", "gp")
+    chosen = report["methods"][f"transfer_{report['head']}_bn_{report['bn_mode']}"]
+    assert report["methods"]["transfer"] == chosen
+    assert chosen["val_mae_mean"] == min(
+        v["val_mae_mean"] for k, v in report["methods"].items() if k.startswith("transfer_")
+    )
     _, std = final.mean_std("test")
     assert (std > 0).all()
     unc = report["uncertainty"]
     assert 0.0 <= unc["coverage_90"] <= 1.0 and unc["std_scale"] > 0
+    assert 0.0 <= unc["val_coverage_90"] <= 1.0
+    if report["head"] == "gp":  # a GP's fitted predictive std is served unscaled
+        assert unc["std_scale"] == 1.0
 
 
 def test_calibration_math():

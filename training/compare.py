@@ -17,7 +17,8 @@ from training.plots import parity_grid
 PAPER_TL_MAE = {"Zn": 0.479, "Mg": 0.451, "Ca": 0.403, "Na": 0.508, "Al": 0.680, "K": 0.656}
 METHOD_ORDER = [
     "mean", "svr", "krr", "rf", "source_unchanged", "source_offset", "cgcnn_scratch", "cgcnn",
-    "transfer", "transfer_bn_adapt", "transfer_bn_frozen",
+    "transfer", "transfer_gp_bn_adapt", "transfer_gp_bn_frozen", "transfer_fc_bn_adapt",
+    "transfer_fc_bn_frozen",
 ]  # fmt: skip
 
 
@@ -75,8 +76,11 @@ def markdown(reports: dict[str, dict[str, Any]]) -> str:
         + " |"
     )
     bn = (
-        "| BN mode (val-selected) | "
-        + " | ".join(reports[i].get("bn_mode", "") for i in ions)
+        "| head, BN mode (val-selected) | "
+        + " | ".join(
+            f"{reports[i]['head']}, {reports[i]['bn_mode']}" if "head" in reports[i] else ""
+            for i in ions
+        )
         + " |"
     )
     return (

@@ -56,7 +56,8 @@ def register_ion(
         tags = {
             "ion": ion, "test_mae": round(report["test_mae"], 4), "split_hash": split_hash,
             "dataset_hash": data_hash, "git_commit": git_commit(), "checkpoint_sha256": ckpt_hash,
-            "bn_mode": report.get("bn_mode", "n/a"), **baselines,
+            "bn_mode": report.get("bn_mode", "n/a"), "head": report.get("head", "n/a"),
+            **baselines,
         }  # fmt: skip
         version, registered = register(report["model_uri"], name, tags, CANDIDATE).version, True
     promoted = None

@@ -47,6 +47,8 @@ from training.graphs.converter import CrystalGraph, GraphConverter, validate_str
 from training.graphs.encoding import MAX_Z, element_data
 from training.graphs.store import collate
 from training.inference import VoltageModel
+from training.model.artifact import ensemble_volts
+from training.model.gp_head import head_variance
 from training.structure_io import MIN_DISTANCE, StructureInputError, parse_structure
 
 log = logging.getLogger(__name__)
@@ -476,8 +478,8 @@ def _backbone_key(model: torch.nn.Module) -> str:
 class _Predictor:
     """Batches prepared structures through every ion's model and turns them into records.
 
-    Reproduces ``LoadedModel.predict_with_std`` (mean and population std over every member's
-    heads, std times the model's ``std_scale``), but runs each distinct backbone once per batch:
+    Reproduces ``LoadedModel.predict_with_std`` (``ensemble_volts`` over every member's heads,
+    std times the model's ``std_scale``), but runs each distinct backbone once per batch:
     ions transferred with frozen BatchNorm share the source ion's backbones, and the backbone is
     nearly all of the cost, so a multi-ion screen costs little more than a single-ion one.
     """
@@ -498,18 +500,18 @@ class _Predictor:
             batch = collate([p.graphs[g] for p in items], conv, self.models[ions[0]].encoding)
             pooled: dict[str, torch.Tensor] = {}
             for ion in ions:
-                outs = []
+                means, variances = [], []
                 for key, model, heads in self.members[ion]:
                     if key not in pooled:
                         pooled[key] = model.eval().pooled(batch)
                     if heads:
-                        outs.extend(head(pooled[key]) for head in heads)
+                        means.extend(head(pooled[key]) for head in heads)
+                        variances.extend(head_variance(h, pooled[key]) for h in heads)
                     else:
-                        outs.append(model.head(pooled[key]))
+                        means.append(model.head(pooled[key]))
                 vm = self.models[ion]
-                volts = vm.loaded.normalizer.denorm(torch.stack(outs, dim=0)).double()
-                std = volts.std(dim=0, unbiased=False) * vm.std_scale
-                out[ion] = (volts.mean(dim=0).numpy(), std.numpy())
+                mean, std = ensemble_volts(vm.loaded.normalizer, means, variances)
+                out[ion] = (mean.double().numpy(), std.double().numpy() * vm.std_scale)
         return out
 
     def records(self, items: Sequence[Prepared]) -> list[dict[str, Any]]:

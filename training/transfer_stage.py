@@ -17,12 +17,13 @@ from pymatgen.io.cif import CifWriter
 from training.datasets import IonData
 from training.graphs.encoding import encoding_fingerprint
 from training.graphs.store import GraphStore
-from training.model.artifact import load_checkpoint, save_checkpoint
+from training.model.artifact import LoadedModel, load_checkpoint, save_checkpoint
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.metrics import regression_metrics
 from training.train.stage import train_elements
 from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
+    HEAD_KINDS,
     TransferResult,
     TransferSettings,
     metrics_by_split,
@@ -96,23 +97,22 @@ def evaluate_target(
     scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
     methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
 
-    runs: dict[str, list[TransferResult]] = {
-        mode: [transfer(src, data, store, cfg, mode, seed) for seed in cfg.seeds]
-        for mode in cfg.bn_modes
-    }
-    per_mode = {
-        mode: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
+    runs = transfer_variants(src, data, store, cfg)
+    per_variant = {
+        name: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
                         for r in results])
-        for mode, results in runs.items()
+        for name, results in runs.items()
     }  # fmt: skip
-    best_mode = min(per_mode, key=lambda mode: per_mode[mode]["val_mae_mean"])
-    methods["transfer"] = per_mode[best_mode]
-    for mode, summ in per_mode.items():
-        methods[f"transfer_bn_{mode}"] = summ
-    final = runs[best_mode][0]
+    eligible = [n for n in per_variant if runs[n][0].head_kind in cfg.select_heads]
+    best = min(eligible, key=lambda name: per_variant[name]["val_mae_mean"])
+    methods["transfer"] = per_variant[best]
+    for name, summ in per_variant.items():
+        methods[name] = summ
+    final = runs[best][0]
     report = {
         "methods": methods,
-        "bn_mode": best_mode,
+        "head": final.head_kind,
+        "bn_mode": final.bn_mode,
         "bn_selected_on": "validation MAE (mean over seeds)",
         "offset_V": offset,
         "test_predictions": {
@@ -126,6 +126,21 @@ def evaluate_target(
     return report, final
 
 
+def transfer_variants(
+    src: LoadedModel, data: IonData, store: GraphStore, cfg: TransferSettings
+) -> dict[str, list[TransferResult]]:
+    """Every head kind x BatchNorm mode, named ``transfer_<head>_bn_<mode>``, over the seeds
+    (the GP head is deterministic: one run)."""
+    runs = {}
+    for kind in HEAD_KINDS:
+        seeds = cfg.seeds[:1] if kind == "gp" else cfg.seeds
+        for mode in cfg.bn_modes:
+            runs[f"transfer_{kind}_bn_{mode}"] = [
+                transfer(src, data, store, cfg, mode, seed, head_kind=kind) for seed in seeds
+            ]
+    return runs
+
+
 def save_transfer_checkpoint(
     path: Path, result: TransferResult, src_path: Path, data: IonData, report: dict, run_id: str
 ) -> None:
@@ -135,6 +150,7 @@ def save_transfer_checkpoint(
         "ion": data.ion,
         "source_ion": src.extra.get("ion"),
         "bn_mode": result.bn_mode,
+        "head": result.head_kind,
         "std_scale": report["uncertainty"]["std_scale"],
         "train_elements": train_elements(data),
         "encoding_fingerprint": encoding_fingerprint(),

@@ -21,6 +21,9 @@ registry must never execute code from a file).  ``heads`` lets one checkpoint ca
 one shared backbone for ensemble uncertainty without changing the schema version. Schema 2 adds
 ``members``: further whole models (other seeds) sharing config, converter and normaliser; the
 prediction is the mean over every member's heads and the spread across them is the uncertainty.
+Schema 3 allows a head to be a Gaussian-process head (``training.model.gp_head``: its state dict
+holds the fitted posterior as tensors); the uncertainty then adds each head's own posterior
+variance to the spread across heads (law of total variance).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from training.model.cgcnn import CGCNN, CGCNNConfig, EnsembleHead, GraphBatchLike, Head
+from training.model.gp_head import GPHead, head_variance, is_gp_state
 from training.train.normalizer import Normalizer
 
 CHECKPOINT_FORMAT = "electrode-voltage-cgcnn"
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2, 3})
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -92,7 +96,10 @@ def _config_dict(model: CGCNN, model_config: CGCNNConfig | Mapping[str, Any] | N
     return cfg.to_dict()
 
 
-def _head_states(heads: Sequence[Head | Mapping[str, Tensor]] | None) -> list | None:
+AnyHead = Head | GPHead
+
+
+def _head_states(heads: Sequence[AnyHead | Mapping[str, Tensor]] | None) -> list | None:
     if heads is None:
         return None
     return [_tensors(h.state_dict() if isinstance(h, nn.Module) else h) for h in heads]
@@ -105,8 +112,8 @@ def checkpoint_payload(
     normalizer: Normalizer,
     extra: Mapping[str, Any] | None = None,
     *,
-    heads: Sequence[Head | Mapping[str, Tensor]] | None = None,
-    members: Sequence[tuple[CGCNN, Sequence[Head] | None]] = (),
+    heads: Sequence[AnyHead | Mapping[str, Tensor]] | None = None,
+    members: Sequence[tuple[CGCNN, Sequence[AnyHead] | None]] = (),
 ) -> dict[str, Any]:
     """The dict ``save_checkpoint`` writes (also handy for in-memory round trips)."""
     if not isinstance(converter_dict, Mapping) and hasattr(converter_dict, "to_dict"):
@@ -135,8 +142,8 @@ def save_checkpoint(
     normalizer: Normalizer,
     extra: Mapping[str, Any] | None = None,
     *,
-    heads: Sequence[Head | Mapping[str, Tensor]] | None = None,
-    members: Sequence[tuple[CGCNN, Sequence[Head] | None]] = (),
+    heads: Sequence[AnyHead | Mapping[str, Tensor]] | None = None,
+    members: Sequence[tuple[CGCNN, Sequence[AnyHead] | None]] = (),
 ) -> Path:
     """Write a checkpoint atomically (temp file + rename) and return its path."""
     payload = checkpoint_payload(
@@ -161,9 +168,9 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)
     ensemble: EnsembleHead | None = None
     schema_version: int = SCHEMA_VERSION
-    members: list[tuple[CGCNN, list[Head]]] = field(default_factory=list)
+    members: list[tuple[CGCNN, list[AnyHead]]] = field(default_factory=list)
 
-    def backbones(self) -> list[tuple[CGCNN, list[Head]]]:
+    def backbones(self) -> list[tuple[CGCNN, list[AnyHead]]]:
         """Every whole model with its heads (member 0 first): what transfer learning adapts."""
         first = list(self.ensemble.heads) if self.ensemble is not None else []
         return [(self.model, first), *self.members]
@@ -177,16 +184,31 @@ class LoadedModel:
     @torch.inference_mode()
     def predict_with_std(self, batch: GraphBatchLike) -> tuple[Tensor, Tensor]:
         """(mean, std) in volts over every member's heads; std is 0 for a single plain model."""
-        outs = []
+        means, variances = [], []
         for model, heads in self.backbones():
             model.eval()
             if heads:
                 pooled = model.pooled(batch)
-                outs.extend(head(pooled) for head in heads)
+                means.extend(head(pooled) for head in heads)
+                variances.extend(head_variance(head, pooled) for head in heads)
             else:
-                outs.append(model(batch))
-        volts = self.normalizer.denorm(torch.stack(outs, dim=0))
-        return volts.mean(dim=0), volts.std(dim=0, unbiased=False)
+                means.append(model(batch))
+        return ensemble_volts(self.normalizer, means, variances)
+
+
+def ensemble_volts(
+    normalizer: Normalizer, means: Sequence[Tensor], variances: Sequence[Tensor] = ()
+) -> tuple[Tensor, Tensor]:
+    """Mean and std in volts of an ensemble of head outputs (normalised units).
+
+    std**2 = spread of the head means + mean of the heads' own variances (GP heads; MLP heads
+    have none), so a plain MLP ensemble keeps its population std across heads.
+    """
+    stacked = torch.stack(list(means), dim=0)
+    var = stacked.var(dim=0, unbiased=False)
+    if variances:
+        var = var + torch.stack(list(variances), dim=0).mean(dim=0)
+    return normalizer.denorm(stacked.mean(dim=0)), var.sqrt() * normalizer.std
 
 
 def _require(payload: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -241,13 +263,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
-def _load_heads(config: CGCNNConfig, states: Any, where: str = "heads") -> list[Head]:
+def _load_heads(config: CGCNNConfig, states: Any, where: str = "heads") -> list[AnyHead]:
     if states is None:
         return []
     if not isinstance(states, list):
         raise CheckpointError(f"{where}: heads must be a list of state dicts")
-    heads = []
+    heads: list[AnyHead] = []
     for state in states:
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{where}: a head is not a state dict")
+        if is_gp_state(state):
+            try:
+                heads.append(GPHead.from_state(state).eval())
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: {exc}") from exc
+            continue
         head = Head(config)
         head.load_state_dict(state)
         heads.append(head.eval())

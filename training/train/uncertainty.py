@@ -3,6 +3,8 @@
 Head ensembles over a frozen backbone under-disperse (they share every layer but the last two), so
 their std is rescaled by one factor fitted on the *validation* split so that 90% of validation
 targets fall inside mean +- 1.645 std. Test calibration is then reported, never fitted.
+(Gaussian-process heads carry their own fitted variance and are not rescaled:
+``training.transfer.uncertainty_report``.)
 """
 
 from __future__ import annotations

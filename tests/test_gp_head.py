@@ -1,0 +1,95 @@
+"""The Gaussian-process transfer head: same posterior as scikit-learn, safe checkpoints, and an
+uncertainty that grows away from the training data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+from training.model.artifact import (
+    CheckpointError,
+    ensemble_volts,
+    load_checkpoint,
+    save_checkpoint,
+)
+from training.model.cgcnn import CGCNN, CGCNNConfig
+from training.model.gp_head import GPConfig, GPHead, fit_gp_head
+from training.train.normalizer import Normalizer
+
+
+def _data(n: int = 60, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = np.sin(x[:, 0]) + 0.5 * x[:, 1] + 0.05 * rng.normal(size=n)
+    return torch.tensor(x, dtype=torch.float32), y
+
+
+@pytest.mark.parametrize("nu", [0.5, 1.5, 2.5])
+def test_posterior_matches_sklearn(nu):
+    x, y = _data()
+    head = fit_gp_head(x, y, GPConfig(nu=nu))
+    c, length, noise, _ = head.kernel.tolist()
+    kernel = ConstantKernel(c, "fixed") * Matern(length, "fixed", nu=nu) + WhiteKernel(
+        noise, "fixed"
+    )
+    z = (x.double().numpy() - head.x_mean.numpy()) / head.x_scale.numpy()
+    ref = GaussianProcessRegressor(kernel, optimizer=None).fit(z, y)
+    x_new, _ = _data(n=25, seed=1)
+    mean, std = ref.predict((x_new.double().numpy() - head.x_mean.numpy()) / head.x_scale.numpy(),
+                            return_std=True)  # fmt: skip
+    with torch.no_grad():
+        np.testing.assert_allclose(head(x_new.double()).numpy(), mean, atol=1e-6)
+        np.testing.assert_allclose(head.variance(x_new.double()).sqrt().numpy(), std, atol=1e-6)
+
+
+def test_learns_and_is_less_sure_far_from_data():
+    x, y = _data(n=120)
+    head = fit_gp_head(x[:100], y[:100], GPConfig())
+    with torch.no_grad():
+        pred = head(x[100:]).double().numpy()
+        near = head.variance(x[:100]).mean()
+        far = head.variance(x[:20] + 8.0).mean()
+    assert np.mean(np.abs(pred - y[100:])) < 0.6 * np.mean(np.abs(y[100:] - y[:100].mean()))
+    assert far > 3 * near
+
+
+def test_checkpoint_round_trip_with_gp_heads(tmp_path):
+    torch.manual_seed(0)
+    cfg = CGCNNConfig(atom_fea_len=8, h_fea_len=8, n_conv=1)
+    model = CGCNN(cfg).eval()
+    x, y = _data(n=40, d=8)
+    heads = [fit_gp_head(x, y, GPConfig()), fit_gp_head(x[:30], y[:30], GPConfig(nu=1.5))]
+    norm = Normalizer(mean=2.0, std=0.5)
+    path = save_checkpoint(tmp_path / "gp.pt", model, cfg, {"radius": 8.0}, norm, heads=heads)
+    loaded = load_checkpoint(path)
+    back = loaded.backbones()[0][1]
+    assert all(isinstance(h, GPHead) for h in back)
+    pooled = x[:5]
+    with torch.no_grad():
+        for a, b in zip(heads, back, strict=True):
+            assert torch.equal(a(pooled), b(pooled))
+        means = [h(pooled) for h in back]
+        mean, std = ensemble_volts(norm, means, [h.variance(pooled) for h in back])
+    spread = torch.stack(means).var(dim=0, unbiased=False)
+    own = torch.stack([h.variance(pooled) for h in back]).mean(dim=0)
+    assert torch.allclose(std, (spread + own).sqrt() * 0.5)
+    assert torch.allclose(mean, torch.stack(means).mean(dim=0) * 0.5 + 2.0)
+
+
+def test_corrupt_gp_state_is_refused(tmp_path):
+    cfg = CGCNNConfig(atom_fea_len=8, h_fea_len=8, n_conv=1)
+    x, y = _data(n=20, d=8)
+    state = fit_gp_head(x, y, GPConfig()).state_dict()
+    state["alpha"] = state["alpha"][:-1]  # inconsistent with x_train
+    path = save_checkpoint(tmp_path / "bad.pt", CGCNN(cfg), cfg, {}, Normalizer(0.0, 1.0),
+                           heads=[state])  # fmt: skip
+    with pytest.raises(CheckpointError, match="alpha"):
+        load_checkpoint(path)
+
+
+def test_gp_config_rejects_unsupported_smoothness():
+    with pytest.raises(ValueError, match="nu"):
+        GPConfig(nu=1.0)
