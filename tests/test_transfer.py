@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import mlflow
 import numpy as np
@@ -210,3 +211,30 @@ def test_registry_round_trip_and_gate(registry, tmp_path):
     res = CliRunner().invoke(app, ["promote", "--ion", "Mg", "--force", "--params", str(params)])
     assert res.exit_code == 0, res.output
     assert by_alias(worst.name, CHAMPION).version == worst.version
+
+
+def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
+    source, tiny_data, tmp_path
+):
+    from training.baselines.models import BaselineConfig
+    from training.cv_check import run_cv_stage, summarise
+    from training.model.gp_head import GPConfig
+
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    store = GraphStore.load(tiny_data["graphs"])
+    args = (store, "Li", source, tmp_path / "f.npz", BaselineConfig(), GPConfig(), 4)
+    report = run_cv_stage(data, *args, tmp_path / "cv.json")
+    n = sum(len(data.parts[s]) for s in data.parts)
+    assert report["n"] == n and report["folds"] == 4
+    methods = report["methods"]
+    assert set(methods) == {"transfer_gp", "mean", "svr", "krr", "rf"}
+    assert methods["transfer_gp"]["gp_minus_this"] == 0.0
+    assert methods["transfer_gp"]["mae"] < methods["mean"]["mae"]  # it learned something
+    # the stage's file is what it returned; the source ion is refused, not cross-validated
+    assert json.loads((tmp_path / "cv.json").read_text()) == report
+    li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    assert "not_applicable" in run_cv_stage(li, *args, tmp_path / "li.json")
+    # paired differences: a constant 0.1 V gap has zero spread
+    gp = np.array([0.1, 0.3, 0.2, 0.5])
+    s = summarise({"transfer_gp": gp, "krr": gp - 0.1}, folds=2, n=4)["methods"]["krr"]
+    assert s["gp_minus_this"] == pytest.approx(0.1) and s["gp_minus_this_se"] == pytest.approx(0)

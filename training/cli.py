@@ -270,6 +270,42 @@ def ion_model(
         )
 
 
+@app.command("cv")
+@_user_errors
+def cv(
+    ion: Annotated[str, typer.Option(help="working ion")],
+    records: Annotated[Path, typer.Option(help="cleaned records")],
+    splits: Annotated[Path, typer.Option(help="splits file")],
+    graphs: Annotated[Path, typer.Option(help="graph cache")],
+    source_checkpoint: Annotated[Path, typer.Option(help="the source ion's checkpoint")],
+    features_cache: Annotated[Path, typer.Option(help="composition features cache (.npz)")],
+    out: Annotated[Path, typer.Option(help="cross-validation report JSON out")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Grouped k-fold CV over the ion's whole data: GP transfer vs the composition baselines."""
+    from training.baselines.models import BaselineConfig
+    from training.cv_check import run_cv_stage
+    from training.datasets import load_ion_data
+    from training.graphs.store import GraphStore
+    from training.transfer import TransferSettings
+
+    p = _require_ion(load_params(params), ion)
+    transfer_cfg = TransferSettings.model_validate(p.section("transfer"))
+    report = run_cv_stage(
+        load_ion_data(records, splits, ion), GraphStore.load(graphs), p.source_ion,
+        source_checkpoint, features_cache, BaselineConfig.from_dict(p.section("baselines")),
+        transfer_cfg.gp, int(p.section("cv")["folds"]), out,
+    )  # fmt: skip
+    if "methods" not in report:
+        typer.echo(f"{ion}: {report['not_applicable']}")
+        return
+    for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["mae"]):
+        typer.echo(
+            f"{ion} {name:12s} CV MAE {m['mae']:.3f} +- {m['se']:.3f} V; "
+            f"GP minus this {m['gp_minus_this']:+.3f} +- {m['gp_minus_this_se']:.3f} V"
+        )
+
+
 @app.command()
 @_user_errors
 def compare(
