@@ -28,10 +28,11 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 
 from training.datasets import IonData
-from training.graphs.store import GraphStore
-from training.model.artifact import LoadedModel
+from training.graphs.store import GraphLoader, GraphStore
+from training.model.artifact import LoadedModel, ensemble_volts
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
 from training.model.gp_head import GPConfig, GPHead, fit_gp_head
 from training.train.core import model_predictor, score, split_loader, train_from_scratch
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 BnMode = Literal["adapt", "frozen"]
 HeadKind = Literal["fc", "gp"]
 HEAD_KINDS: tuple[HeadKind, ...] = ("fc", "gp")
+VOLTS = Normalizer(mean=0.0, std=1.0)  # member predictions are already in volts
 
 
 class TransferSettings(BaseModel):
@@ -98,16 +100,15 @@ class TransferResult:
     head_kind: str = "fc"
 
     def mean_std(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Ensemble mean and std: spread of head means plus the heads' own mean variance."""
-        stacked = np.concatenate([m.preds[split] for m in self.members], axis=0)
-        var = stacked.var(axis=0)
-        own = [m.variances[split] for m in self.members if m.variances is not None]
-        if own:
-            var = var + np.concatenate(own, axis=0).mean(axis=0)
-        return stacked.mean(axis=0), np.sqrt(var)
+        """Ensemble mean and std in volts, by the served model's rule (``ensemble_volts``)."""
+        means = [torch.from_numpy(row) for m in self.members for row in m.preds[split]]
+        own = [torch.from_numpy(row) for m in self.members if m.variances is not None
+               for row in m.variances[split]]  # fmt: skip
+        mean, std = ensemble_volts(VOLTS, means, own)
+        return mean.numpy(), std.numpy()
 
 
-def frozen_backbone(src_model: CGCNN, bn_mode: BnMode, train_loader) -> CGCNN:
+def frozen_backbone(src_model: CGCNN, bn_mode: BnMode, train_loader: GraphLoader) -> CGCNN:
     """A copy of a source backbone, BatchNorm statistics adapted or kept, every weight frozen."""
     model = copy.deepcopy(src_model)
     if bn_mode == "adapt":
@@ -148,7 +149,9 @@ def transfer(
                           head_kind=head_kind)  # fmt: skip
 
 
-def _gp_member(model: CGCNN, feats, data: IonData, normalizer: Normalizer, cfg: GPConfig) -> Member:
+def _gp_member(
+    model: CGCNN, feats: dict[str, Tensor], data: IonData, normalizer: Normalizer, cfg: GPConfig
+) -> Member:
     """One GP head on this backbone's pooled training vectors; means and variances in volts."""
     head = fit_gp_head(feats["train"], normalizer.norm(data.targets("train")), cfg)
     with torch.no_grad():
