@@ -93,3 +93,80 @@ def test_corrupt_gp_state_is_refused(tmp_path):
 def test_gp_config_rejects_unsupported_smoothness():
     with pytest.raises(ValueError, match="nu"):
         GPConfig(nu=1.0)
+
+
+# ------------------------------------------------------------- composition descriptors
+def _with_descriptors(n: int = 80, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Pooled vectors that carry no signal, descriptors that do (with a missing value and a
+    constant column, as matminer rows have)."""
+    rng = np.random.default_rng(seed)
+    x = torch.tensor(rng.normal(size=(n, 5)), dtype=torch.float32)
+    d = rng.normal(size=(n, 4))
+    y = np.sin(1.5 * d[:, 0]) + 0.7 * d[:, 1] + 0.05 * rng.normal(size=n)
+    d = np.concatenate([d, np.full((n, 1), 3.0)], axis=1)
+    d[0, 2] = np.nan
+    return x, d, y
+
+
+def test_marginal_likelihood_picks_descriptors_when_they_carry_the_signal():
+    x, d, y = _with_descriptors(n=120)
+    cfg = GPConfig(descriptor_weights=(0.0, 0.5, 1.0, 2.0))
+    with_desc = fit_gp_head(x[:100], y[:100], cfg, d[:100])
+    plain = fit_gp_head(x[:100], y[:100], cfg)  # no descriptors given: pooled vector only
+    assert float(with_desc.desc_weight) > 0 and with_desc.n_descriptors == 4  # constant dropped
+    assert plain.n_descriptors == 0
+    test_d = torch.from_numpy(d[100:])
+    with torch.no_grad():
+        err = np.abs(with_desc(x[100:], test_d).double().numpy() - y[100:]).mean()
+        err_plain = np.abs(plain(x[100:]).double().numpy() - y[100:]).mean()
+    assert err < 0.5 * err_plain
+
+
+def test_descriptor_head_matches_sklearn_on_its_input_and_fills_missing_values():
+    x, d, y = _with_descriptors()
+    head = fit_gp_head(x, y, GPConfig(descriptor_weights=(1.0,)), d)
+    c, length, noise, nu = head.kernel.tolist()
+    kernel = ConstantKernel(c, "fixed") * Matern(length, "fixed", nu=nu) + WhiteKernel(
+        noise, "fixed"
+    )
+    d_new = d[:10].copy()
+    d_new[3, 0] = np.nan  # filled with the training median of that column (row 0 has one too)
+    filled = np.where(np.isnan(d_new), np.nanmedian(d, axis=0), d_new)
+    manual = np.concatenate([x[:10].double().numpy(), filled[:, :4]], axis=1)  # constant dropped
+    ref = GaussianProcessRegressor(kernel, optimizer=None).fit(head.x_train.numpy(), y)
+    mean, std = ref.predict((manual - head.x_mean.numpy()) / head.x_scale.numpy(), return_std=True)
+    with torch.no_grad():
+        got = head(x[:10], torch.from_numpy(d_new)).numpy()
+        got_std = head.variance(x[:10], torch.from_numpy(d_new)).sqrt().numpy()
+    np.testing.assert_allclose(got, mean, atol=1e-6)
+    np.testing.assert_allclose(got_std, std, atol=1e-6)
+
+
+def test_descriptor_head_refuses_to_guess_missing_descriptors():
+    x, d, y = _with_descriptors(n=30)
+    head = fit_gp_head(x, y, GPConfig(descriptor_weights=(1.0,)), d)
+    with pytest.raises(ValueError, match="descriptors"):
+        head(x[:2])
+    with pytest.raises(ValueError, match="do not fit"):
+        head(x[:2], torch.from_numpy(d[:2, :2]))
+
+
+def test_descriptor_heads_round_trip_and_check_the_featuriser_version(tmp_path):
+    torch.manual_seed(0)
+    cfg = CGCNNConfig(atom_fea_len=5, h_fea_len=8, n_conv=1)
+    x, d, y = _with_descriptors(n=40)
+    head = fit_gp_head(x, y, GPConfig(descriptor_weights=(1.0,)), d)
+    norm = Normalizer(mean=1.0, std=0.5)
+    path = save_checkpoint(tmp_path / "d.pt", CGCNN(cfg), cfg, {}, norm, heads=[head])
+    loaded = load_checkpoint(path)
+    assert loaded.needs_descriptors and loaded.extra["descriptor_version"]
+    back = loaded.backbones()[0][1][0]
+    dt = torch.from_numpy(d[:7])
+    with torch.no_grad():
+        assert torch.equal(back(x[:7], dt), head(x[:7], dt))
+        assert float(back.desc_weight) == 1.0
+    payload = torch.load(path, weights_only=True)
+    payload["extra"]["descriptor_version"] = "someone-else/v9"
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="descriptors"):
+        load_checkpoint(tmp_path / "other.pt")

@@ -100,6 +100,31 @@ def test_gp_head_transfer_freezes_backbone_and_learns(source, tiny_data, cfg):
     assert uncertainty_report(data, res)["std_scale"] == 1.0
 
 
+def test_gp_head_with_composition_serves_what_it_was_scored_with(source, tiny_data, cfg, tmp_path):
+    """Descriptor heads are fitted on store graphs and served from request structures: the
+    saved model, fed pymatgen structures, predicts what the transfer run scored."""
+    from training.inference import VoltageModel
+    from training.model.artifact import save_checkpoint
+    from training.model.gp_head import GPConfig
+
+    src = load_checkpoint(source)
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    gp_cfg = cfg.model_copy(update={"gp": GPConfig(descriptor_weights=(1.0,))})
+    res = transfer(src, data, GraphStore.load(tiny_data["graphs"]), gp_cfg, "adapt", seed=0,
+                   head_kind="gp")  # fmt: skip
+    assert res.descriptor_weights() == [1.0] * len(res.members)
+    first, *rest = res.members
+    path = save_checkpoint(tmp_path / "mg.pt", first.model, src.model_config, src.converter_dict,
+                           res.normalizer, {"ion": "Mg"}, heads=first.heads,
+                           members=[(m.model, m.heads) for m in rest])  # fmt: skip
+    served = VoltageModel.from_checkpoint(path)
+    assert served.loaded.needs_descriptors
+    preds = served.predict([r.structure() for r in data.parts["test"]])
+    mean, std = res.mean_std("test")
+    np.testing.assert_allclose([p.voltage for p in preds], mean, atol=1e-4)
+    np.testing.assert_allclose([p.uncertainty for p in preds], std, atol=1e-4)
+
+
 def test_adapt_mode_changes_only_batchnorm_statistics(source, tiny_data, cfg):
     src = load_checkpoint(source)
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
@@ -222,14 +247,21 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
 
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
     store = GraphStore.load(tiny_data["graphs"])
-    args = (store, "Li", source, tmp_path / "f.npz", BaselineConfig(), GPConfig(), 4)
+    gp = GPConfig(descriptor_weights=(0.0, 1.0))  # the descriptor path, chosen per fold
+    args = (store, "Li", source, tmp_path / "f.npz", BaselineConfig(), gp, 4)
     report = run_cv_stage(data, *args, tmp_path / "cv.json")
     n = sum(len(data.parts[s]) for s in data.parts)
     assert report["n"] == n and report["folds"] == 4
     methods = report["methods"]
     assert set(methods) == {"transfer_gp", "mean", "svr", "krr", "rf"}
     assert methods["transfer_gp"]["gp_minus_this"] == 0.0
-    assert methods["transfer_gp"]["mae"] < methods["mean"]["mae"]  # it learned something
+    # the tiny fixture's voltages are random, so no method can beat the mean out of fold here
+    # (learning is asserted on training data above); what must hold is the pairing: every
+    # crystal scored once by every method, so the paired difference is the difference of MAEs
+    for name, m in methods.items():
+        assert np.isfinite(m["mae"]) and m["se"] >= 0
+        gap = methods["transfer_gp"]["mae"] - m["mae"]
+        assert m["gp_minus_this"] == pytest.approx(gap, abs=1e-12), name
     # the stage's file is what it returned; the source ion is refused, not cross-validated
     assert json.loads((tmp_path / "cv.json").read_text()) == report
     li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")

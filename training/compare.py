@@ -22,6 +22,18 @@ METHOD_ORDER = [
 ]  # fmt: skip
 
 
+def _head_label(report: dict) -> str:
+    """"gp (+composition x w1/w2/w3), adapt": the served head kind, the descriptor weights its
+    marginal likelihood chose per backbone (when any is non-zero) and the BatchNorm mode."""
+    if "head" not in report:
+        return ""
+    weights = report.get("descriptor_weights") or []
+    comp = ""
+    if any(w > 0 for w in weights):
+        comp = " (+composition x " + "/".join(f"{w:g}" for w in weights) + ")"
+    return f"{report['head']}{comp}, {report['bn_mode']}"
+
+
 def load_reports(paths: list[Path]) -> dict[str, dict[str, Any]]:
     reports = {}
     for p in paths:
@@ -78,8 +90,7 @@ def markdown(reports: dict[str, dict[str, Any]]) -> str:
     bn = (
         "| head, BN mode (val-selected) | "
         + " | ".join(
-            f"{reports[i]['head']}, {reports[i]['bn_mode']}" if "head" in reports[i] else ""
-            for i in ions
+            _head_label(reports[i]) for i in ions
         )
         + " |"
     )

@@ -6,10 +6,12 @@ an ion's crystals (folds grouped by host structure, as the split is) scores ever
 and gives paired per-crystal differences, whose standard error is much smaller than either MAE's.
 
 What is compared, with the settings the pipeline serves: the GP head (``transfer.gp``) on the
-frozen source backbones' pooled vectors (BatchNorm statistics as trained: re-estimating them per
-fold would need the fold's graphs twice), and the baselines with their ``params.yaml``
-hyperparameters (no per-fold search) on the same Magpie composition features. The normaliser is
-refitted per fold. This report is a check, not a selection: nothing downstream reads it.
+frozen source backbones' pooled vectors and, when configured, the composition descriptors, their
+weight chosen by marginal likelihood within each fold (BatchNorm statistics as trained:
+re-estimating them per fold would need the fold's graphs twice), and the baselines with their
+``params.yaml`` hyperparameters (no per-fold search) on the same Magpie composition features.
+The normaliser is refitted per fold. This report is a check, not a selection: nothing
+downstream reads it.
 
 Caveat: the source backbones were trained on the source ion's training split; a target ion's
 host structure can be among those (with a source-ion voltage as target). That holds for the
@@ -32,7 +34,8 @@ from training.baselines.models import BaselineConfig, make_krr, make_mean, make_
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
 from training.model.artifact import load_checkpoint
-from training.model.gp_head import GPConfig, fit_gp_head
+from training.model.descriptors import store_descriptors
+from training.model.gp_head import GPConfig, fit_gp_head, head_mean_var
 from training.train.heads import pooled_features
 from training.train.normalizer import Normalizer
 
@@ -53,15 +56,17 @@ def _pooled(checkpoint: Path, store: GraphStore, hosts: list[str]) -> list[torch
     return [pooled_features(model, loader) for model, _ in load_checkpoint(checkpoint).backbones()]
 
 
-def _gp_fold(feats: list[torch.Tensor], y: np.ndarray, tr: np.ndarray, te: np.ndarray,
-             cfg: GPConfig) -> np.ndarray:  # fmt: skip
-    """Mean over backbones of one GP head each, fitted on the fold's training rows."""
+def _gp_fold(feats: list[torch.Tensor], desc: torch.Tensor | None, y: np.ndarray,
+             tr: np.ndarray, te: np.ndarray, cfg: GPConfig) -> np.ndarray:  # fmt: skip
+    """Mean over backbones of one GP head each, fitted on the fold's training rows (descriptor
+    weight chosen by marginal likelihood per fold, as the pipeline does)."""
     norm = Normalizer.fit(y[tr])
+    d_tr, d_te = (None, None) if desc is None else (desc[tr], desc[te])
     preds = []
     with torch.no_grad():
         for f in feats:
-            head = fit_gp_head(f[tr], norm.norm(y[tr]), cfg)
-            preds.append(norm.denorm(head(f[te].double()).numpy()))
+            head = fit_gp_head(f[tr], norm.norm(y[tr]), cfg, None if d_tr is None else d_tr.numpy())
+            preds.append(norm.denorm(head_mean_var(head, f[te], d_te)[0].double().numpy()))
     return np.mean(preds, axis=0)
 
 
@@ -73,6 +78,7 @@ def cross_validate(
     ids, hosts, formulas, y = _all_rows(data)
     x, _ = featurize_cached(formulas, features_cache)
     feats = _pooled(source_checkpoint, store, hosts)
+    desc = torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
     makers = {
         "mean": make_mean,
         "svr": lambda: make_svr(baselines.svr),
@@ -82,7 +88,7 @@ def cross_validate(
     errors = {name: np.zeros(len(y)) for name in ("transfer_gp", *makers)}
     n_folds = min(folds, len(set(hosts)))
     for tr, te in GroupKFold(n_splits=n_folds).split(x, y, groups=hosts):
-        errors["transfer_gp"][te] = np.abs(_gp_fold(feats, y, tr, te, gp) - y[te])
+        errors["transfer_gp"][te] = np.abs(_gp_fold(feats, desc, y, tr, te, gp) - y[te])
         for name, make in makers.items():
             errors[name][te] = np.abs(make().fit(x[tr], y[tr]).predict(x[te]) - y[te])
     return summarise(errors, n_folds, len(ids))

@@ -48,7 +48,7 @@ from training.graphs.encoding import MAX_Z, element_data
 from training.graphs.store import collate
 from training.inference import VoltageModel
 from training.model.artifact import ensemble_volts
-from training.model.gp_head import head_variance
+from training.model.gp_head import head_mean_var
 from training.structure_io import MIN_DISTANCE, StructureInputError, parse_structure
 
 log = logging.getLogger(__name__)
@@ -499,15 +499,19 @@ class _Predictor:
         for g, (conv, ions) in enumerate(self.groups):
             batch = collate([p.graphs[g] for p in items], conv, self.models[ions[0]].encoding)
             pooled: dict[str, torch.Tensor] = {}
+            desc = None
             for ion in ions:
                 means, variances = [], []
+                if desc is None and self.models[ion].loaded.needs_descriptors:
+                    desc = self.models[ion].loaded.descriptors(batch)
                 for key, model, heads in self.members[ion]:
                     if key not in pooled:
                         pooled[key] = model.eval().pooled(batch)
-                    if heads:
-                        means.extend(head(pooled[key]) for head in heads)
-                        variances.extend(head_variance(h, pooled[key]) for h in heads)
-                    else:
+                    for head in heads:
+                        mean, var = head_mean_var(head, pooled[key], desc)
+                        means.append(mean)
+                        variances.append(var)
+                    if not heads:
                         means.append(model.head(pooled[key]))
                 vm = self.models[ion]
                 mean, std = ensemble_volts(vm.loaded.normalizer, means, variances)

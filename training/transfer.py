@@ -34,7 +34,8 @@ from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
 from training.model.artifact import LoadedModel, ensemble_volts
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
-from training.model.gp_head import GPConfig, GPHead, fit_gp_head
+from training.model.descriptors import store_descriptors
+from training.model.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
 from training.train.core import model_predictor, score, split_loader, train_from_scratch
 from training.train.heads import (
     HeadConfig,
@@ -99,6 +100,11 @@ class TransferResult:
     seed: int
     head_kind: str = "fc"
 
+    def descriptor_weights(self) -> list[float]:
+        """Per GP head, the composition descriptors' weight its marginal likelihood chose."""
+        return [float(h.desc_weight) for m in self.members for h in m.heads
+                if isinstance(h, GPHead)]  # fmt: skip
+
     def mean_std(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Ensemble mean and std in volts, by the served model's rule (``ensemble_volts``)."""
         means = [torch.from_numpy(row) for m in self.members for row in m.preds[split]]
@@ -131,12 +137,15 @@ def transfer(
     """Freeze every source backbone, fit heads on the target ion (normaliser refitted)."""
     normalizer = Normalizer.fit(data.targets("train"))
     loaders = {s: split_loader(store, data, s) for s in data.parts}
+    desc = None
+    if head_kind == "gp" and cfg.gp.uses_descriptors:
+        desc = {s: torch.from_numpy(store_descriptors(store, data.host_ids(s))) for s in data.parts}
     members = []
     for i, (src_model, src_heads) in enumerate(source.backbones()):
         model = frozen_backbone(src_model, bn_mode, loaders["train"])
         feats = {s: pooled_features(model, ld) for s, ld in loaders.items()}
         if head_kind == "gp":
-            members.append(_gp_member(model, feats, data, normalizer, cfg.gp))
+            members.append(_gp_member(model, feats, desc, data, normalizer, cfg.gp))
             continue
         start = src_heads[0] if src_heads else Head.from_model(src_model)
         heads = fit_heads(
@@ -150,14 +159,21 @@ def transfer(
 
 
 def _gp_member(
-    model: CGCNN, feats: dict[str, Tensor], data: IonData, normalizer: Normalizer, cfg: GPConfig
-) -> Member:
-    """One GP head on this backbone's pooled training vectors; means and variances in volts."""
-    head = fit_gp_head(feats["train"], normalizer.norm(data.targets("train")), cfg)
+    model: CGCNN, feats: dict[str, Tensor], desc: dict[str, Tensor] | None, data: IonData,
+    normalizer: Normalizer, cfg: GPConfig,
+) -> Member:  # fmt: skip
+    """One GP head on this backbone's pooled training vectors (and the crystals' composition
+    descriptors, when configured); means and variances in volts."""
+    d = desc or {}
+    train_desc = d["train"].numpy() if "train" in d else None
+    head = fit_gp_head(feats["train"], normalizer.norm(data.targets("train")), cfg, train_desc)
+    log.info("GP head: descriptor weight %.3g (marginal likelihood)", float(head.desc_weight))
+    preds, var = {}, {}
     with torch.no_grad():
-        preds = {s: normalizer.denorm(head(f).double().numpy())[None] for s, f in feats.items()}
-        var = {s: head.variance(f).double().numpy()[None] * normalizer.std**2
-               for s, f in feats.items()}  # fmt: skip
+        for s, f in feats.items():
+            mean, v = head_mean_var(head, f, d.get(s))
+            preds[s] = normalizer.denorm(mean.double().numpy())[None]
+            var[s] = v.double().numpy()[None] * normalizer.std**2
     return Member(model=model, heads=[head], preds=preds, variances=var)
 
 

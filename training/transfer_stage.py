@@ -112,6 +112,7 @@ def evaluate_target(
     report = {
         "methods": methods,
         "head": final.head_kind,
+        "descriptor_weights": final.descriptor_weights(),
         "bn_mode": final.bn_mode,
         "bn_selected_on": "validation MAE (mean over seeds)",
         "offset_V": offset,

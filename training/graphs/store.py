@@ -45,6 +45,8 @@ class GraphBatch:
     n_crystals: int
     target: torch.Tensor | None  # float32 (n_crystals,)
     ids: list[str]
+    # int64 (N,): what composition descriptors are computed from (``training.model.descriptors``)
+    atomic_numbers: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> GraphBatch:
         """Copy every tensor to ``device`` (a no-op view when already there)."""
@@ -61,6 +63,7 @@ class GraphBatch:
             n_crystals=self.n_crystals,
             target=move(self.target),
             ids=list(self.ids),
+            atomic_numbers=move(self.atomic_numbers),
         )
 
     @property
@@ -131,6 +134,7 @@ def collate(
         n_crystals=len(graphs),
         target=_targets(targets, len(graphs)),
         ids=ids_list,
+        atomic_numbers=z,
     )
 
 
@@ -403,6 +407,7 @@ class GraphLoader:
         mask = torch.from_numpy(store.arrays["nbr_mask"][atoms]).to(torch.float32)
         dist = torch.from_numpy(store.arrays["nbr_dist"][atoms])
         self._atom_fea = enc.index_select(0, z)
+        self._z = z
         self._nbr_fea = _expand_masked(self.converter, dist, mask)
         self._nbr_mask = mask
         self._nbr_local = torch.from_numpy(store.arrays["nbr_idx"][atoms].astype(np.int64))
@@ -424,7 +429,7 @@ class GraphLoader:
 
     def _gather(self, atoms: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rows ``atoms`` of each dataset tensor, written into the next of two reused buffers."""
-        sources = (self._atom_fea, self._nbr_fea, self._nbr_mask, self._nbr_local)
+        sources = (self._atom_fea, self._nbr_fea, self._nbr_mask, self._nbr_local, self._z)
         slot = self._n_gathers % 2
         self._n_gathers += 1
         if self._buffers[slot] is None:
@@ -439,13 +444,14 @@ class GraphLoader:
         sizes = self._sizes[order]
         if self.shuffle:
             atoms = torch.from_numpy(_ragged_arange(self._starts[order], sizes))
-            atom_fea, nbr_fea, nbr_mask, nbr_local = self._gather(atoms)
+            atom_fea, nbr_fea, nbr_mask, nbr_local, z = self._gather(atoms)
         else:  # dataset order: the prepared tensors are already laid out batch by batch
-            atom_fea, nbr_fea, nbr_mask, nbr_local = (
+            atom_fea, nbr_fea, nbr_mask, nbr_local, z = (
                 self._atom_fea,
                 self._nbr_fea,
                 self._nbr_mask,
                 self._nbr_local,
+                self._z,
             )
         targets = None if self._targets is None else self._targets[torch.from_numpy(order)]
         cum = np.concatenate(([0], np.cumsum(sizes)))
@@ -467,6 +473,7 @@ class GraphLoader:
                     n_crystals=b1 - b0,
                     target=None if targets is None else targets[b0:b1],
                     ids=[self.ids[i] for i in order[b0:b1]],
+                    atomic_numbers=z[a0:a1],
                 )
             )
         return batches

@@ -17,6 +17,7 @@ from training.graphs.converter import CrystalGraph, GraphConverter
 from training.graphs.store import collate
 from training.model.artifact import LoadedModel
 from training.model.cgcnn import mean_pool
+from training.model.gp_head import head_mean_var
 
 
 @dataclass
@@ -52,6 +53,7 @@ def _batch_outputs(
     own head when it has none) so the predictions are exactly those the service returns.
     """
     batch = collate(list(graphs), converter, enc)
+    desc = loaded.descriptors(batch)
     atoms, pooled, outs = [], [], []
     for model, heads in loaded.backbones():
         model.eval()
@@ -60,7 +62,7 @@ def _batch_outputs(
         atoms.append(atom)
         pooled.append(pool)
         if heads:
-            outs.extend(head(pool) for head in heads)
+            outs.extend(head_mean_var(head, pool, desc)[0] for head in heads)
         else:
             outs.append(model.head(pool))
     volts = loaded.normalizer.denorm(torch.stack(outs, dim=0)).mean(dim=0)

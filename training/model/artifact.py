@@ -24,6 +24,9 @@ prediction is the mean over every member's heads and the spread across them is t
 Schema 3 allows a head to be a Gaussian-process head (``training.model.gp_head``: its state dict
 holds the fitted posterior as tensors); the uncertainty then adds each head's own posterior
 variance to the spread across heads (law of total variance).
+Schema 4 lets a GP head also read composition descriptors of the crystal
+(``training.model.descriptors``, computed from the graph's atomic numbers); such a checkpoint's
+``extra["descriptor_version"]`` names the featuriser, which loading checks.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from training.model.cgcnn import CGCNN, CGCNNConfig, EnsembleHead, GraphBatchLike, Head
-from training.model.gp_head import GPHead, head_variance, is_gp_state
+from training.model.descriptors import DESCRIPTOR_VERSION, batch_descriptors
+from training.model.gp_head import GPHead, head_mean_var, is_gp_state, needs_descriptors
 from training.train.normalizer import Normalizer
 
 CHECKPOINT_FORMAT = "electrode-voltage-cgcnn"
-SCHEMA_VERSION = 3
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2, 3})
+SCHEMA_VERSION = 4
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4})
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -118,6 +122,10 @@ def checkpoint_payload(
     """The dict ``save_checkpoint`` writes (also handy for in-memory round trips)."""
     if not isinstance(converter_dict, Mapping) and hasattr(converter_dict, "to_dict"):
         converter_dict = converter_dict.to_dict()  # accept a GraphConverter too
+    extra = dict(extra or {})
+    all_heads = [*(heads or []), *(h for _, hs in members for h in (hs or []))]
+    if needs_descriptors([h for h in all_heads if isinstance(h, nn.Module)]):
+        extra["descriptor_version"] = DESCRIPTOR_VERSION
     return {
         "format": CHECKPOINT_FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -129,7 +137,7 @@ def checkpoint_payload(
         "members": [
             {"state_dict": _tensors(m.state_dict()), "heads": _head_states(h)} for m, h in members
         ],
-        "extra": to_plain(dict(extra or {}), "extra"),
+        "extra": to_plain(extra, "extra"),
         "torch_version": str(torch.__version__),
     }
 
@@ -181,16 +189,34 @@ class LoadedModel:
         self.model.eval()
         return self.normalizer.denorm(self.model(batch))
 
+    @property
+    def needs_descriptors(self) -> bool:
+        """Whether some head reads composition descriptors beside the pooled vector."""
+        return any(needs_descriptors(heads) for _, heads in self.backbones())
+
+    def descriptors(self, batch: GraphBatchLike) -> Tensor | None:
+        """The batch's composition descriptors when a head needs them (computed once per batch)."""
+        if not self.needs_descriptors:
+            return None
+        z = getattr(batch, "atomic_numbers", None)
+        if z is None:
+            raise ValueError("this model reads composition descriptors: the batch needs "
+                             "atomic_numbers (collate and GraphLoader provide them)")  # fmt: skip
+        return batch_descriptors(z, batch.crystal_idx, batch.n_crystals)
+
     @torch.inference_mode()
     def predict_with_std(self, batch: GraphBatchLike) -> tuple[Tensor, Tensor]:
         """(mean, std) in volts over every member's heads; std is 0 for a single plain model."""
         means, variances = [], []
+        desc = self.descriptors(batch)
         for model, heads in self.backbones():
             model.eval()
             if heads:
                 pooled = model.pooled(batch)
-                means.extend(head(pooled) for head in heads)
-                variances.extend(head_variance(head, pooled) for head in heads)
+                for head in heads:
+                    mean, var = head_mean_var(head, pooled, desc)
+                    means.append(mean)
+                    variances.append(var)
             else:
                 means.append(model(batch))
         return ensemble_volts(self.normalizer, means, variances)
@@ -251,7 +277,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         m = CGCNN(config)
         m.load_state_dict(_require(member, "state_dict", dict))
         members.append((m.eval(), _load_heads(config, member.get("heads"), f"member {i}")))
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         model_config=config,
         converter_dict=dict(_require(payload, "converter", dict)),
@@ -261,6 +287,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         schema_version=int(version),
         members=members,
     )
+    _check_descriptors(loaded, path)
+    return loaded
+
+
+def _check_descriptors(loaded: LoadedModel, path: Path) -> None:
+    """Descriptor heads were fitted on one featuriser version; another would shift their input."""
+    if not loaded.needs_descriptors:
+        return
+    version = loaded.extra.get("descriptor_version")
+    if version != DESCRIPTOR_VERSION:
+        raise CheckpointError(
+            f"{path}: heads read composition descriptors {version!r}, but this code computes "
+            f"{DESCRIPTOR_VERSION!r}; retrain or install the matching package"
+        )
 
 
 def _load_heads(config: CGCNNConfig, states: Any, where: str = "heads") -> list[AnyHead]:
