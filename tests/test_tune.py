@@ -69,6 +69,10 @@ def test_tiny_study_prunes_and_nests_runs(tiny_data, tmp_path, mlflow_store):
     children = [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
     assert len(parents) == 1 and len(children) == 8
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    # A rerun (dvc repro after a code change) finds the budget spent and adds no trial.
+    again = run_tune(data, GraphStore.load(tiny_data["graphs"]), base, settings, None)
+    assert len(optuna.load_study(study_name="tiny", storage=settings.storage).trials) == 8
+    assert again["value"] == best["value"] and again["trial"] == best["trial"]
 
 
 def test_two_workers_share_one_study(tiny_data, tmp_path):

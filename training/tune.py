@@ -200,16 +200,21 @@ def run_tune(
 
     study = open_study(settings, storage_url(settings))
     parent = _parent_run(study, data.ion)
-    budget = MaxTrialsCallback(
-        settings.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    )
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    budget = MaxTrialsCallback(settings.n_trials, states=finished)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(
-        objective_factory(data, store, base, settings, parent),
-        n_trials=n_trials or settings.n_trials,
-        callbacks=[budget],
-        catch=(FloatingPointError,),
-    )
+    # ``optimize`` starts a trial before any callback can stop it, so a study that already holds
+    # its budget (a rerun of the stage, or a late worker) would grow by one trial per call.
+    remaining = settings.n_trials - len(study.get_trials(deepcopy=False, states=finished))
+    if remaining > 0:
+        study.optimize(
+            objective_factory(data, store, base, settings, parent),
+            n_trials=min(n_trials or settings.n_trials, remaining),
+            callbacks=[budget],
+            catch=(FloatingPointError,),
+        )
+    else:
+        log.info("study %s already holds %d finished trials", study.study_name, settings.n_trials)
     best = best_params(study)
     with mlflow.start_run(run_id=parent):
         mlflow.log_metric("best_val_mae", best["value"])
