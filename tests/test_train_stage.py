@@ -90,3 +90,34 @@ def test_checkpoint_is_self_describing(tiny_data, tmp_path, settings):
     assert {"mean", "std"} <= set(payload["normalizer"])
     assert len(payload["heads"]) == 2 and len(payload["members"]) == 1
     assert payload["extra"]["ion"] == "Li" and payload["extra"]["train_elements"]
+
+
+def test_gp_heads_beside_member_heads_are_served_as_scored(tiny_data, tmp_path, settings):
+    """With ``ensemble.gp`` every member also carries a GP head; the saved model served on
+    structures reproduces the stage's ensemble metrics, and its std includes the GP variance."""
+    from dataclasses import replace
+
+    from training.model.gp_head import GPConfig, GPHead
+
+    gp_settings = replace(settings, gp=GPConfig(descriptor_weights=(0.0, 1.0)))
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    store = GraphStore.load(tiny_data["graphs"])
+    mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="e")
+    ckpt = tmp_path / "m.pt"
+    try:
+        report = run_train_stage(data, store, gp_settings, mls, ckpt, tmp_path / "a.json",
+                                 tmp_path / "a.png", log_model=False)  # fmt: skip
+    finally:
+        mlflow.set_tracking_uri(None)
+    served = VoltageModel.from_checkpoint(ckpt)
+    for _, heads in served.loaded.backbones():
+        assert [type(h).__name__ for h in heads] == ["Head", "Head", "GPHead"]
+        assert isinstance(heads[-1], GPHead)
+    preds = served.predict([r.structure() for r in data.parts["test"]])
+    got = np.array([p.voltage for p in preds])
+    mae = float(np.mean(np.abs(got - data.targets("test"))))
+    assert mae == pytest.approx(report["ensemble"]["test"]["mae"], abs=1e-4)
+    assert all(p.uncertainty > 0 for p in preds)
+    assert TrainSettings.from_sections(
+        {}, {}, {"n_models": 2, "gp": {"nu": 1.5, "descriptor_weights": [0.0, 0.5]}}
+    ).gp == GPConfig(nu=1.5, descriptor_weights=(0.0, 0.5))

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pymatgen.io.cif import CifWriter
 
 from training.datasets import IonData
 from training.graphs.encoding import encoding_fingerprint
 from training.graphs.store import GraphStore
-from training.model.artifact import save_checkpoint
+from training.model.artifact import ensemble_volts, save_checkpoint
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
+from training.model.descriptors import store_descriptors
+from training.model.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
 from training.plots import parity_plot
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.core import (
@@ -44,6 +47,7 @@ class TrainSettings:
     train: TrainConfig
     heads: HeadConfig
     n_models: int = 1
+    gp: GPConfig | None = None  # a GP head beside each member's own head (None: none)
 
     @classmethod
     def from_sections(
@@ -53,37 +57,75 @@ class TrainSettings:
         best = best or {}
         heads = dict(heads)
         n_models = int(heads.pop("n_models", 1))
+        gp_section = heads.pop("gp", None)
+        gp = None
+        if gp_section is not None:
+            weights = tuple(gp_section.get("descriptor_weights", (0.0,)))
+            gp = GPConfig(**{**gp_section, "descriptor_weights": weights})
         return cls(
             model=CGCNNConfig.from_dict({**model, **best.get("model", {})}),
             train=TrainConfig.from_dict({**train, **best.get("train", {})}),
             heads=HeadConfig(**heads),
             n_models=n_models,
+            gp=gp,
         )
 
 
+@dataclass
+class MemberHeads:
+    """A member's heads and their outputs in volts per split: means (K, n), own variances
+    (K, n; zero for MLP heads)."""
+
+    heads: list[Head | GPHead]
+    means: dict[str, np.ndarray]
+    variances: dict[str, np.ndarray]
+
+
 def member_heads(
-    model: CGCNN, normalizer: Normalizer, data: IonData, store: GraphStore, cfg: HeadConfig
-) -> tuple[list[Head], dict[str, np.ndarray]]:
-    """A member's heads (its own, or K bootstrap heads) and their predictions (K, n) per split."""
+    model: CGCNN, normalizer: Normalizer, data: IonData, store: GraphStore, cfg: HeadConfig,
+    gp: GPConfig | None = None,
+) -> MemberHeads:  # fmt: skip
+    """A member's heads (its own, or K bootstrap heads; then a GP head over its pooled vector
+    when ``gp`` is set) and their predictions per split."""
     feats = {s: pooled_features(model, split_loader(store, data, s)) for s in data.parts}
     if cfg.n_heads <= 1:
-        heads = [Head.from_model(model)]
+        heads: list[Head | GPHead] = [Head.from_model(model)]
     else:
-        heads = fit_heads(
+        heads = list(fit_heads(
             Head.from_model(model),
             feats["train"], data.targets("train"),
             feats["val"], data.targets("val"),
             normalizer, cfg,
-        )  # fmt: skip
-    return heads, {s: heads_volts(heads, feats[s], normalizer) for s in data.parts}
+        ))  # fmt: skip
+    means = {s: heads_volts(heads, feats[s], normalizer) for s in data.parts}
+    variances = {s: np.zeros_like(m) for s, m in means.items()}
+    if gp is not None:
+        desc = None
+        if gp.uses_descriptors:
+            desc = {s: torch.from_numpy(store_descriptors(store, data.host_ids(s)))
+                    for s in data.parts}  # fmt: skip
+        d = desc or {}
+        y = normalizer.norm(data.targets("train"))
+        head = fit_gp_head(feats["train"], y, gp, d["train"].numpy() if desc else None)
+        heads.append(head)
+        with torch.no_grad():
+            for s, f in feats.items():
+                mean, var = head_mean_var(head, f, d.get(s))
+                means[s] = np.vstack([means[s], normalizer.denorm(mean.double().numpy())])
+                variances[s] = np.vstack([variances[s], var.double().numpy() * normalizer.std**2])
+    return MemberHeads(heads, means, variances)
 
 
-def combine(per_member: list[dict[str, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Mean and spread over every head of every member, per split."""
+def combine(per_member: list[MemberHeads]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Mean and std over every head of every member, per split, by the served model's rule
+    (``ensemble_volts``: spread across heads plus the heads' own mean variance)."""
+    volts = Normalizer(mean=0.0, std=1.0)
     out = {}
-    for split in per_member[0]:
-        stacked = np.concatenate([m[split] for m in per_member], axis=0)
-        out[split] = (stacked.mean(axis=0), stacked.std(axis=0))
+    for split in per_member[0].means:
+        means = [torch.from_numpy(r) for m in per_member for r in m.means[split]]
+        own = [torch.from_numpy(r) for m in per_member for r in m.variances[split]]
+        mean, std = ensemble_volts(volts, means, own)
+        out[split] = (mean.numpy(), std.numpy())
     return out
 
 
@@ -116,11 +158,12 @@ def run_train_stage(
         members = train_members(data, store, settings)
         trained = members[0]
         single = score(model_predictor(trained.model, trained.normalizer), data, store)
-        heads, preds = zip(
-            *(member_heads(m.model, m.normalizer, data, store, settings.heads) for m in members),
-            strict=True,
-        )
-        ens = combine(list(preds))
+        per_member = [
+            member_heads(m.model, m.normalizer, data, store, settings.heads, settings.gp)
+            for m in members
+        ]
+        heads = [pm.heads for pm in per_member]
+        ens = combine(per_member)
         val_mean, val_std = ens["val"]
         scale = fit_std_scale(data.targets("val"), val_mean, val_std)
         report = _report(data, trained, single, ens, scale, settings)
@@ -172,6 +215,7 @@ def _params(settings: TrainSettings, data: IonData) -> dict[str, Any]:
     out.update({f"train.{k}": v for k, v in settings.train.to_dict().items()})
     out.update({f"heads.{k}": v for k, v in vars(settings.heads).items()})
     out["n_models"] = settings.n_models
+    out["gp"] = settings.gp
     out.update({f"n_{s}": len(v) for s, v in data.parts.items()})
     return {k: str(v) for k, v in out.items()}
 
