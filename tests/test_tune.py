@@ -105,3 +105,9 @@ def test_two_workers_share_one_study(tiny_data, tmp_path):
     assert 4 <= len(finished) <= 5  # the budget is global; one in-flight trial may overshoot
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) == 2, workers
+    # Both workers wrote the best to the shared parent run; it holds the study's final best.
+    client = mlflow.MlflowClient(params["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    (parent,) = [r for r in client.search_runs([exp.experiment_id])
+                 if r.data.tags.get("stage") == "tune"]  # fmt: skip
+    assert parent.data.tags["best.train.lr"] == str(study.best_params["lr"])

@@ -138,13 +138,9 @@ def suggest(trial: Any, space: SearchSpace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _parent_run(study: Any, ion: str) -> str:
-    """The study's MLflow parent run: created by the first worker, reused by the others."""
+def _create_parent(study: Any, ion: str) -> str:
     import mlflow
 
-    run_id = study.user_attrs.get(PARENT_ATTR)
-    if run_id:
-        return run_id
     run = mlflow.start_run(run_name=f"tune-{ion}-{study.study_name}")
     mlflow.set_tags({"stage": "tune", "ion": ion, "optuna_study": study.study_name})
     mlflow.end_run()
@@ -152,8 +148,32 @@ def _parent_run(study: Any, ion: str) -> str:
     return run.info.run_id
 
 
+def _parent_run(study: Any, ion: str, trial_number: int, wait_s: float = 120.0) -> str:
+    """The study's one MLflow parent run, shared by every worker.
+
+    Workers start together, so "create it if absent" races (both see none, both create). The
+    storage's trial numbers are unique, so the worker that draws trial 0 creates it and the
+    others wait for its id in the study's user attributes (a worker that never sees it, because
+    trial 0's worker died first, creates one itself).
+    """
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id:
+        return run_id
+    if trial_number == 0:
+        return _create_parent(study, ion)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        run_id = study.user_attrs.get(PARENT_ATTR)
+        if run_id:
+            return run_id
+    log.warning("no MLflow parent run for study %s after %.0f s: creating one", study.study_name,
+                wait_s)  # fmt: skip
+    return _create_parent(study, ion)
+
+
 def objective_factory(
-    data: IonData, store: GraphStore, base: TrainSettings, settings: TuneSettings, parent: str
+    data: IonData, store: GraphStore, base: TrainSettings, settings: TuneSettings
 ):
     import mlflow
     import optuna
@@ -165,6 +185,7 @@ def objective_factory(
             vars(base.heads), overrides,
         )  # fmt: skip
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        parent = _parent_run(trial.study, data.ion, trial.number)
         tags = {"mlflow.parentRunId": parent, "stage": "tune-trial", "ion": data.ion}
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, tags=tags):
             mlflow.log_params({f"{s}.{k}": v for s, d in overrides.items() for k, v in d.items()})
@@ -199,7 +220,6 @@ def run_tune(
     from optuna.trial import TrialState
 
     study = open_study(settings, storage_url(settings))
-    parent = _parent_run(study, data.ion)
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     budget = MaxTrialsCallback(settings.n_trials, states=finished)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -208,7 +228,7 @@ def run_tune(
     remaining = settings.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining > 0:
         study.optimize(
-            objective_factory(data, store, base, settings, parent),
+            objective_factory(data, store, base, settings),
             n_trials=min(n_trials or settings.n_trials, remaining),
             callbacks=[budget],
             catch=(FloatingPointError,),
@@ -216,10 +236,15 @@ def run_tune(
     else:
         log.info("study %s already holds %d finished trials", study.study_name, settings.n_trials)
     best = best_params(study)
+    # Workers share the parent run and each records the best it sees when it stops; a later
+    # worker may see a better trial. MLflow params are immutable (a second worker's log_params
+    # raised), so the best parameters are tags: the last worker to finish, which saw every
+    # trial, has the final word.
+    parent = study.user_attrs.get(PARENT_ATTR) or _create_parent(study, data.ion)
     with mlflow.start_run(run_id=parent):
         mlflow.log_metric("best_val_mae", best["value"])
-        mlflow.log_params(
-            {f"best.{s}.{k}": v for s in ("train", "model") for k, v in best[s].items()}
+        mlflow.set_tags(
+            {f"best.{s}.{k}": str(v) for s in ("train", "model") for k, v in best[s].items()}
         )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
