@@ -34,15 +34,16 @@ from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
 from training.model.artifact import LoadedModel, ensemble_volts
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
-from training.model.descriptors import store_descriptors
-from training.model.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
+from training.model.gp_head import GPConfig, GPHead
 from training.train.core import model_predictor, score, split_loader, train_from_scratch
 from training.train.heads import (
     HeadConfig,
     adapt_batchnorm,
+    fit_gp_volts,
     fit_heads,
     heads_volts,
     pooled_features,
+    split_descriptors,
 )
 from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
@@ -137,9 +138,7 @@ def transfer(
     """Freeze every source backbone, fit heads on the target ion (normaliser refitted)."""
     normalizer = Normalizer.fit(data.targets("train"))
     loaders = {s: split_loader(store, data, s) for s in data.parts}
-    desc = None
-    if head_kind == "gp" and cfg.gp.uses_descriptors:
-        desc = {s: torch.from_numpy(store_descriptors(store, data.host_ids(s))) for s in data.parts}
+    desc = split_descriptors(store, data, cfg.gp) if head_kind == "gp" else None
     members = []
     for i, (src_model, src_heads) in enumerate(source.backbones()):
         model = frozen_backbone(src_model, bn_mode, loaders["train"])
@@ -164,17 +163,8 @@ def _gp_member(
 ) -> Member:  # fmt: skip
     """One GP head on this backbone's pooled training vectors (and the crystals' composition
     descriptors, when configured); means and variances in volts."""
-    d = desc or {}
-    train_desc = d["train"].numpy() if "train" in d else None
-    head = fit_gp_head(feats["train"], normalizer.norm(data.targets("train")), cfg, train_desc)
-    log.info("GP head: descriptor weight %.3g (marginal likelihood)", float(head.desc_weight))
-    preds, var = {}, {}
-    with torch.no_grad():
-        for s, f in feats.items():
-            mean, v = head_mean_var(head, f, d.get(s))
-            preds[s] = normalizer.denorm(mean.double().numpy())[None]
-            var[s] = v.double().numpy()[None] * normalizer.std**2
-    return Member(model=model, heads=[head], preds=preds, variances=var)
+    fit = fit_gp_volts(feats, desc, data.targets("train"), normalizer, cfg)
+    return Member(model=model, heads=[fit.head], preds=fit.means, variances=fit.variances)
 
 
 def source_predictions(

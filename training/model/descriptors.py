@@ -15,12 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from pymatgen.core import Composition, Element
 
 from training.baselines.features import FEATURE_VERSION, composition_features, feature_names
+
+if TYPE_CHECKING:
+    from training.graphs.store import GraphStore
 
 DESCRIPTOR_VERSION = FEATURE_VERSION
 
@@ -41,13 +45,9 @@ def _row(formula: str) -> tuple[float, ...]:
     return tuple(composition_features([formula])[0][0])
 
 
-def descriptor_names() -> list[str]:
-    return feature_names()
-
-
 def formula_descriptors(formulas: Sequence[str]) -> np.ndarray:
     """(n, n_descriptors) float64, NaN where an element lacks tabulated data (cached by formula)."""
-    n = len(descriptor_names())
+    n = len(feature_names())
     return np.array([_row(f) for f in formulas], dtype=np.float64).reshape(len(formulas), n)
 
 
@@ -56,9 +56,9 @@ def graph_descriptors(atomic_numbers: Sequence[np.ndarray]) -> np.ndarray:
     return formula_descriptors([formula_of(z) for z in atomic_numbers])
 
 
-def store_descriptors(store: object, ids: Sequence[str]) -> np.ndarray:
-    """Descriptors of cached graphs (a ``GraphStore``), from their atomic numbers."""
-    return graph_descriptors([store.get(i).atomic_numbers for i in ids])  # type: ignore[attr-defined]
+def store_descriptors(store: GraphStore, ids: Sequence[str]) -> np.ndarray:
+    """Descriptors of cached graphs, from their atomic numbers."""
+    return graph_descriptors([store.get(i).atomic_numbers for i in ids])
 
 
 def batch_descriptors(atomic_numbers: torch.Tensor, crystal_idx: torch.Tensor,

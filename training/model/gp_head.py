@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 GP_KEYS = ("x_mean", "x_scale", "x_train", "alpha", "chol", "kernel")
-DESC_KEYS = ("desc_cols", "desc_fill", "desc_weight")
 MATERN_NU = (0.5, 1.5, 2.5)
 
 
@@ -49,6 +48,9 @@ class GPConfig:
     descriptor_weights: tuple[float, ...] = (0.0,)
 
     def __post_init__(self) -> None:
+        # params.yaml gives a list; the frozen config keeps a hashable tuple of floats
+        weights = tuple(float(w) for w in self.descriptor_weights)
+        object.__setattr__(self, "descriptor_weights", weights)
         if self.nu not in MATERN_NU:
             raise ValueError(f"gp nu must be one of {MATERN_NU}, got {self.nu}")
         if not self.descriptor_weights or any(w < 0 for w in self.descriptor_weights):

@@ -13,6 +13,7 @@ the model in train mode); ``"frozen"`` keeps the source ion's statistics.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.graphs.store import GraphLoader
+from training.datasets import IonData
+from training.graphs.store import GraphLoader, GraphStore
 from training.model.cgcnn import CGCNN, Head
+from training.model.descriptors import store_descriptors
+from training.model.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
 from training.train.normalizer import Normalizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,3 +158,42 @@ def heads_volts(heads: list[Head], x: Tensor, normalizer: Normalizer) -> np.ndar
         h.eval()
     preds = torch.stack([h(x) for h in heads]).double().numpy()
     return normalizer.denorm(preds)
+
+
+def split_descriptors(
+    store: GraphStore, data: IonData, cfg: GPConfig
+) -> dict[str, Tensor] | None:
+    """Composition descriptors of every split's crystals, when ``cfg`` offers them to GP heads
+    (computed once per ion and shared by every backbone's head)."""
+    if not cfg.uses_descriptors:
+        return None
+    return {s: torch.from_numpy(store_descriptors(store, data.host_ids(s))) for s in data.parts}
+
+
+@dataclass
+class GPFit:
+    """A GP head on one backbone and its outputs in volts per split: means and predictive
+    variances, (1, n) each, shaped like ``heads_volts`` rows."""
+
+    head: GPHead
+    means: dict[str, np.ndarray]
+    variances: dict[str, np.ndarray]
+
+
+def fit_gp_volts(
+    feats: dict[str, Tensor], desc: dict[str, Tensor] | None, y_train: np.ndarray,
+    normalizer: Normalizer, cfg: GPConfig,
+) -> GPFit:  # fmt: skip
+    """Fit a GP head on the training split's pooled vectors (and descriptors, when given) and
+    evaluate it on every split: the one routine the Li ensemble and transfer learning share."""
+    d = desc or {}
+    train_desc = d["train"].numpy() if "train" in d else None
+    head = fit_gp_head(feats["train"], normalizer.norm(y_train), cfg, train_desc)
+    log.info("GP head: descriptor weight %.3g (marginal likelihood)", float(head.desc_weight))
+    means, variances = {}, {}
+    with torch.no_grad():
+        for s, f in feats.items():
+            mean, var = head_mean_var(head, f, d.get(s))
+            means[s] = normalizer.denorm(mean.double().numpy())[None]
+            variances[s] = var.double().numpy()[None] * normalizer.std**2
+    return GPFit(head, means, variances)

@@ -19,8 +19,7 @@ from training.graphs.encoding import encoding_fingerprint
 from training.graphs.store import GraphStore
 from training.model.artifact import ensemble_volts, save_checkpoint
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
-from training.model.descriptors import store_descriptors
-from training.model.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
+from training.model.gp_head import GPConfig, GPHead
 from training.plots import parity_plot
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.core import (
@@ -31,7 +30,14 @@ from training.train.core import (
     split_loader,
     train_from_scratch,
 )
-from training.train.heads import HeadConfig, fit_heads, heads_volts, pooled_features
+from training.train.heads import (
+    HeadConfig,
+    fit_gp_volts,
+    fit_heads,
+    heads_volts,
+    pooled_features,
+    split_descriptors,
+)
 from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
 from training.train.normalizer import Normalizer
@@ -58,10 +64,7 @@ class TrainSettings:
         heads = dict(heads)
         n_models = int(heads.pop("n_models", 1))
         gp_section = heads.pop("gp", None)
-        gp = None
-        if gp_section is not None:
-            weights = tuple(gp_section.get("descriptor_weights", (0.0,)))
-            gp = GPConfig(**{**gp_section, "descriptor_weights": weights})
+        gp = GPConfig(**gp_section) if gp_section is not None else None
         return cls(
             model=CGCNNConfig.from_dict({**model, **best.get("model", {})}),
             train=TrainConfig.from_dict({**train, **best.get("train", {})}),
@@ -83,10 +86,11 @@ class MemberHeads:
 
 def member_heads(
     model: CGCNN, normalizer: Normalizer, data: IonData, store: GraphStore, cfg: HeadConfig,
-    gp: GPConfig | None = None,
+    gp: GPConfig | None = None, desc: dict[str, torch.Tensor] | None = None,
 ) -> MemberHeads:  # fmt: skip
     """A member's heads (its own, or K bootstrap heads; then a GP head over its pooled vector
-    when ``gp`` is set) and their predictions per split."""
+    and, when given, the crystals' descriptors ``desc`` when ``gp`` is set) and their
+    predictions per split."""
     feats = {s: pooled_features(model, split_loader(store, data, s)) for s in data.parts}
     if cfg.n_heads <= 1:
         heads: list[Head | GPHead] = [Head.from_model(model)]
@@ -100,19 +104,10 @@ def member_heads(
     means = {s: heads_volts(heads, feats[s], normalizer) for s in data.parts}
     variances = {s: np.zeros_like(m) for s, m in means.items()}
     if gp is not None:
-        desc = None
-        if gp.uses_descriptors:
-            desc = {s: torch.from_numpy(store_descriptors(store, data.host_ids(s)))
-                    for s in data.parts}  # fmt: skip
-        d = desc or {}
-        y = normalizer.norm(data.targets("train"))
-        head = fit_gp_head(feats["train"], y, gp, d["train"].numpy() if desc else None)
-        heads.append(head)
-        with torch.no_grad():
-            for s, f in feats.items():
-                mean, var = head_mean_var(head, f, d.get(s))
-                means[s] = np.vstack([means[s], normalizer.denorm(mean.double().numpy())])
-                variances[s] = np.vstack([variances[s], var.double().numpy() * normalizer.std**2])
+        fit = fit_gp_volts(feats, desc, data.targets("train"), normalizer, gp)
+        heads.append(fit.head)
+        means = {s: np.vstack([m, fit.means[s]]) for s, m in means.items()}
+        variances = {s: np.vstack([v, fit.variances[s]]) for s, v in variances.items()}
     return MemberHeads(heads, means, variances)
 
 
@@ -158,8 +153,9 @@ def run_train_stage(
         members = train_members(data, store, settings)
         trained = members[0]
         single = score(model_predictor(trained.model, trained.normalizer), data, store)
+        desc = split_descriptors(store, data, settings.gp) if settings.gp else None
         per_member = [
-            member_heads(m.model, m.normalizer, data, store, settings.heads, settings.gp)
+            member_heads(m.model, m.normalizer, data, store, settings.heads, settings.gp, desc)
             for m in members
         ]
         heads = [pm.heads for pm in per_member]
