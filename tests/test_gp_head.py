@@ -93,6 +93,10 @@ def test_corrupt_gp_state_is_refused(tmp_path):
 def test_gp_config_rejects_unsupported_smoothness():
     with pytest.raises(ValueError, match="nu"):
         GPConfig(nu=1.0)
+    with pytest.raises(ValueError, match="select"):
+        GPConfig(select="test")
+    cands = GPConfig(descriptor_weights=[0, 2], select="validation").candidates()
+    assert [c.descriptor_weights for c in cands] == [(0.0,), (2.0,)]
 
 
 # ------------------------------------------------------------- composition descriptors

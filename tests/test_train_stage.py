@@ -93,13 +93,15 @@ def test_checkpoint_is_self_describing(tiny_data, tmp_path, settings):
 
 
 def test_gp_heads_beside_member_heads_are_served_as_scored(tiny_data, tmp_path, settings):
-    """With ``ensemble.gp`` every member also carries a GP head; the saved model served on
-    structures reproduces the stage's ensemble metrics, and its std includes the GP variance."""
+    """With ``ensemble.gp`` every member also carries a GP head, their descriptor weight chosen
+    on validation; the saved model served on structures reproduces the stage's ensemble metrics,
+    and its std includes the GP variance."""
     from dataclasses import replace
 
     from training.model.gp_head import GPConfig, GPHead
 
-    gp_settings = replace(settings, gp=GPConfig(descriptor_weights=(0.0, 1.0)))
+    gp = GPConfig(descriptor_weights=(0.0, 1.0), select="validation")
+    gp_settings = replace(settings, gp=gp)
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
     store = GraphStore.load(tiny_data["graphs"])
     mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="e")
@@ -118,6 +120,13 @@ def test_gp_heads_beside_member_heads_are_served_as_scored(tiny_data, tmp_path, 
     mae = float(np.mean(np.abs(got - data.targets("test"))))
     assert mae == pytest.approx(report["ensemble"]["test"]["mae"], abs=1e-4)
     assert all(p.uncertainty > 0 for p in preds)
+    # Validation chose one weight for every member: the one whose ensemble scored best there.
+    scores = report["gp_heads"]["val_mae_by_weight"]
+    assert set(scores) == {"0.0", "1.0"}
+    chosen = min(scores, key=scores.get)
+    assert report["gp_heads"]["descriptor_weights"] == [float(chosen)] * 2
+    assert scores[chosen] == pytest.approx(report["ensemble"]["val"]["mae"], abs=1e-4)
     assert TrainSettings.from_sections(
-        {}, {}, {"n_models": 2, "gp": {"nu": 1.5, "descriptor_weights": [0.0, 0.5]}}
-    ).gp == GPConfig(nu=1.5, descriptor_weights=(0.0, 0.5))
+        {}, {}, {"n_models": 2, "gp": {"nu": 1.5, "descriptor_weights": [0.0, 0.5],
+                                      "select": "validation"}}
+    ).gp == GPConfig(nu=1.5, descriptor_weights=(0.0, 0.5), select="validation")

@@ -20,7 +20,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 GP_KEYS = ("x_mean", "x_scale", "x_train", "alpha", "chol", "kernel")
 MATERN_NU = (0.5, 1.5, 2.5)
+GP_SELECT = ("likelihood", "validation")
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,18 @@ class GPConfig:
 
     ``descriptor_weights``: each weight w scales the standardised descriptors before the one
     isotropic kernel sees them (w = 0: the pooled vector alone; large w: composition dominates).
-    The weight with the highest log marginal likelihood on the training split is kept, so the
-    choice is made by the training data alone, like the kernel's other hyperparameters.
+    ``select`` says who chooses among them. ``"likelihood"``: the highest log marginal likelihood
+    on the training split, like the kernel's other hyperparameters; right when the backbone never
+    saw the training crystals (transfer). ``"validation"``: the caller fits one head per weight and
+    keeps the best on validation; needed on the backbone's own training crystals, whose pooled
+    vectors fit their targets better than they will fit new crystals', so the evidence overrates
+    the pooled vector (on the Li backbones it chose weight 0 on all three).
     """
 
     nu: float = 0.5
     n_restarts: int = 0
     descriptor_weights: tuple[float, ...] = (0.0,)
+    select: str = "likelihood"
 
     def __post_init__(self) -> None:
         # params.yaml gives a list; the frozen config keeps a hashable tuple of floats
@@ -55,10 +61,16 @@ class GPConfig:
             raise ValueError(f"gp nu must be one of {MATERN_NU}, got {self.nu}")
         if not self.descriptor_weights or any(w < 0 for w in self.descriptor_weights):
             raise ValueError(f"gp descriptor_weights must be >= 0, got {self.descriptor_weights}")
+        if self.select not in GP_SELECT:
+            raise ValueError(f"gp select must be one of {GP_SELECT}, got {self.select!r}")
 
     @property
     def uses_descriptors(self) -> bool:
         return any(w > 0 for w in self.descriptor_weights)
+
+    def candidates(self) -> list[GPConfig]:
+        """One config per descriptor weight, for a caller that selects on validation."""
+        return [replace(self, descriptor_weights=(w,)) for w in self.descriptor_weights]
 
 
 def _matern(r: Tensor, nu: float) -> Tensor:

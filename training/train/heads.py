@@ -189,7 +189,8 @@ def fit_gp_volts(
     d = desc or {}
     train_desc = d["train"].numpy() if "train" in d else None
     head = fit_gp_head(feats["train"], normalizer.norm(y_train), cfg, train_desc)
-    log.info("GP head: descriptor weight %.3g (marginal likelihood)", float(head.desc_weight))
+    log.info("GP head: descriptor weight %.3g of %s", float(head.desc_weight),
+             cfg.descriptor_weights)  # fmt: skip
     means, variances = {}, {}
     with torch.no_grad():
         for s, f in feats.items():

@@ -31,6 +31,7 @@ from training.train.core import (
     train_from_scratch,
 )
 from training.train.heads import (
+    GPFit,
     HeadConfig,
     fit_gp_volts,
     fit_heads,
@@ -85,12 +86,10 @@ class MemberHeads:
 
 
 def member_heads(
-    model: CGCNN, normalizer: Normalizer, data: IonData, store: GraphStore, cfg: HeadConfig,
-    gp: GPConfig | None = None, desc: dict[str, torch.Tensor] | None = None,
-) -> MemberHeads:  # fmt: skip
-    """A member's heads (its own, or K bootstrap heads; then a GP head over its pooled vector
-    and, when given, the crystals' descriptors ``desc`` when ``gp`` is set) and their
-    predictions per split."""
+    model: CGCNN, normalizer: Normalizer, data: IonData, store: GraphStore, cfg: HeadConfig
+) -> tuple[MemberHeads, dict[str, torch.Tensor]]:
+    """A member's MLP heads (its own, or K bootstrap heads) with their predictions per split,
+    and its pooled vectors per split (what GP heads are fitted on)."""
     feats = {s: pooled_features(model, split_loader(store, data, s)) for s in data.parts}
     if cfg.n_heads <= 1:
         heads: list[Head | GPHead] = [Head.from_model(model)]
@@ -103,12 +102,45 @@ def member_heads(
         ))  # fmt: skip
     means = {s: heads_volts(heads, feats[s], normalizer) for s in data.parts}
     variances = {s: np.zeros_like(m) for s, m in means.items()}
-    if gp is not None:
-        fit = fit_gp_volts(feats, desc, data.targets("train"), normalizer, gp)
-        heads.append(fit.head)
-        means = {s: np.vstack([m, fit.means[s]]) for s, m in means.items()}
-        variances = {s: np.vstack([v, fit.variances[s]]) for s, v in variances.items()}
-    return MemberHeads(heads, means, variances)
+    return MemberHeads(heads, means, variances), feats
+
+
+def with_gp(member: MemberHeads, fit: GPFit) -> MemberHeads:
+    """The member with a GP head appended (its means and predictive variances per split)."""
+    return MemberHeads(
+        [*member.heads, fit.head],
+        {s: np.vstack([m, fit.means[s]]) for s, m in member.means.items()},
+        {s: np.vstack([v, fit.variances[s]]) for s, v in member.variances.items()},
+    )
+
+
+def add_gp_heads(
+    members: list[MemberHeads], feats: list[dict[str, torch.Tensor]],
+    desc: dict[str, torch.Tensor] | None, data: IonData, normalizer: Normalizer, gp: GPConfig,
+) -> tuple[list[MemberHeads], dict[float, float]]:  # fmt: skip
+    """A GP head beside each member's heads. ``gp.select == "validation"``: one set of heads per
+    descriptor weight (shared by the members), keeping the set whose whole ensemble has the
+    lowest validation MAE; returns that MAE per weight too (empty for ``"likelihood"``)."""
+    y = data.targets("train")
+
+    def heads_for(cfg: GPConfig) -> list[MemberHeads]:
+        return [with_gp(m, fit_gp_volts(f, desc, y, normalizer, cfg))
+                for m, f in zip(members, feats, strict=True)]  # fmt: skip
+
+    if gp.select == "likelihood":
+        return heads_for(gp), {}
+    scores: dict[float, float] = {}
+    best: list[MemberHeads] = []
+    for cand in gp.candidates():
+        trial = heads_for(cand)
+        val_mean = combine(trial)["val"][0]
+        mae = float(np.mean(np.abs(val_mean - data.targets("val"))))
+        log.info("GP heads, descriptor weight %g: ensemble validation MAE %.4f V",
+                 cand.descriptor_weights[0], mae)  # fmt: skip
+        if not scores or mae < min(scores.values()):
+            best = trial
+        scores[cand.descriptor_weights[0]] = mae
+    return best, scores
 
 
 def combine(per_member: list[MemberHeads]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -153,17 +185,21 @@ def run_train_stage(
         members = train_members(data, store, settings)
         trained = members[0]
         single = score(model_predictor(trained.model, trained.normalizer), data, store)
-        desc = split_descriptors(store, data, settings.gp) if settings.gp else None
-        per_member = [
-            member_heads(m.model, m.normalizer, data, store, settings.heads, settings.gp, desc)
-            for m in members
-        ]
+        own = [member_heads(m.model, m.normalizer, data, store, settings.heads) for m in members]
+        per_member = [heads for heads, _ in own]
+        gp_scores: dict[float, float] = {}
+        if settings.gp is not None:
+            desc = split_descriptors(store, data, settings.gp)
+            per_member, gp_scores = add_gp_heads(
+                per_member, [f for _, f in own], desc, data, trained.normalizer, settings.gp
+            )
         heads = [pm.heads for pm in per_member]
         ens = combine(per_member)
         val_mean, val_std = ens["val"]
         scale = fit_std_scale(data.targets("val"), val_mean, val_std)
         report = _report(data, trained, single, ens, scale, settings)
         report["members"] = [m.fit.best_val_mae for m in members]
+        report["gp_heads"] = _gp_report(heads, gp_scores)
         save_checkpoint(
             checkpoint_out, trained.model, settings.model, store.converter.to_dict(),
             trained.normalizer, _extra(data, report, scale, run.info.run_id), heads=heads[0],
@@ -231,6 +267,15 @@ def _report(data, trained, single: Scored, ens, scale: float, settings) -> dict[
         "uncertainty": {"std_scale": scale, **calibration(data.targets("test"), mean, std * scale)},
         "test_mae": ensemble_metrics["test"]["mae"],
     }
+
+
+def _gp_report(heads: list[list[Head | GPHead]], val_mae: dict[float, float]) -> dict | None:
+    """The GP heads' descriptor weights, and the validation MAE per weight when chosen so."""
+    weights = [float(h.desc_weight) for hs in heads for h in hs if isinstance(h, GPHead)]
+    if not weights:
+        return None
+    return {"descriptor_weights": weights,
+            "val_mae_by_weight": {str(w): round(v, 5) for w, v in val_mae.items()}}  # fmt: skip
 
 
 def _extra(data: IonData, report: dict, scale: float, run_id: str) -> dict[str, Any]:
