@@ -40,6 +40,7 @@ def _request(msg: voltage_pb2.PredictRequest) -> PredictRequest:
         structure=msg.structure or None,
         format=msg.format or None,
         material_id=msg.material_id or None,
+        explain=msg.explain,
     )
 
 
@@ -59,6 +60,10 @@ def prediction_message(r: PredictResult) -> voltage_pb2.Prediction:
     )
     if r.reference_voltage is not None:
         msg.reference_voltage = r.reference_voltage
+    for site in r.local_voltages or ():
+        msg.local_voltages.add(
+            site=site["site"], element=site["element"], local_voltage=site["local_voltage"]
+        )
     return msg
 
 

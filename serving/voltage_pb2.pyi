@@ -8,16 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("ion", "structure", "format", "material_id")
+    __slots__ = ("ion", "structure", "format", "material_id", "explain")
     ION_FIELD_NUMBER: _ClassVar[int]
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MATERIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     ion: str
     structure: str
     format: str
     material_id: str
-    def __init__(self, ion: _Optional[str] = ..., structure: _Optional[str] = ..., format: _Optional[str] = ..., material_id: _Optional[str] = ...) -> None: ...
+    explain: bool
+    def __init__(self, ion: _Optional[str] = ..., structure: _Optional[str] = ..., format: _Optional[str] = ..., material_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
+
+class LocalVoltage(_message.Message):
+    __slots__ = ("site", "element", "local_voltage")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ELEMENT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_VOLTAGE_FIELD_NUMBER: _ClassVar[int]
+    site: int
+    element: str
+    local_voltage: float
+    def __init__(self, site: _Optional[int] = ..., element: _Optional[str] = ..., local_voltage: _Optional[float] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version", "source")
@@ -30,7 +42,7 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("ion", "voltage", "uncertainty", "model", "formula", "n_sites", "unseen_elements", "warnings", "material_id", "reference_voltage")
+    __slots__ = ("ion", "voltage", "uncertainty", "model", "formula", "n_sites", "unseen_elements", "warnings", "material_id", "reference_voltage", "local_voltages")
     ION_FIELD_NUMBER: _ClassVar[int]
     VOLTAGE_FIELD_NUMBER: _ClassVar[int]
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +53,7 @@ class Prediction(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     MATERIAL_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_VOLTAGE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_VOLTAGES_FIELD_NUMBER: _ClassVar[int]
     ion: str
     voltage: float
     uncertainty: float
@@ -51,7 +64,8 @@ class Prediction(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     material_id: str
     reference_voltage: float
-    def __init__(self, ion: _Optional[str] = ..., voltage: _Optional[float] = ..., uncertainty: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., formula: _Optional[str] = ..., n_sites: _Optional[int] = ..., unseen_elements: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., material_id: _Optional[str] = ..., reference_voltage: _Optional[float] = ...) -> None: ...
+    local_voltages: _containers.RepeatedCompositeFieldContainer[LocalVoltage]
+    def __init__(self, ion: _Optional[str] = ..., voltage: _Optional[float] = ..., uncertainty: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., formula: _Optional[str] = ..., n_sites: _Optional[int] = ..., unseen_elements: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., material_id: _Optional[str] = ..., reference_voltage: _Optional[float] = ..., local_voltages: _Optional[_Iterable[_Union[LocalVoltage, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("kind", "message", "http_status")

@@ -80,3 +80,38 @@ def test_explain_must_be_boolean():
 
     with pytest.raises(ServingError, match="explain"):
         PredictRequest.from_mapping({"ion": "Li", "structure": "x", "explain": "yes"})
+
+
+def test_grpc_explain_returns_the_same_site_voltages(setup):
+    """gRPC ``explain`` is the HTTP field's twin: a real ``grpc.aio`` server on 127.0.0.1 answers
+    with the predictor's own local voltages, site by site."""
+    import asyncio
+
+    import grpc
+
+    from serving import voltage_pb2, voltage_pb2_grpc
+    from serving.grpc_server import GrpcServer
+
+    p, model, _, _ = setup
+    p.set_model("Li", ServedModel("Li", model, "electrode-voltage-Li", 1, "registry"))
+    s = sample_structures(3)[1]
+    direct = p.predict_sync(PredictRequest("Li", cif(s), explain=True)).to_dict()
+
+    async def call(explain: bool) -> voltage_pb2.Prediction:
+        server = GrpcServer(p, port=0)
+        port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = voltage_pb2_grpc.VoltageServiceStub(channel)
+                req = voltage_pb2.PredictRequest(ion="Li", structure=cif(s), explain=explain)
+                return await stub.Predict(req, timeout=60)
+        finally:
+            await server.stop(grace=0)
+
+    got = asyncio.run(call(True))
+    rows = [(r.site, r.element, r.local_voltage) for r in got.local_voltages]
+    want = [(r["site"], r["element"], r["local_voltage"]) for r in direct["local_voltages"]]
+    assert [r[:2] for r in rows] == [r[:2] for r in want]
+    np.testing.assert_allclose([r[2] for r in rows], [r[2] for r in want], atol=1e-6)
+    assert got.voltage == pytest.approx(direct["voltage"], abs=1e-6)
+    assert len(asyncio.run(call(False)).local_voltages) == 0
