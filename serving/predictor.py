@@ -326,21 +326,17 @@ class Predictor:
         )
 
     def _local_head(self, served: ServedModel) -> Any:
-        """The ion's local-voltage head (paper Eq. 2), checked against the served backbones once
-        per served version; a head fitted on other backbones is refused, not misapplied."""
-        from training.interpret.local_voltage import LocalVoltageHead
+        """The ion's local-voltage head (paper Eq. 2) for the served version, looked up once per
+        version (``serving.local_heads``: the sidecar, else the registry); a head fitted on
+        other backbones is refused, not misapplied."""
+        from serving.local_heads import find_head
 
         key = (served.ion, served.version, served.source)
         if key not in self._heads:
-            folder = self.config.local_voltage_dir
-            path = folder / f"{served.ion}.json" if folder is not None else None
             try:
-                if path is None or not path.is_file():
-                    raise FileNotFoundError(f"no local-voltage head for {served.ion}")
-                head = LocalVoltageHead.load(path)
-                head.check_matches(served.model.loaded)
-                self._heads[key] = head
-            except (OSError, ValueError) as exc:
+                uri = self.config.tracking_uri or None
+                self._heads[key] = find_head(self.config.local_voltage_dir, uri, served)
+            except (OSError, ValueError, LookupError) as exc:
                 self._heads[key] = str(exc)
         return self._heads[key]
 

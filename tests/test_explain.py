@@ -115,3 +115,45 @@ def test_grpc_explain_returns_the_same_site_voltages(setup):
     np.testing.assert_allclose([r[2] for r in rows], [r[2] for r in want], atol=1e-6)
     assert got.voltage == pytest.approx(direct["voltage"], abs=1e-6)
     assert len(asyncio.run(call(False)).local_voltages) == 0
+
+
+def test_champion_older_than_the_sidecar_is_explained_from_its_own_run(tmp_path):
+    """The sidecar holds the newest model's head; a champion kept by the promotion gate finds
+    the head its interpret run logged in MLflow (real sqlite store), checked like any other."""
+    import mlflow
+
+    model = VoltageModel.from_checkpoint(build_checkpoint(tmp_path / "old.pt", "Li", 1))
+    newest = VoltageModel.from_checkpoint(build_checkpoint(tmp_path / "new.pt", "Li", 2))
+    sidecar = tmp_path / "sidecar"
+    _fit_head(newest).save(sidecar / "Li.json")
+    logged = tmp_path / "logged" / "Li.json"
+    head = _fit_head(model)
+    head.save(logged)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    model_run = client.create_run(exp, tags={"stage": "train"}).info.run_id
+    interp = client.create_run(exp, tags={"stage": "interpret", "model_run_id": model_run})
+    client.log_artifact(interp.info.run_id, str(logged))
+    config = ServingConfig(ions=("Li",), drift_reference=None, records_path=None,
+                           local_voltage_dir=sidecar, tracking_uri=uri)  # fmt: skip
+    p = Predictor(config, ServiceMetrics(CollectorRegistry(), config.ions)).start()
+    try:
+        s = sample_structures(2)[1]
+        p.set_model("Li", ServedModel("Li", model, "electrode-voltage-Li", 2, "registry",
+                                      run_id=model_run))  # fmt: skip
+        res = p.predict_sync(PredictRequest("Li", cif(s), explain=True))
+        assert res.local_voltages is not None and not res.warnings
+        batch = collate(model.graphs([s]), model.converter, model.encoding)
+        pooled = [a.mean(dim=0, keepdim=True) for a in member_atom_vectors(model.loaded, batch)]
+        mean = np.mean([r["local_voltage"] for r in res.local_voltages])
+        assert mean == pytest.approx(float(head.crystal(pooled)[0]), abs=1e-4)
+        # A version whose run logged no head: both places are named in the warning.
+        p.set_model("Li", ServedModel("Li", model, "electrode-voltage-Li", 3, "registry",
+                                      run_id=interp.info.run_id))  # fmt: skip
+        res = p.predict_sync(PredictRequest("Li", cif(s), explain=True))
+        assert res.local_voltages is None
+        (note,) = [w for w in res.warnings if "local voltages unavailable" in w]
+        assert "fitted on other backbones" in note and "registry" in note
+    finally:
+        p.stop()
