@@ -15,6 +15,7 @@ from training.plots import parity_grid
 
 # Zhang et al. (2022), validation-selected and -reported (so optimistic), transfer learning.
 PAPER_TL_MAE = {"Zn": 0.479, "Mg": 0.451, "Ca": 0.403, "Na": 0.508, "Al": 0.680, "K": 0.656}
+BASELINES = ("svr", "krr", "rf")
 METHOD_ORDER = [
     "mean", "svr", "krr", "rf", "source_unchanged", "source_offset", "cgcnn_scratch", "cgcnn",
     "transfer", "transfer_gp_bn_adapt", "transfer_gp_bn_frozen", "transfer_fc_bn_adapt",
@@ -32,6 +33,48 @@ def _head_label(report: dict) -> str:
     if any(w > 0 for w in weights):
         comp = " (+composition x " + "/".join(f"{w:g}" for w in weights) + ")"
     return f"{report['head']}{comp}, {report['bn_mode']}"
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, str]]:
+    return {r["battery_id"]: r for r in csv.DictReader(Path(path).read_text().splitlines())}
+
+
+def paired_vs_baselines(model_csv: Path, baselines_csv: Path) -> dict[str, dict[str, float]]:
+    """The served model against each conventional baseline on the same test crystals: mean and
+    standard error of |error(model)| - |error(baseline)| per crystal (negative: model better).
+
+    Why: with 11-42 test crystals per ion, a difference of two MAEs alone cannot say whether it
+    is more than noise; the paired standard error can (the crystals' difficulty cancels)."""
+    if not Path(baselines_csv).is_file():
+        return {}
+    model, base = _read_csv(model_csv), _read_csv(baselines_csv)
+    if not model:
+        return {}
+    col = "transfer" if "transfer" in next(iter(model.values())) else "cgcnn"
+    ids = [i for i in model if i in base]
+    y = np.array([float(model[i]["target"]) for i in ids])
+    err = np.abs(np.array([float(model[i][col]) for i in ids]) - y)
+    out = {}
+    for name in BASELINES:
+        if ids and name in base[ids[0]]:
+            d = err - np.abs(np.array([float(base[i][name]) for i in ids]) - y)
+            se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+            out[name] = {"diff": round(float(d.mean()), 4), "se": round(se, 4), "n": len(d)}
+    return out
+
+
+def paired_markdown(paired: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The paired differences as a table: one row per ion, one column per baseline."""
+    lines = ["| ion | " + " | ".join(f"served − {b}" for b in BASELINES) + " |",
+             "|---|" + "---|" * len(BASELINES)]  # fmt: skip
+    for ion, by in paired.items():
+        cells = [f"{by[b]['diff']:+.3f} ± {by[b]['se']:.3f}" if b in by else "" for b in BASELINES]
+        lines.append(f"| {ion} | " + " | ".join(cells) + " |")
+    return (
+        "\nPaired test differences (V): mean ± standard error over the test crystals of "
+        "|error(served)| − |error(baseline)|; negative favours the served model.\n\n"
+        + "\n".join(lines) + "\n"
+    )
 
 
 def load_reports(paths: list[Path]) -> dict[str, dict[str, Any]]:
@@ -111,7 +154,12 @@ def run_compare(
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    out_md.write_text(markdown(reports))
+    paired = {
+        Path(p).stem.split("_", 1)[1]: paired_vs_baselines(
+            p, Path(p).with_name("baselines_" + Path(p).name.split("_", 1)[1]))
+        for p in predictions_paths
+    }  # fmt: skip
+    out_md.write_text(markdown(reports) + paired_markdown(paired))
     panels = {}
     for p in predictions_paths:
         data = list(csv.DictReader(Path(p).read_text().splitlines()))
@@ -128,7 +176,8 @@ def run_compare(
         ion: {"final_test_mae": r["test_mae"],
               "best_baseline_mae": min(r["methods"][b]["test_mae_mean"]
                                        for b in ("svr", "krr", "rf") if b in r["methods"]),
-              **{f"unc_{k}": v for k, v in r["uncertainty"].items()}}
+              **{f"unc_{k}": v for k, v in r["uncertainty"].items()},
+              "paired_vs_baselines": paired.get(ion, {})}
         for ion, r in reports.items()
     }  # fmt: skip
     summary_json.write_text(json.dumps(summary, indent=2) + "\n")
