@@ -22,6 +22,13 @@ from training.data.ingest import DataSourceError
 app = typer.Typer(help="Electrode voltage platform: pipeline stages.", no_args_is_help=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+# Options several stages share, declared once so their help reads the same everywhere.
+IonOpt = Annotated[str, typer.Option(help="working ion")]
+RecordsOpt = Annotated[Path, typer.Option(help="cleaned records")]
+SplitsOpt = Annotated[Path, typer.Option(help="splits file")]
+GraphsOpt = Annotated[Path, typer.Option(help="graph cache")]
+SourceCheckpointOpt = Annotated[Path, typer.Option(help="the source ion's checkpoint")]
+MetricsDirOpt = Annotated[Path, typer.Option(help="folder with ion_<ion>.json reports")]
 
 
 class UsageError(Exception):
@@ -82,7 +89,7 @@ def clean(
 @app.command()
 @_user_errors
 def split(
-    records: Annotated[Path, typer.Option(help="cleaned records")],
+    records: RecordsOpt,
     out: Annotated[Path, typer.Option(help="splits file (JSON id lists)")],
     report: Annotated[Path, typer.Option(help="split sizes (JSON)")],
     params: ParamsOpt = Path("params.yaml"),
@@ -97,7 +104,7 @@ def split(
 @app.command()
 @_user_errors
 def graphs(
-    records: Annotated[Path, typer.Option(help="cleaned records")],
+    records: RecordsOpt,
     out: Annotated[Path, typer.Option(help="graph cache (.pt)")],
     report: Annotated[Path, typer.Option(help="graph report (JSON)")],
     params: ParamsOpt = Path("params.yaml"),
@@ -113,9 +120,9 @@ def graphs(
 @app.command()
 @_user_errors
 def baselines(
-    ion: Annotated[str, typer.Option(help="working ion")],
-    records: Annotated[Path, typer.Option(help="cleaned records")],
-    splits: Annotated[Path, typer.Option(help="splits file")],
+    ion: IonOpt,
+    records: RecordsOpt,
+    splits: SplitsOpt,
     features_cache: Annotated[Path, typer.Option(help="composition feature cache (.npz)")],
     metrics: Annotated[Path, typer.Option(help="metrics JSON out")],
     predictions: Annotated[Path, typer.Option(help="test predictions CSV out")],
@@ -145,9 +152,9 @@ def baselines(
 @_user_errors
 def train(
     ion: Annotated[str, typer.Option(help="working ion (the source ion)")],
-    records: Annotated[Path, typer.Option(help="cleaned records")],
-    splits: Annotated[Path, typer.Option(help="splits file")],
-    graphs: Annotated[Path, typer.Option(help="graph cache")],
+    records: RecordsOpt,
+    splits: SplitsOpt,
+    graphs: GraphsOpt,
     checkpoint: Annotated[Path, typer.Option(help="checkpoint out (.pt)")],
     metrics: Annotated[Path, typer.Option(help="metrics JSON out")],
     plot: Annotated[Path, typer.Option(help="test parity plot PNG out")],
@@ -193,10 +200,10 @@ def train(
 @app.command()
 @_user_errors
 def tune(
-    ion: Annotated[str, typer.Option(help="working ion")],
-    records: Annotated[Path, typer.Option(help="cleaned records")],
-    splits: Annotated[Path, typer.Option(help="splits file")],
-    graphs: Annotated[Path, typer.Option(help="graph cache")],
+    ion: IonOpt,
+    records: RecordsOpt,
+    splits: SplitsOpt,
+    graphs: GraphsOpt,
     out: Annotated[Path | None, typer.Option(help="best parameters JSON out")] = None,
     storage: Annotated[
         str | None, typer.Option(help="Optuna storage URL (overrides tune.storage)")
@@ -233,11 +240,11 @@ def tune(
 @app.command("ion-model")
 @_user_errors
 def ion_model(
-    ion: Annotated[str, typer.Option(help="working ion")],
-    records: Annotated[Path, typer.Option(help="cleaned records")],
-    splits: Annotated[Path, typer.Option(help="splits file")],
-    graphs: Annotated[Path, typer.Option(help="graph cache")],
-    source_checkpoint: Annotated[Path, typer.Option(help="the source ion's checkpoint")],
+    ion: IonOpt,
+    records: RecordsOpt,
+    splits: SplitsOpt,
+    graphs: GraphsOpt,
+    source_checkpoint: SourceCheckpointOpt,
     baselines: Annotated[Path, typer.Option(help="baseline test predictions CSV of this ion")],
     checkpoint: Annotated[Path, typer.Option(help="this ion's model checkpoint out")],
     metrics: Annotated[Path, typer.Option(help="comparison metrics JSON out")],
@@ -273,11 +280,11 @@ def ion_model(
 @app.command("cv")
 @_user_errors
 def cv(
-    ion: Annotated[str, typer.Option(help="working ion")],
-    records: Annotated[Path, typer.Option(help="cleaned records")],
-    splits: Annotated[Path, typer.Option(help="splits file")],
-    graphs: Annotated[Path, typer.Option(help="graph cache")],
-    source_checkpoint: Annotated[Path, typer.Option(help="the source ion's checkpoint")],
+    ion: IonOpt,
+    records: RecordsOpt,
+    splits: SplitsOpt,
+    graphs: GraphsOpt,
+    source_checkpoint: SourceCheckpointOpt,
     features_cache: Annotated[Path, typer.Option(help="composition features cache (.npz)")],
     out: Annotated[Path, typer.Option(help="cross-validation report JSON out")],
     params: ParamsOpt = Path("params.yaml"),
@@ -309,7 +316,7 @@ def cv(
 @app.command()
 @_user_errors
 def compare(
-    metrics_dir: Annotated[Path, typer.Option(help="folder with ion_<ion>.json reports")],
+    metrics_dir: MetricsDirOpt,
     predictions_dir: Annotated[Path, typer.Option(help="folder with ion_<ion>.csv predictions")],
     table: Annotated[Path, typer.Option(help="comparison CSV out")],
     markdown: Annotated[Path, typer.Option(help="comparison markdown out")],
@@ -341,7 +348,7 @@ def compare(
 @app.command()
 @_user_errors
 def register(
-    metrics_dir: Annotated[Path, typer.Option(help="folder with ion_<ion>.json reports")],
+    metrics_dir: MetricsDirOpt,
     models_dir: Annotated[Path, typer.Option(help="folder with <ion>.pt checkpoints")],
     splits: Annotated[Path, typer.Option(help="splits file (its test ids are hashed)")],
     receipt: Annotated[Path, typer.Option(help="registration receipt JSON out")],
@@ -381,7 +388,7 @@ def register(
 
 @app.command()
 def promote(
-    ion: Annotated[str, typer.Option(help="working ion")],
+    ion: IonOpt,
     version: Annotated[int | None, typer.Option(help="version (default: the candidate)")] = None,
     force: Annotated[bool, typer.Option(help="skip the test-MAE gate")] = False,
     params: ParamsOpt = Path("params.yaml"),
@@ -409,8 +416,8 @@ def promote(
 @app.command("drift-reference")
 @_user_errors
 def drift_reference(
-    records: Annotated[Path, typer.Option(help="cleaned records")],
-    splits: Annotated[Path, typer.Option(help="splits file")],
+    records: RecordsOpt,
+    splits: SplitsOpt,
     out: Annotated[Path, typer.Option(help="drift reference JSON out")],
     graphs: Annotated[Path | None, typer.Option(help="graph cache (with --models-dir)")] = None,
     models_dir: Annotated[
@@ -440,11 +447,11 @@ def drift_reference(
 @app.command()
 @_user_errors
 def interpret(
-    ion: Annotated[str, typer.Option(help="working ion")],
+    ion: IonOpt,
     checkpoint: Annotated[Path, typer.Option(help="the ion's model checkpoint")],
-    records: Annotated[Path, typer.Option(help="cleaned records")],
-    splits: Annotated[Path, typer.Option(help="splits file")],
-    graphs: Annotated[Path, typer.Option(help="graph cache")],
+    records: RecordsOpt,
+    splits: SplitsOpt,
+    graphs: GraphsOpt,
     baselines_metrics: Annotated[Path, typer.Option(help="baselines JSON (RF importances)")],
     plots_dir: Annotated[Path, typer.Option(help="folder for the PNGs")],
     metrics: Annotated[Path, typer.Option(help="interpretation JSON out")],
