@@ -38,11 +38,12 @@ def stage_inputs(tmp_path):
     rf = y + np.array([0.0, 0.1, 0.2, 0.2, 0.1, 0.1])  # ties the served model on average
     ids = [f"mp-{i}_Mg" for i in range(6)]
     _write_csv(tmp_path / "ion_Mg.csv", [
-        {"battery_id": i, "target": t, "transfer": p} for i, t, p in zip(ids, y, served)
+        {"battery_id": i, "target": t, "transfer": p}
+        for i, t, p in zip(ids, y, served, strict=True)
     ])  # fmt: skip
     _write_csv(tmp_path / "baselines_Mg.csv", [
         {"battery_id": i, "target": t, "mean": y.mean(), "krr": k, "rf": r}
-        for i, t, k, r in zip(ids, y, krr, rf)
+        for i, t, k, r in zip(ids, y, krr, rf, strict=True)
     ])  # fmt: skip
     metrics = tmp_path / "ion_Mg.json"
     metrics.write_text(json.dumps(_report("Mg", {"krr": 0.3, "rf": 0.1167, "transfer": 0.1167})))
