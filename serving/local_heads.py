@@ -38,9 +38,10 @@ def sidecar_head(folder: Path | None, served: ServedModel) -> LocalVoltageHead:
 def registry_head(tracking_uri: str, served: ServedModel) -> LocalVoltageHead:
     """The head an ``interpret`` run logged for the served version's own training run."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from serving.models import sqlite_path
-    from training.interpret.local_voltage import LocalVoltageHead
+    from training.interpret.local_voltage import LocalVoltageHead, mlflow_artifact_paths
 
     if served.source != "registry" or not served.run_id:
         raise LookupError(f"{served.ion} v{served.version} has no training run to look up")
@@ -57,14 +58,15 @@ def registry_head(tracking_uri: str, served: ServedModel) -> LocalVoltageHead:
     )
     reasons = []
     for run in runs:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = client.download_artifacts(run.info.run_id, f"{served.ion}.json", tmp)
-                head = LocalVoltageHead.load(Path(path))
-                head.check_matches(served.model.loaded)
-                return head
-            except (OSError, ValueError) as exc:
-                reasons.append(f"run {run.info.run_id}: {exc}")
+        for artifact in mlflow_artifact_paths(served.ion):
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    path = client.download_artifacts(run.info.run_id, artifact, tmp)
+                    head = LocalVoltageHead.load(Path(path))
+                    head.check_matches(served.model.loaded)
+                    return head
+                except (OSError, ValueError, MlflowException) as exc:
+                    reasons.append(f"run {run.info.run_id} {artifact}: {exc}")
     detail = "; ".join(reasons) or "no interpret run logged one"
     raise LookupError(f"no local-voltage head for {served.ion} v{served.version} ({detail})")
 

@@ -117,7 +117,8 @@ def test_grpc_explain_returns_the_same_site_voltages(setup):
     assert len(asyncio.run(call(False)).local_voltages) == 0
 
 
-def test_champion_older_than_the_sidecar_is_explained_from_its_own_run(tmp_path):
+@pytest.mark.parametrize("folder", ["local_voltage_head", "interpret"])  # current, legacy
+def test_champion_older_than_the_sidecar_is_explained_from_its_own_run(tmp_path, folder):
     """The sidecar holds the newest model's head; a champion kept by the promotion gate finds
     the head its interpret run logged in MLflow (real sqlite store), checked like any other."""
     import mlflow
@@ -134,7 +135,7 @@ def test_champion_older_than_the_sidecar_is_explained_from_its_own_run(tmp_path)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
     model_run = client.create_run(exp, tags={"stage": "train"}).info.run_id
     interp = client.create_run(exp, tags={"stage": "interpret", "model_run_id": model_run})
-    client.log_artifact(interp.info.run_id, str(logged))
+    client.log_artifact(interp.info.run_id, str(logged), folder)
     config = ServingConfig(ions=("Li",), drift_reference=None, records_path=None,
                            local_voltage_dir=sidecar, tracking_uri=uri)  # fmt: skip
     p = Predictor(config, ServiceMetrics(CollectorRegistry(), config.ions)).start()

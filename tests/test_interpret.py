@@ -237,6 +237,11 @@ def test_interpret_stage_writes_figures_json_head_and_mlflow(tiny_data, tmp_path
         arts = {
             a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "interpret")
         }
-        assert "interpret/local_voltage.png" in arts and "interpret/h.json" in arts
+        assert "interpret/local_voltage.png" in arts and "interpret/interpret.json" in arts
+        # The head in its own folder, named for the ion, loadable and fitted on this model.
+        client = mlflow.MlflowClient()
+        got = client.download_artifacts(runs[0].info.run_id, "local_voltage_head/Li.json",
+                                        str(tmp_path / "dl"))  # fmt: skip
+        LocalVoltageHead.load(Path(got)).check_matches(VoltageModel.from_checkpoint(ckpt).loaded)
     finally:
         mlflow.set_tracking_uri(None)

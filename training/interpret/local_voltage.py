@@ -42,6 +42,16 @@ if TYPE_CHECKING:
 HEAD_FORMAT = "local-voltage-head"
 HEAD_VERSION = 1
 EXTRA_KEY = "local_voltage_head"  # where the head lives when stored in a checkpoint's extra
+#: MLflow artifact folder of the head in an ``interpret`` run (its own folder: the stage's report
+#: JSON shares the head's file name and would overwrite it in one folder).
+MLFLOW_DIR = "local_voltage_head"
+#: Where runs before November 2026 logged it (beside the report, which it overwrote).
+LEGACY_MLFLOW_DIR = "interpret"
+
+
+def mlflow_artifact_paths(ion: str) -> tuple[str, ...]:
+    """Artifact paths of an ion's head in an ``interpret`` run, the current one first."""
+    return (f"{MLFLOW_DIR}/{ion}.json", f"{LEGACY_MLFLOW_DIR}/{ion}.json")
 _BACKBONE_PREFIXES = ("embedding.", "convs.")
 
 

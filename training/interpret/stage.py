@@ -32,7 +32,12 @@ from training.interpret.environments import (
     oxygen_counts_for,
     project_environments,
 )
-from training.interpret.local_voltage import LocalVoltageHead, backbone_fingerprint, fit_local_head
+from training.interpret.local_voltage import (
+    LocalVoltageHead,
+    backbone_fingerprint,
+    fit_local_head,
+    mlflow_artifact_paths,
+)
 from training.tracking import MlflowSettings
 
 log = logging.getLogger(__name__)
@@ -291,7 +296,7 @@ def run_interpret(
     paths.metrics.parent.mkdir(parents=True, exist_ok=True)
     paths.metrics.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
     if mlflow_settings is not None:
-        log_to_mlflow(mlflow_settings, report, [*files, paths.metrics, paths.head])
+        log_to_mlflow(mlflow_settings, report, [*files, paths.metrics], paths.head)
     return report
 
 
@@ -324,9 +329,12 @@ def _scalar_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 def log_to_mlflow(
-    mlflow_settings: MlflowSettings, report: dict[str, Any], files: list[Path]
-) -> str:
-    """Run ``interpret-<ion>``, tagged with the checkpoint's run and nested under it if present."""
+    mlflow_settings: MlflowSettings, report: dict[str, Any], files: list[Path],
+    head: Path | None = None,
+) -> str:  # fmt: skip
+    """Run ``interpret-<ion>``, tagged with the checkpoint's run and nested under it if present;
+    the local-voltage head goes to its own folder as ``<ion>.json``, where the service looks for
+    the head of a served version (``serving.local_heads``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -347,4 +355,6 @@ def log_to_mlflow(
         mlflow.log_metrics(_scalar_metrics(report))
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="interpret")
+        if head is not None:
+            mlflow.log_dict(json.loads(head.read_text()), mlflow_artifact_paths(report["ion"])[0])
         return run.info.run_id
