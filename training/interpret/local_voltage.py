@@ -52,6 +52,8 @@ LEGACY_MLFLOW_DIR = "interpret"
 def mlflow_artifact_paths(ion: str) -> tuple[str, ...]:
     """Artifact paths of an ion's head in an ``interpret`` run, the current one first."""
     return (f"{MLFLOW_DIR}/{ion}.json", f"{LEGACY_MLFLOW_DIR}/{ion}.json")
+
+
 _BACKBONE_PREFIXES = ("embedding.", "convs.")
 
 
