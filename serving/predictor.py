@@ -164,7 +164,9 @@ class Predictor:
     # ------------------------------------------------------------------ models
     def warm(self, served: ServedModel) -> None:
         """Run the parsers (once) and ``served`` on a tiny crystal so the first real request is
-        not slow (lazy imports in pymatgen, first torch call); not counted in any metric."""
+        not slow (lazy imports in pymatgen, first torch call), and look up its local-voltage
+        head: the lookup may ask the registry, which must happen here (the watcher's thread), not
+        on the event loop that answers requests. Not counted in any metric."""
         from pymatgen.core import Lattice, Structure
         from pymatgen.io.cif import CifWriter
 
@@ -174,6 +176,7 @@ class Predictor:
                 to_structure(text, fmt, self.config.max_sites)
             self._parsers_warm = True
         served.model.predict_graphs([served.model.converter.convert(s)])
+        self._local_head(served)
 
     def set_model(self, ion: str, served: ServedModel | None) -> None:
         """Atomically replace the model served for ``ion`` (None: serve nothing)."""

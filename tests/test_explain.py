@@ -141,10 +141,13 @@ def test_champion_older_than_the_sidecar_is_explained_from_its_own_run(tmp_path,
     p = Predictor(config, ServiceMetrics(CollectorRegistry(), config.ions)).start()
     try:
         s = sample_structures(2)[1]
-        p.set_model("Li", ServedModel("Li", model, "electrode-voltage-Li", 2, "registry",
-                                      run_id=model_run))  # fmt: skip
+        served = ServedModel("Li", model, "electrode-voltage-Li", 2, "registry", run_id=model_run)
+        p.warm(served)  # what the watcher does before a swap: the registry is asked here, ...
+        p.set_model("Li", served)
+        (tmp_path / "mlflow.db").rename(tmp_path / "gone.db")  # ... not on the request path
         res = p.predict_sync(PredictRequest("Li", cif(s), explain=True))
         assert res.local_voltages is not None and not res.warnings
+        (tmp_path / "gone.db").rename(tmp_path / "mlflow.db")
         batch = collate(model.graphs([s]), model.converter, model.encoding)
         pooled = [a.mean(dim=0, keepdim=True) for a in member_atom_vectors(model.loaded, batch)]
         mean = np.mean([r["local_voltage"] for r in res.local_voltages])
