@@ -36,7 +36,15 @@ def _head_label(report: dict) -> str:
 
 
 def _read_csv(path: Path) -> dict[str, dict[str, str]]:
+    """A predictions CSV keyed by battery id (empty when the file is missing)."""
+    if not Path(path).is_file():
+        return {}
     return {r["battery_id"]: r for r in csv.DictReader(Path(path).read_text().splitlines())}
+
+
+def _served_column(rows: dict[str, dict[str, str]]) -> str:
+    """The served model's column: ``transfer`` for a transferred ion, ``cgcnn`` for the source."""
+    return "transfer" if "transfer" in next(iter(rows.values())) else "cgcnn"
 
 
 def paired_vs_baselines(model_csv: Path, baselines_csv: Path) -> dict[str, dict[str, float]]:
@@ -45,18 +53,21 @@ def paired_vs_baselines(model_csv: Path, baselines_csv: Path) -> dict[str, dict[
 
     Why: with 11-42 test crystals per ion, a difference of two MAEs alone cannot say whether it
     is more than noise; the paired standard error can (the crystals' difficulty cancels)."""
-    if not Path(baselines_csv).is_file():
-        return {}
-    model, base = _read_csv(model_csv), _read_csv(baselines_csv)
-    if not model:
-        return {}
-    col = "transfer" if "transfer" in next(iter(model.values())) else "cgcnn"
+    return _paired(_read_csv(model_csv), _read_csv(baselines_csv))
+
+
+def _paired(
+    model: dict[str, dict[str, str]], base: dict[str, dict[str, str]]
+) -> dict[str, dict[str, float]]:
     ids = [i for i in model if i in base]
+    if not ids:
+        return {}
+    col = _served_column(model)
     y = np.array([float(model[i]["target"]) for i in ids])
     err = np.abs(np.array([float(model[i][col]) for i in ids]) - y)
     out = {}
     for name in BASELINES:
-        if ids and name in base[ids[0]]:
+        if name in base[ids[0]]:
             d = err - np.abs(np.array([float(base[i][name]) for i in ids]) - y)
             se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
             out[name] = {"diff": round(float(d.mean()), 4), "se": round(se, 4), "n": len(d)}
@@ -154,28 +165,24 @@ def run_compare(
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    paired = {
-        Path(p).stem.split("_", 1)[1]: paired_vs_baselines(
-            p, Path(p).with_name("baselines_" + Path(p).name.split("_", 1)[1]))
-        for p in predictions_paths
-    }  # fmt: skip
-    out_md.write_text(markdown(reports) + paired_markdown(paired))
-    panels = {}
+    paired, panels = {}, {}
     for p in predictions_paths:
-        data = list(csv.DictReader(Path(p).read_text().splitlines()))
-        if not data:
-            continue
         ion = Path(p).stem.split("_", 1)[1]
-        col = "transfer" if "transfer" in data[0] else "cgcnn"
+        model = _read_csv(p)
+        if not model:
+            continue
+        paired[ion] = _paired(model, _read_csv(Path(p).with_name(f"baselines_{ion}.csv")))
+        col = _served_column(model)
         panels[f"{ion} ({col})"] = (
-            np.array([float(r["target"]) for r in data]),
-            np.array([float(r[col]) for r in data]),
+            np.array([float(r["target"]) for r in model.values()]),
+            np.array([float(r[col]) for r in model.values()]),
         )
+    out_md.write_text(markdown(reports) + paired_markdown(paired))
     parity_grid(panels, out_plot)
     summary = {
         ion: {"final_test_mae": r["test_mae"],
               "best_baseline_mae": min(r["methods"][b]["test_mae_mean"]
-                                       for b in ("svr", "krr", "rf") if b in r["methods"]),
+                                       for b in BASELINES if b in r["methods"]),
               **{f"unc_{k}": v for k, v in r["uncertainty"].items()},
               "paired_vs_baselines": paired.get(ion, {})}
         for ion, r in reports.items()
