@@ -259,6 +259,7 @@ def ion_model(
     from training.transfer_stage import run_ion_stage
 
     p = _require_ion(load_params(params), ion)
+    partners = [load_ion_data(records, splits, other) for other in p.pool_partners(ion)]
     report = run_ion_stage(
         load_ion_data(records, splits, ion),
         GraphStore.load(graphs),
@@ -270,6 +271,7 @@ def ion_model(
         checkpoint,
         metrics,
         predictions,
+        partners,
     )
     for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test_mae_mean"]):
         typer.echo(
@@ -302,6 +304,7 @@ def cv(
         load_ion_data(records, splits, ion), GraphStore.load(graphs), p.source_ion,
         source_checkpoint, features_cache, BaselineConfig.from_dict(p.section("baselines")),
         transfer_cfg.gp, int(p.section("cv")["folds"]), out,
+        [load_ion_data(records, splits, other) for other in p.pool_partners(ion)],
     )  # fmt: skip
     if "methods" not in report:
         typer.echo(f"{ion}: {report['not_applicable']}")

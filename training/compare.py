@@ -24,15 +24,19 @@ METHOD_ORDER = [
 
 
 def _head_label(report: dict) -> str:
-    """"gp (+composition x w1/w2/w3), adapt": the served head kind, the descriptor weights its
-    marginal likelihood chose per backbone (when any is non-zero) and the BatchNorm mode."""
+    """"gp (+composition x w1/w2/w3; pooled with Mg/Ca), adapt": the served head kind, the
+    descriptor weights its marginal likelihood chose per backbone (when any is non-zero), the
+    ions whose training crystals it pooled, and the BatchNorm mode."""
     if "head" not in report:
         return ""
     weights = report.get("descriptor_weights") or []
-    comp = ""
+    notes = []
     if any(w > 0 for w in weights):
-        comp = " (+composition x " + "/".join(f"{w:g}" for w in weights) + ")"
-    return f"{report['head']}{comp}, {report['bn_mode']}"
+        notes.append("+composition x " + "/".join(f"{w:g}" for w in weights))
+    if report.get("pool_ions"):
+        notes.append("pooled with " + "/".join(report["pool_ions"]))
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    return f"{report['head']}{extra}, {report['bn_mode']}"
 
 
 def _read_csv(path: Path) -> dict[str, dict[str, str]]:

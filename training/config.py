@@ -29,6 +29,11 @@ class IonSettings(_Strict):
     clean_k: float | None = Field(
         default=None, description="keep |V-mean| <= k*sigma; None keeps the ion whole"
     )
+    pool: str | None = Field(
+        default=None,
+        description="ions with the same label pool their training crystals in each other's GP "
+        "transfer heads; None: the ion's own crystals only",
+    )
 
     @field_validator("clean_k")
     @classmethod
@@ -91,6 +96,16 @@ class Params(BaseModel):
     @property
     def ion_names(self) -> list[str]:
         return list(self.ions)
+
+    def pool_partners(self, ion: str) -> list[str]:
+        """The other target ions sharing ``ion``'s pool label, in ``ions`` order (never the
+        source ion: its backbone was trained on its own training crystals, whose pooled vectors
+        fit their targets better than any other ion's will)."""
+        label = self.ions[ion].pool
+        if label is None or ion == self.source_ion:
+            return []
+        return [i for i, s in self.ions.items()
+                if s.pool == label and i not in (ion, self.source_ion)]  # fmt: skip
 
     def section(self, name: str) -> dict[str, Any]:
         """A raw section owned by a later stage (parsed by that stage's own typed config)."""

@@ -22,6 +22,8 @@ backbone was trained on the targets being cross-validated, so it is reported as 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from training.graphs.store import GraphLoader, GraphStore
 from training.model.artifact import load_checkpoint
 from training.model.descriptors import store_descriptors
 from training.model.gp_head import GPConfig, fit_gp_head, head_mean_var
-from training.train.heads import pooled_features
+from training.train.heads import PooledRows, pooled_features, with_pooled_rows
 from training.train.normalizer import Normalizer
 
 SPLITS = ("train", "val", "test")
@@ -56,29 +58,79 @@ def _pooled(checkpoint: Path, store: GraphStore, hosts: list[str]) -> list[torch
     return [pooled_features(model, loader) for model, _ in load_checkpoint(checkpoint).backbones()]
 
 
+@dataclass
+class Partners:
+    """Every crystal of the pool partner ions (``ions.<ion>.pool``): a fold pools those whose
+    host is not among its held-out hosts, as the pipeline pools the partners' training split."""
+
+    hosts: np.ndarray
+    y: np.ndarray
+    ion_index: np.ndarray  # 1.. per row (0 is the cross-validated ion)
+    feats: list[torch.Tensor]  # per source backbone
+    desc: torch.Tensor | None
+    n_ions: int
+
+    def fold_rows(self, backbone: int, held_out: set[str]) -> PooledRows:
+        """The rows a fold may use, each ion's targets normalised over its kept rows."""
+        keep = ~np.isin(self.hosts, sorted(held_out))
+        y_norm = np.empty(int(keep.sum()))
+        index = self.ion_index[keep]
+        for i in np.unique(index):
+            y_norm[index == i] = Normalizer.fit(self.y[keep][index == i]).norm(
+                self.y[keep][index == i]
+            )
+        return PooledRows(
+            feats=self.feats[backbone][torch.from_numpy(keep)],
+            desc=None if self.desc is None else self.desc[torch.from_numpy(keep)],
+            y_norm=y_norm, ion_index=index, n_ions=self.n_ions,
+        )  # fmt: skip
+
+
+def load_partners(
+    partners: Sequence[IonData], store: GraphStore, source_checkpoint: Path, gp: GPConfig
+) -> Partners | None:
+    """Pooled vectors and descriptors of every partner crystal (None without partners)."""
+    if not partners:
+        return None
+    rows = [(i + 1, h, t) for i, p in enumerate(partners) for s in SPLITS
+            for h, t in zip(p.host_ids(s), p.targets(s), strict=True)]  # fmt: skip
+    hosts = [h for _, h, _ in rows]
+    desc = torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
+    return Partners(
+        hosts=np.array(hosts), y=np.array([t for *_, t in rows]),
+        ion_index=np.array([i for i, *_ in rows]), feats=_pooled(source_checkpoint, store, hosts),
+        desc=desc, n_ions=len(partners) + 1,
+    )  # fmt: skip
+
+
 def _gp_fold(feats: list[torch.Tensor], desc: torch.Tensor | None, y: np.ndarray,
-             tr: np.ndarray, te: np.ndarray, cfg: GPConfig) -> np.ndarray:  # fmt: skip
-    """Mean over backbones of one GP head each, fitted on the fold's training rows (descriptor
-    weight chosen by marginal likelihood per fold, as the pipeline does)."""
+             tr: np.ndarray, te: np.ndarray, cfg: GPConfig, partners: Partners | None = None,
+             held_out: set[str] | None = None) -> np.ndarray:  # fmt: skip
+    """Mean over backbones of one GP head each, fitted on the fold's training rows and the
+    partners' crystals outside the fold's ``held_out`` hosts (descriptor weight and task scale
+    chosen by marginal likelihood per fold, as the pipeline does)."""
     norm = Normalizer.fit(y[tr])
     d_tr, d_te = (None, None) if desc is None else (desc[tr], desc[te])
     preds = []
     with torch.no_grad():
-        for f in feats:
-            head = fit_gp_head(f[tr], norm.norm(y[tr]), cfg, None if d_tr is None else d_tr.numpy())
+        for b, f in enumerate(feats):
+            pooled = None if partners is None else partners.fold_rows(b, held_out or set())
+            x, yy, dd, tasks = with_pooled_rows(f[tr], d_tr, norm.norm(y[tr]), pooled)
+            head = fit_gp_head(x, yy, cfg, dd, tasks)
             preds.append(norm.denorm(head_mean_var(head, f[te], d_te)[0].double().numpy()))
     return np.mean(preds, axis=0)
 
 
 def cross_validate(
     data: IonData, store: GraphStore, source_checkpoint: Path, features_cache: Path,
-    baselines: BaselineConfig, gp: GPConfig, folds: int = 10,
+    baselines: BaselineConfig, gp: GPConfig, folds: int = 10, partners: Sequence[IonData] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """Per-crystal absolute errors of every method over grouped folds, summarised."""
     ids, hosts, formulas, y = _all_rows(data)
     x, _ = featurize_cached(formulas, features_cache)
     feats = _pooled(source_checkpoint, store, hosts)
     desc = torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
+    pool = load_partners(partners, store, source_checkpoint, gp)
     makers = {
         "mean": make_mean,
         "svr": lambda: make_svr(baselines.svr),
@@ -88,7 +140,9 @@ def cross_validate(
     errors = {name: np.zeros(len(y)) for name in ("transfer_gp", *makers)}
     n_folds = min(folds, len(set(hosts)))
     for tr, te in GroupKFold(n_splits=n_folds).split(x, y, groups=hosts):
-        errors["transfer_gp"][te] = np.abs(_gp_fold(feats, desc, y, tr, te, gp) - y[te])
+        held_out = {hosts[i] for i in te}
+        pred = _gp_fold(feats, desc, y, tr, te, gp, pool, held_out)
+        errors["transfer_gp"][te] = np.abs(pred - y[te])
         for name, make in makers.items():
             errors[name][te] = np.abs(make().fit(x[tr], y[tr]).predict(x[te]) - y[te])
     return summarise(errors, n_folds, len(ids))
@@ -112,6 +166,7 @@ def summarise(errors: dict[str, np.ndarray], folds: int, n: int) -> dict[str, An
 def run_cv_stage(
     data: IonData, store: GraphStore, source_ion: str, source_checkpoint: Path,
     features_cache: Path, baselines: BaselineConfig, gp: GPConfig, folds: int, out: Path,
+    partners: Sequence[IonData] = (),
 ) -> dict[str, Any]:  # fmt: skip
     if data.ion == source_ion:
         report: dict[str, Any] = {
@@ -119,7 +174,8 @@ def run_cv_stage(
         }
     else:
         report = cross_validate(data, store, source_checkpoint, features_cache, baselines, gp,
-                                folds)  # fmt: skip
+                                folds, partners)  # fmt: skip
+        report["pool_ions"] = [p.ion for p in partners]
     report = {"ion": data.ion, "source_ion": source_ion, **report}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

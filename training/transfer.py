@@ -8,6 +8,9 @@ the normaliser refitted on the ion's training split. Two head kinds over the sam
   the source head, K bootstrap heads per backbone, epoch chosen on validation;
 * ``gp``: a Gaussian-process head per backbone (``training.model.gp_head``), hyperparameters by
   marginal likelihood on the training split alone; deterministic, so it runs once, not per seed.
+  An ion with pool partners (``ions.<ion>.pool``) adds their training crystals to its GP's rows
+  (``training.train.heads.PooledRows``); ``gp_alone`` is then the same head on the ion's own
+  crystals, measured beside it.
 
 Both are always measured and reported; ``select_heads`` names the kinds the served model may be
 chosen from (with the BatchNorm mode, on validation MAE).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -34,15 +38,18 @@ from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
 from training.model.artifact import LoadedModel, ensemble_volts
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
+from training.model.descriptors import store_descriptors
 from training.model.gp_head import GPConfig, GPHead
 from training.train.core import model_predictor, score, split_loader, train_from_scratch
 from training.train.heads import (
     HeadConfig,
+    PooledRows,
     adapt_batchnorm,
     fit_gp_volts,
     fit_heads,
     heads_volts,
     pooled_features,
+    pooled_rows,
     split_descriptors,
 )
 from training.train.loop import TrainConfig
@@ -52,8 +59,9 @@ from training.train.uncertainty import calibration, fit_std_scale
 
 log = logging.getLogger(__name__)
 BnMode = Literal["adapt", "frozen"]
-HeadKind = Literal["fc", "gp"]
-HEAD_KINDS: tuple[HeadKind, ...] = ("fc", "gp")
+HeadKind = Literal["fc", "gp", "gp_alone"]
+HEAD_KINDS: tuple[HeadKind, ...] = ("fc", "gp", "gp_alone")
+GP_KINDS = ("gp", "gp_alone")
 VOLTS = Normalizer(mean=0.0, std=1.0)  # member predictions are already in volts
 
 
@@ -100,6 +108,7 @@ class TransferResult:
     bn_mode: str
     seed: int
     head_kind: str = "fc"
+    pool_ions: tuple[str, ...] = ()
 
     def descriptor_weights(self) -> list[float]:
         """Per GP head, the composition descriptors' weight its marginal likelihood chose."""
@@ -134,17 +143,24 @@ def transfer(
     bn_mode: BnMode,
     seed: int,
     head_kind: HeadKind = "fc",
+    partners: Sequence[IonData] = (),
 ) -> TransferResult:
-    """Freeze every source backbone, fit heads on the target ion (normaliser refitted)."""
+    """Freeze every source backbone, fit heads on the target ion (normaliser refitted).
+    ``partners``: the ions a ``gp`` head pools training crystals with (ignored by other kinds)."""
     normalizer = Normalizer.fit(data.targets("train"))
     loaders = {s: split_loader(store, data, s) for s in data.parts}
-    desc = split_descriptors(store, data, cfg.gp) if head_kind == "gp" else None
+    is_gp = head_kind in GP_KINDS
+    desc = split_descriptors(store, data, cfg.gp) if is_gp else None
+    pool = list(partners) if head_kind == "gp" else []
+    pool_desc = _partner_descriptors(store, pool, cfg.gp)
     members = []
     for i, (src_model, src_heads) in enumerate(source.backbones()):
         model = frozen_backbone(src_model, bn_mode, loaders["train"])
         feats = {s: pooled_features(model, ld) for s, ld in loaders.items()}
-        if head_kind == "gp":
-            members.append(_gp_member(model, feats, desc, data, normalizer, cfg.gp))
+        if is_gp:
+            pool_feats = [pooled_features(model, split_loader(store, p, "train")) for p in pool]
+            rows = pooled_rows(pool, pool_feats, pool_desc)
+            members.append(_gp_member(model, feats, desc, data, normalizer, cfg.gp, rows))
             continue
         start = src_heads[0] if src_heads else Head.from_model(src_model)
         heads = fit_heads(
@@ -154,16 +170,25 @@ def transfer(
         preds = {s: heads_volts(heads, f, normalizer) for s, f in feats.items()}
         members.append(Member(model=model, heads=heads, preds=preds))
     return TransferResult(members=members, normalizer=normalizer, bn_mode=bn_mode, seed=seed,
-                          head_kind=head_kind)  # fmt: skip
+                          head_kind=head_kind, pool_ions=tuple(p.ion for p in pool))  # fmt: skip
+
+
+def _partner_descriptors(
+    store: GraphStore, partners: list[IonData], cfg: GPConfig
+) -> list[Tensor] | None:
+    """Each partner's training crystals' descriptors, when GP heads read them (once per ion)."""
+    if not cfg.uses_descriptors:
+        return None
+    return [torch.from_numpy(store_descriptors(store, p.host_ids("train"))) for p in partners]
 
 
 def _gp_member(
     model: CGCNN, feats: dict[str, Tensor], desc: dict[str, Tensor] | None, data: IonData,
-    normalizer: Normalizer, cfg: GPConfig,
+    normalizer: Normalizer, cfg: GPConfig, pooled: PooledRows | None = None,
 ) -> Member:  # fmt: skip
     """One GP head on this backbone's pooled training vectors (and the crystals' composition
-    descriptors, when configured); means and variances in volts."""
-    fit = fit_gp_volts(feats, desc, data.targets("train"), normalizer, cfg)
+    descriptors, when configured; and partner ions' rows); means and variances in volts."""
+    fit = fit_gp_volts(feats, desc, data.targets("train"), normalizer, cfg, pooled)
     return Member(model=model, heads=[fit.head], preds=fit.means, variances=fit.variances)
 
 
@@ -204,7 +229,7 @@ def uncertainty_report(data: IonData, result: TransferResult) -> dict[str, float
     """
     vm, vs = result.mean_std("val")
     y_val = data.targets("val")
-    scale = 1.0 if result.head_kind == "gp" else fit_std_scale(y_val, vm, vs)
+    scale = 1.0 if result.head_kind in GP_KINDS else fit_std_scale(y_val, vm, vs)
     tm, ts = result.mean_std("test")
     val_cov = calibration(y_val, vm, vs * scale)["coverage_90"]
     return {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from training.train.metrics import regression_metrics
 from training.train.stage import train_elements
 from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
+    GP_KINDS,
     HEAD_KINDS,
     TransferResult,
     TransferSettings,
@@ -81,8 +83,9 @@ def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[
 
 
 def evaluate_target(
-    data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings
-) -> tuple[dict[str, Any], TransferResult]:
+    data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings,
+    partners: Sequence[IonData] = (),
+) -> tuple[dict[str, Any], TransferResult]:  # fmt: skip
     src = load_checkpoint(checkpoint)
     methods: dict[str, Any] = {}
     y_train = data.targets("train")
@@ -97,7 +100,7 @@ def evaluate_target(
     scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
     methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
 
-    runs = transfer_variants(src, data, store, cfg)
+    runs = transfer_variants(src, data, store, cfg, partners)
     per_variant = {
         name: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
                         for r in results])
@@ -113,6 +116,7 @@ def evaluate_target(
         "methods": methods,
         "head": final.head_kind,
         "descriptor_weights": final.descriptor_weights(),
+        "pool_ions": list(final.pool_ions),
         "bn_mode": final.bn_mode,
         "bn_selected_on": "validation MAE (mean over seeds)",
         "offset_V": offset,
@@ -128,16 +132,21 @@ def evaluate_target(
 
 
 def transfer_variants(
-    src: LoadedModel, data: IonData, store: GraphStore, cfg: TransferSettings
-) -> dict[str, list[TransferResult]]:
+    src: LoadedModel, data: IonData, store: GraphStore, cfg: TransferSettings,
+    partners: Sequence[IonData] = (),
+) -> dict[str, list[TransferResult]]:  # fmt: skip
     """Every head kind x BatchNorm mode, named ``transfer_<head>_bn_<mode>``, over the seeds
-    (the GP head is deterministic: one run)."""
+    (GP heads are deterministic: one run). ``gp_alone`` (the GP without the partners' rows) only
+    runs when there are partners; otherwise it is ``gp``."""
     runs = {}
     for kind in HEAD_KINDS:
-        seeds = cfg.seeds[:1] if kind == "gp" else cfg.seeds
+        if kind == "gp_alone" and not partners:
+            continue
+        seeds = cfg.seeds[:1] if kind in GP_KINDS else cfg.seeds
         for mode in cfg.bn_modes:
             runs[f"transfer_{kind}_bn_{mode}"] = [
-                transfer(src, data, store, cfg, mode, seed, head_kind=kind) for seed in seeds
+                transfer(src, data, store, cfg, mode, seed, head_kind=kind, partners=partners)
+                for seed in seeds
             ]
     return runs
 
@@ -152,6 +161,7 @@ def save_transfer_checkpoint(
         "source_ion": src.extra.get("ion"),
         "bn_mode": result.bn_mode,
         "head": result.head_kind,
+        "pool_ions": list(result.pool_ions),
         "std_scale": report["uncertainty"]["std_scale"],
         "train_elements": train_elements(data),
         "encoding_fingerprint": encoding_fingerprint(),
@@ -190,6 +200,7 @@ def run_ion_stage(
     checkpoint_out: Path,
     metrics_out: Path,
     predictions_out: Path,
+    partners: Sequence[IonData] = (),
 ) -> dict[str, Any]:
     import mlflow
 
@@ -207,7 +218,7 @@ def run_ion_stage(
             checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source_checkpoint, checkpoint_out)
         else:
-            report, final = evaluate_target(data, store, source_checkpoint, cfg)
+            report, final = evaluate_target(data, store, source_checkpoint, cfg, partners)
             save_transfer_checkpoint(
                 checkpoint_out, final, source_checkpoint, data, report, run.info.run_id
             )

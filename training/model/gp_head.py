@@ -46,17 +46,25 @@ class GPConfig:
     keeps the best on validation; needed on the backbone's own training crystals, whose pooled
     vectors fit their targets better than they will fit new crystals', so the evidence overrates
     the pooled vector (on the Li backbones it chose weight 0 on all three).
+
+    ``task_weights``: for a head fitted on several ions' crystals (``PooledRows``), the candidate
+    scales of the one-hot ion columns; a larger scale decorrelates ions more. Chosen, jointly with
+    the descriptor weight, by marginal likelihood.
     """
 
     nu: float = 0.5
     n_restarts: int = 0
     descriptor_weights: tuple[float, ...] = (0.0,)
     select: str = "likelihood"
+    task_weights: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         # params.yaml gives a list; the frozen config keeps a hashable tuple of floats
         weights = tuple(float(w) for w in self.descriptor_weights)
         object.__setattr__(self, "descriptor_weights", weights)
+        object.__setattr__(self, "task_weights", tuple(float(u) for u in self.task_weights))
+        if not self.task_weights or any(u <= 0 for u in self.task_weights):
+            raise ValueError(f"gp task_weights must be > 0, got {self.task_weights}")
         if self.nu not in MATERN_NU:
             raise ValueError(f"gp nu must be one of {MATERN_NU}, got {self.nu}")
         if not self.descriptor_weights or any(w < 0 for w in self.descriptor_weights):
@@ -92,11 +100,16 @@ class GPHead(nn.Module):
     ``training.model.descriptors`` row of each crystal): it keeps columns ``desc_cols``, fills
     missing values with the training medians ``desc_fill`` and appends them to the pooled vector.
     Their weight is folded into ``x_scale``; ``desc_weight`` records it for reports.
+
+    A head fitted on several ions' crystals (``fit_gp_head(..., tasks=...)``) also holds ``task``,
+    the scaled one-hot row of the ion it serves: appended after standardisation, as the training
+    rows' own ion columns were, so every query is a crystal of that ion.
     """
 
     def __init__(self, x_mean: Tensor, x_scale: Tensor, x_train: Tensor, alpha: Tensor,
                  chol: Tensor, kernel: Tensor, desc_cols: Tensor | None = None,
-                 desc_fill: Tensor | None = None, desc_weight: float = 0.0) -> None:  # fmt: skip
+                 desc_fill: Tensor | None = None, desc_weight: float = 0.0,
+                 task: Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
         for name, value in zip(GP_KEYS, (x_mean, x_scale, x_train, alpha, chol, kernel),
                                strict=True):  # fmt: skip
@@ -106,11 +119,14 @@ class GPHead(nn.Module):
         self.register_buffer("desc_cols", cols.detach().to(torch.int64).clone())
         self.register_buffer("desc_fill", fill.detach().to(torch.float64).clone())
         self.register_buffer("desc_weight", torch.tensor([float(desc_weight)], dtype=torch.float64))
+        task = torch.zeros(0, dtype=torch.float64) if task is None else task
+        self.register_buffer("task", task.detach().to(torch.float64).reshape(-1).clone())
         if self.desc_cols.shape != self.desc_fill.shape or self.desc_cols.ndim != 1:
             raise ValueError("GP head desc_cols and desc_fill must be 1-d and the same length")
         if self.n_descriptors and int(self.desc_cols.min()) < 0:
             raise ValueError("GP head desc_cols must be non-negative column indices")
         n, d = self.x_train.shape
+        d -= self.n_tasks  # the ion columns are not standardised
         shapes = {"x_mean": (d,), "x_scale": (d,), "alpha": (n,), "chol": (n, n), "kernel": (4,)}
         for name, shape in shapes.items():
             got = tuple(getattr(self, name).shape)
@@ -131,11 +147,18 @@ class GPHead(nn.Module):
                      "desc_weight": float(weight.reshape(-1)[0])}  # fmt: skip
             if extra["desc_fill"] is None:
                 raise ValueError("GP head state has desc_cols but lacks desc_fill")
+        if "task" in state:
+            extra["task"] = state["task"]
         return cls(*(state[k] for k in GP_KEYS), **extra)
 
     @property
     def amplitude(self) -> float:
         return float(self.kernel[0])
+
+    @property
+    def n_tasks(self) -> int:
+        """Ion columns of a head fitted on several ions' crystals (0: one ion's)."""
+        return int(self.task.numel())
 
     @property
     def n_descriptors(self) -> int:
@@ -160,6 +183,8 @@ class GPHead(nn.Module):
     def _cross(self, pooled: Tensor, descriptors: Tensor | None) -> Tensor:
         """k(x*, X_train), (n*, n)."""
         x = (self.inputs(pooled, descriptors) - self.x_mean) / self.x_scale
+        if self.n_tasks:
+            x = torch.cat([x, self.task.expand(x.shape[0], -1)], dim=1)
         r = torch.cdist(x, self.x_train) / self.kernel[1]
         return self.kernel[0] * _matern(r, float(self.kernel[3]))
 
@@ -207,13 +232,19 @@ def _descriptor_block(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def fit_gp_head(
-    x: Tensor, y_norm: np.ndarray, cfg: GPConfig, descriptors: np.ndarray | None = None
-) -> GPHead:
+    x: Tensor, y_norm: np.ndarray, cfg: GPConfig, descriptors: np.ndarray | None = None,
+    tasks: np.ndarray | None = None,
+) -> GPHead:  # fmt: skip
     """Fit hyperparameters by marginal likelihood on (pooled vectors, normalised targets).
 
     With ``descriptors`` (the training crystals' ``training.model.descriptors`` rows) and a
     positive weight in ``cfg.descriptor_weights``, one GP is fitted per weight and the one with
     the highest log marginal likelihood is kept (weight 0 = the pooled vector alone).
+
+    ``tasks`` (n, k), one-hot: the rows come from k ions (targets normalised per ion by the
+    caller) and the head serves the ion of column 0. The ion columns, scaled by each of
+    ``cfg.task_weights``, join the kernel's input, so crystals of different ions correlate less
+    than crystals of the same ion; that scale is chosen with the descriptor weight.
     """
     y = np.asarray(y_norm, dtype=np.float64)
     zp, mean_p, scale_p = _standardise(x.detach().to(torch.float64).numpy())
@@ -221,16 +252,21 @@ def fit_gp_head(
     if descriptors is not None and cfg.uses_descriptors:
         block, cols, fill = _descriptor_block(np.asarray(descriptors, dtype=np.float64))
         zd, mean_d, scale_d = _standardise(block)
-    best: tuple[float, float, Any] | None = None
+    scales: tuple[float, ...] = cfg.task_weights if tasks is not None else (0.0,)
+    best: tuple[float, float, float, Any] | None = None
     for w in weights:
-        z = zp if w == 0 else np.concatenate([zp, w * zd], axis=1)
-        gp = _fit_sklearn(z, y, cfg)
-        lml = float(gp.log_marginal_likelihood_value_)
-        log.debug("GP head, descriptor weight %s: log marginal likelihood %.2f", w, lml)
-        if best is None or lml > best[0]:
-            best = (lml, w, gp)
+        for u in scales:
+            z = zp if w == 0 else np.concatenate([zp, w * zd], axis=1)
+            if u > 0:
+                z = np.concatenate([z, u * np.asarray(tasks, dtype=np.float64)], axis=1)
+            gp = _fit_sklearn(z, y, cfg)
+            lml = float(gp.log_marginal_likelihood_value_)
+            log.debug("GP head, descriptor weight %s, task scale %s: log marginal likelihood %.2f",
+                      w, u, lml)  # fmt: skip
+            if best is None or lml > best[0]:
+                best = (lml, w, u, gp)
     assert best is not None
-    _, w, gp = best
+    _, w, u, gp = best
     k = gp.kernel_
     params = [k.k1.k1.constant_value, k.k1.k2.length_scale, k.k2.noise_level, cfg.nu]
     mean, scale, extra = mean_p, scale_p, {}
@@ -239,6 +275,8 @@ def fit_gp_head(
         scale = np.concatenate([scale_p, scale_d / w])
         extra = {"desc_cols": torch.from_numpy(cols), "desc_fill": torch.from_numpy(fill),
                  "desc_weight": float(w)}  # fmt: skip
+    if u > 0:
+        extra["task"] = torch.from_numpy(u * np.eye(np.shape(tasks)[1])[0])
     return GPHead(
         torch.from_numpy(mean), torch.from_numpy(scale), torch.from_numpy(gp.X_train_),
         torch.from_numpy(gp.alpha_), torch.from_numpy(gp.L_),

@@ -170,6 +170,63 @@ def split_descriptors(
     return {s: torch.from_numpy(store_descriptors(store, data.host_ids(s))) for s in data.parts}
 
 
+@dataclass(frozen=True)
+class PooledRows:
+    """Other ions' training crystals that join a GP head's training rows (``ions.<ion>.pool``).
+
+    Why: a multivalent ion has 100-400 crystals, and many of its host structures also host
+    another multivalent ion, whose voltage on that host is informative. The rows enter one GP
+    whose kernel also reads a one-hot ion column (``fit_gp_head(tasks=...)``), so same-ion
+    crystals correlate more than cross-ion ones. Each ion's targets are normalised by its own
+    training statistics; ``ion_index`` is 1.. (0 is the head's own ion).
+    """
+
+    feats: Tensor
+    desc: Tensor | None
+    y_norm: np.ndarray
+    ion_index: np.ndarray
+    n_ions: int
+
+    def __post_init__(self) -> None:
+        n = self.feats.shape[0]
+        if len(self.y_norm) != n or len(self.ion_index) != n:
+            raise ValueError("pooled rows: features, targets and ion indices differ in length")
+        if n and (self.ion_index.min() < 1 or self.ion_index.max() >= self.n_ions):
+            raise ValueError(f"pooled rows: ion indices must lie in 1..{self.n_ions - 1}")
+
+
+def pooled_rows(
+    partners: list[IonData], feats: list[Tensor], desc: list[Tensor] | None
+) -> PooledRows | None:
+    """The training split of each partner ion as ``PooledRows`` (None without partners).
+    ``feats``/``desc``: per partner, its training crystals' pooled vectors and descriptors."""
+    if not partners:
+        return None
+    ys = [Normalizer.fit(p.targets("train")).norm(p.targets("train")) for p in partners]
+    index = [np.full(len(y), i + 1) for i, y in enumerate(ys)]
+    return PooledRows(
+        feats=torch.cat(feats), desc=None if desc is None else torch.cat(desc),
+        y_norm=np.concatenate(ys), ion_index=np.concatenate(index), n_ions=len(partners) + 1,
+    )  # fmt: skip
+
+
+def with_pooled_rows(
+    feats: Tensor, desc: Tensor | None, y_norm: np.ndarray, pooled: PooledRows | None
+) -> tuple[Tensor, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(pooled vectors, normalised targets, descriptors, one-hot ions) a GP head is fitted on."""
+    d = None if desc is None else desc.numpy()
+    if pooled is None:
+        return feats, y_norm, d, None
+    own = np.zeros(len(y_norm), dtype=np.int64)
+    tasks = np.eye(pooled.n_ions)[np.concatenate([own, pooled.ion_index])]
+    if d is not None:
+        if pooled.desc is None:
+            raise ValueError("pooled rows lack the descriptors the head's own rows have")
+        d = np.concatenate([d, pooled.desc.numpy()])
+    return (torch.cat([feats, pooled.feats.to(feats.dtype)]),
+            np.concatenate([y_norm, pooled.y_norm]), d, tasks)  # fmt: skip
+
+
 @dataclass
 class GPFit:
     """A GP head on one backbone and its outputs in volts per split: means and predictive
@@ -182,15 +239,19 @@ class GPFit:
 
 def fit_gp_volts(
     feats: dict[str, Tensor], desc: dict[str, Tensor] | None, y_train: np.ndarray,
-    normalizer: Normalizer, cfg: GPConfig,
+    normalizer: Normalizer, cfg: GPConfig, pooled: PooledRows | None = None,
 ) -> GPFit:  # fmt: skip
-    """Fit a GP head on the training split's pooled vectors (and descriptors, when given) and
-    evaluate it on every split: the one routine the Li ensemble and transfer learning share."""
+    """Fit a GP head on the training split's pooled vectors (and descriptors, when given; and
+    other ions' ``pooled`` rows) and evaluate it on every split: the one routine the Li ensemble
+    and transfer learning share."""
     d = desc or {}
-    train_desc = d["train"].numpy() if "train" in d else None
-    head = fit_gp_head(feats["train"], normalizer.norm(y_train), cfg, train_desc)
-    log.info("GP head: descriptor weight %.3g of %s", float(head.desc_weight),
-             cfg.descriptor_weights)  # fmt: skip
+    x, y, train_desc, tasks = with_pooled_rows(
+        feats["train"], d.get("train"), normalizer.norm(y_train), pooled
+    )
+    head = fit_gp_head(x, y, cfg, train_desc, tasks)
+    log.info("GP head: descriptor weight %.3g of %s; %d ions, task scale %s",
+             float(head.desc_weight), cfg.descriptor_weights, 1 if pooled is None else
+             pooled.n_ions, head.task.max().item() if head.n_tasks else "-")  # fmt: skip
     means, variances = {}, {}
     with torch.no_grad():
         for s, f in feats.items():
