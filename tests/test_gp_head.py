@@ -174,3 +174,77 @@ def test_descriptor_heads_round_trip_and_check_the_featuriser_version(tmp_path):
     torch.save(payload, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="descriptors"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def _two_ions(n_own: int, n_other: int, seed: int = 0):
+    """One smooth voltage-like function of the inputs seen by two ions on different scales: the
+    scarce ion (column 0) and a partner, each normalised by its own statistics as the caller
+    does before pooling."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_own + n_other, 4))
+    f = np.sin(1.5 * x[:, 0]) + 0.5 * x[:, 1] * x[:, 2]
+    y = np.where(np.arange(len(x)) < n_own, 1.0 + 0.6 * f, 3.0 + 1.2 * f)
+    y = y + 0.02 * rng.normal(size=len(x))
+    own = np.arange(len(x)) < n_own
+    z = np.empty_like(y)
+    for mask in (own, ~own):
+        z[mask] = (y[mask] - y[mask].mean()) / y[mask].std()
+    tasks = np.stack([own, ~own], axis=1).astype(float)
+    return torch.tensor(x, dtype=torch.float32), y, z, tasks, own
+
+
+def test_pooled_head_serves_its_own_ion_like_sklearn():
+    """A head fitted on two ions' rows answers every query as a crystal of its own ion: the
+    scaled one-hot row it stores is appended after standardisation, as in training."""
+    x, _, z, tasks, _ = _two_ions(30, 60)
+    head = fit_gp_head(x, z, GPConfig(task_weights=(1.0, 2.0)), tasks=tasks)
+    assert head.n_tasks == 2 and float(head.task[1]) == 0.0
+    u = float(head.task[0])
+    assert u in (1.0, 2.0)
+    c, length, noise, _ = head.kernel.tolist()
+    kernel = ConstantKernel(c, "fixed") * Matern(length, "fixed", nu=0.5) + WhiteKernel(
+        noise, "fixed"
+    )
+    std_x = (x.double().numpy() - head.x_mean.numpy()) / head.x_scale.numpy()
+    ref = GaussianProcessRegressor(kernel, optimizer=None).fit(
+        np.concatenate([std_x, u * tasks], axis=1), z
+    )
+    x_new = torch.randn(12, 4, dtype=torch.float64)
+    z_new = (x_new.numpy() - head.x_mean.numpy()) / head.x_scale.numpy()
+    mean, std = ref.predict(np.concatenate([z_new, np.tile([u, 0.0], (12, 1))], axis=1),
+                            return_std=True)  # fmt: skip
+    with torch.no_grad():
+        np.testing.assert_allclose(head(x_new).numpy(), mean, atol=1e-6)
+        np.testing.assert_allclose(head.variance(x_new).sqrt().numpy(), std, atol=1e-6)
+        again = GPHead.from_state(head.state_dict())
+        assert again.n_tasks == 2
+        np.testing.assert_allclose(again(x_new).numpy(), mean, atol=1e-6)
+
+
+def test_pooling_a_partner_ion_helps_a_scarce_one():
+    """15 crystals of an ion and 200 of a partner whose voltages follow the same chemistry on
+    another scale: the pooled head predicts new crystals of the scarce ion better than a head
+    fitted on its 15 alone."""
+    x, y, z, tasks, own = _two_ions(15 + 100, 200, seed=3)
+    fit_rows = np.flatnonzero(own)[:15]
+    new = np.flatnonzero(own)[15:]
+    partner = np.flatnonzero(~own)
+    mu, sd = y[fit_rows].mean(), y[fit_rows].std()
+    alone = fit_gp_head(x[fit_rows], (y[fit_rows] - mu) / sd, GPConfig())
+    rows = np.concatenate([fit_rows, partner])
+    pooled = fit_gp_head(x[rows], np.concatenate([(y[fit_rows] - mu) / sd, z[partner]]),
+                         GPConfig(), tasks=tasks[rows])  # fmt: skip
+    with torch.no_grad():
+        mae_alone = np.mean(np.abs(alone(x[new]).double().numpy() * sd + mu - y[new]))
+        mae_pooled = np.mean(np.abs(pooled(x[new]).double().numpy() * sd + mu - y[new]))
+    assert mae_pooled < 0.7 * mae_alone, (mae_pooled, mae_alone)
+
+
+def test_pooled_head_state_must_fit_its_ion_row():
+    x, _, z, tasks, _ = _two_ions(20, 20)
+    state = fit_gp_head(x, z, GPConfig(), tasks=tasks).state_dict()
+    state["task"] = torch.ones(3, dtype=torch.float64)  # a third ion column nobody trained on
+    with pytest.raises(ValueError, match="x_mean"):
+        GPHead.from_state(state)
+    with pytest.raises(ValueError, match="task_weights"):
+        GPConfig(task_weights=(0.0,))

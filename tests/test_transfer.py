@@ -138,8 +138,9 @@ def test_adapt_mode_changes_only_batchnorm_statistics(source, tiny_data, cfg):
 
 def test_comparison_offset_and_uncertainty(source, tiny_data, cfg):
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    na = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Na")
     store = GraphStore.load(tiny_data["graphs"])
-    report, final = evaluate_target(data, store, source, cfg)
+    report, final = evaluate_target(data, store, source, cfg, partners=[na])
     src = load_checkpoint(source)
     unchanged = source_predictions(src, data, store)
     offset = np.mean(data.targets("train") - unchanged["train"])
@@ -152,12 +153,13 @@ def test_comparison_offset_and_uncertainty(source, tiny_data, cfg):
     for mode in cfg.bn_modes:
         assert report["methods"][f"transfer_fc_bn_{mode}"]["n_seeds"] == 2
         assert report["methods"][f"transfer_gp_bn_{mode}"]["n_seeds"] == 1  # deterministic
-    assert report["bn_mode"] in ("adapt", "frozen") and report["head"] in ("fc", "gp")
+        assert report["methods"][f"transfer_gp_alone_bn_{mode}"]["n_seeds"] == 1  # measured
+    assert report["bn_mode"] in ("adapt", "frozen") and report["head"] in cfg.select_heads
+    assert report["pool_ions"] == (["Na"] if report["head"] == "gp" else [])
     chosen = report["methods"][f"transfer_{report['head']}_bn_{report['bn_mode']}"]
     assert report["methods"]["transfer"] == chosen
-    assert chosen["val_mae_mean"] == min(
-        v["val_mae_mean"] for k, v in report["methods"].items() if k.startswith("transfer_")
-    )
+    eligible = [f"transfer_{k}_bn_{m}" for k in cfg.select_heads for m in cfg.bn_modes]
+    assert chosen["val_mae_mean"] == min(report["methods"][k]["val_mae_mean"] for k in eligible)
     _, std = final.mean_std("test")
     assert (std > 0).all()
     unc = report["uncertainty"]
@@ -270,3 +272,70 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
     gp = np.array([0.1, 0.3, 0.2, 0.5])
     s = summarise({"transfer_gp": gp, "krr": gp - 0.1}, folds=2, n=4)["methods"]["krr"]
     assert s["gp_minus_this"] == pytest.approx(0.1) and s["gp_minus_this_se"] == pytest.approx(0)
+
+
+def test_pooled_gp_transfer_adds_partner_training_crystals_and_serves_them(
+    source, tiny_data, cfg, tmp_path
+):
+    """A pooled GP head holds the ion's training crystals plus the partner's training split
+    (never its validation or test crystals, whose hosts may be this ion's), and the saved
+    model, fed structures, predicts what the run scored."""
+    from training.inference import VoltageModel
+    from training.model.artifact import save_checkpoint
+    from training.model.gp_head import GPConfig
+
+    src = load_checkpoint(source)
+    store = GraphStore.load(tiny_data["graphs"])
+    mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
+    gp_cfg = cfg.model_copy(update={"gp": GPConfig(descriptor_weights=(0.0, 1.0))})
+    res = transfer(src, mg, store, gp_cfg, "adapt", seed=0, head_kind="gp", partners=[na])
+    alone = transfer(src, mg, store, gp_cfg, "adapt", seed=0, head_kind="gp_alone", partners=[na])
+    assert res.pool_ions == ("Na",) and alone.pool_ions == ()
+    n_rows = len(mg.parts["train"]) + len(na.parts["train"])
+    for member, solo in zip(res.members, alone.members, strict=True):
+        (head,), (solo_head,) = member.heads, solo.heads
+        assert head.x_train.shape[0] == n_rows and head.n_tasks == 2
+        assert solo_head.x_train.shape[0] == len(mg.parts["train"]) and solo_head.n_tasks == 0
+    y = mg.targets("train")
+    assert np.mean(np.abs(res.mean_std("train")[0] - y)) < np.mean(np.abs(y - y.mean()))
+    first, *rest = res.members
+    path = save_checkpoint(tmp_path / "mg.pt", first.model, src.model_config, src.converter_dict,
+                           res.normalizer, {"ion": "Mg"}, heads=first.heads,
+                           members=[(m.model, m.heads) for m in rest])  # fmt: skip
+    preds = VoltageModel.from_checkpoint(path).predict([r.structure() for r in mg.parts["test"]])
+    mean, std = res.mean_std("test")
+    np.testing.assert_allclose([p.voltage for p in preds], mean, atol=1e-4)
+    np.testing.assert_allclose([p.uncertainty for p in preds], std, atol=1e-4)
+
+
+def test_pool_partners_share_a_label_and_never_include_the_source(tmp_path):
+    from training.config import Params
+
+    p = Params.model_validate({"ions": {
+        "Li": {"pool": "multi"}, "Na": {}, "Mg": {"pool": "multi"}, "Zn": {"pool": "multi"},
+        "Al": {"pool": "multi"}, "K": {"pool": "mono"},
+    }})  # fmt: skip
+    assert p.pool_partners("Mg") == ["Zn", "Al"]
+    assert p.pool_partners("Al") == ["Mg", "Zn"]
+    assert p.pool_partners("Na") == [] and p.pool_partners("K") == []
+    assert p.pool_partners("Li") == []  # the source backbone was trained on its own crystals
+
+
+def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny_data, tmp_path):
+    from training.baselines.models import BaselineConfig
+    from training.cv_check import load_partners, run_cv_stage
+    from training.model.gp_head import GPConfig
+
+    mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
+    store = GraphStore.load(tiny_data["graphs"])
+    gp = GPConfig(descriptor_weights=(1.0,))
+    partners = load_partners([na], store, source, gp)
+    held_out = set(mg.host_ids("test")) | set(na.host_ids("val")[:2])
+    rows = partners.fold_rows(0, held_out)
+    kept = [h for h in partners.hosts if h not in held_out]
+    assert rows.feats.shape[0] == len(kept) == len(rows.y_norm) < len(partners.hosts)
+    assert rows.y_norm.mean() == pytest.approx(0.0, abs=1e-9)  # normalised over its kept rows
+    assert set(rows.ion_index) == {1} and rows.n_ions == 2
+    report = run_cv_stage(mg, store, "Li", source, tmp_path / "f.npz", BaselineConfig(), gp, 3,
+                          tmp_path / "cv.json", [na])  # fmt: skip
+    assert report["pool_ions"] == ["Na"] and np.isfinite(report["methods"]["transfer_gp"]["mae"])
