@@ -72,17 +72,10 @@ class Partners:
 
     def fold_rows(self, backbone: int, held_out: set[str]) -> PooledRows:
         """The rows a fold may use, each ion's targets normalised over its kept rows."""
-        keep = ~np.isin(self.hosts, sorted(held_out))
-        y_norm = np.empty(int(keep.sum()))
-        index = self.ion_index[keep]
-        for i in np.unique(index):
-            y_norm[index == i] = Normalizer.fit(self.y[keep][index == i]).norm(
-                self.y[keep][index == i]
-            )
-        return PooledRows(
-            feats=self.feats[backbone][torch.from_numpy(keep)],
-            desc=None if self.desc is None else self.desc[torch.from_numpy(keep)],
-            y_norm=y_norm, ion_index=index, n_ions=self.n_ions,
+        keep = torch.from_numpy(~np.isin(self.hosts, sorted(held_out)))
+        return PooledRows.normalised(
+            self.feats[backbone][keep], None if self.desc is None else self.desc[keep],
+            self.y[keep.numpy()], self.ion_index[keep.numpy()], self.n_ions,
         )  # fmt: skip
 
 

@@ -194,6 +194,17 @@ class PooledRows:
         if n and (self.ion_index.min() < 1 or self.ion_index.max() >= self.n_ions):
             raise ValueError(f"pooled rows: ion indices must lie in 1..{self.n_ions - 1}")
 
+    @classmethod
+    def normalised(
+        cls, feats: Tensor, desc: Tensor | None, y: np.ndarray, ion_index: np.ndarray, n_ions: int
+    ) -> PooledRows:
+        """Rows with targets in volts, each ion's normalised by its own rows' mean and std."""
+        y_norm = np.empty(len(y))
+        for i in np.unique(ion_index):
+            rows = ion_index == i
+            y_norm[rows] = Normalizer.fit(y[rows]).norm(y[rows])
+        return cls(feats=feats, desc=desc, y_norm=y_norm, ion_index=ion_index, n_ions=n_ions)
+
 
 def pooled_rows(
     partners: list[IonData], feats: list[Tensor], desc: list[Tensor] | None
@@ -202,12 +213,10 @@ def pooled_rows(
     ``feats``/``desc``: per partner, its training crystals' pooled vectors and descriptors."""
     if not partners:
         return None
-    ys = [Normalizer.fit(p.targets("train")).norm(p.targets("train")) for p in partners]
-    index = [np.full(len(y), i + 1) for i, y in enumerate(ys)]
-    return PooledRows(
-        feats=torch.cat(feats), desc=None if desc is None else torch.cat(desc),
-        y_norm=np.concatenate(ys), ion_index=np.concatenate(index), n_ions=len(partners) + 1,
-    )  # fmt: skip
+    y = [p.targets("train") for p in partners]
+    index = np.concatenate([np.full(len(t), i + 1) for i, t in enumerate(y)])
+    return PooledRows.normalised(torch.cat(feats), None if desc is None else torch.cat(desc),
+                                 np.concatenate(y), index, len(partners) + 1)  # fmt: skip
 
 
 def with_pooled_rows(
@@ -249,9 +258,8 @@ def fit_gp_volts(
         feats["train"], d.get("train"), normalizer.norm(y_train), pooled
     )
     head = fit_gp_head(x, y, cfg, train_desc, tasks)
-    log.info("GP head: descriptor weight %.3g of %s; %d ions, task scale %s",
-             float(head.desc_weight), cfg.descriptor_weights, 1 if pooled is None else
-             pooled.n_ions, head.task.max().item() if head.n_tasks else "-")  # fmt: skip
+    log.info("GP head: descriptor weight %.3g of %s, %d training rows",
+             float(head.desc_weight), cfg.descriptor_weights, len(y))  # fmt: skip
     means, variances = {}, {}
     with torch.no_grad():
         for s, f in feats.items():
