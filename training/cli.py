@@ -11,13 +11,16 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
 from training.config import Params, load_params
 from training.data.ingest import DataSourceError
+
+if TYPE_CHECKING:
+    from training.datasets import IonData
 
 app = typer.Typer(help="Electrode voltage platform: pipeline stages.", no_args_is_help=True)
 
@@ -259,7 +262,6 @@ def ion_model(
     from training.transfer_stage import run_ion_stage
 
     p = _require_ion(load_params(params), ion)
-    partners = [load_ion_data(records, splits, other) for other in p.pool_partners(ion)]
     report = run_ion_stage(
         load_ion_data(records, splits, ion),
         GraphStore.load(graphs),
@@ -271,7 +273,7 @@ def ion_model(
         checkpoint,
         metrics,
         predictions,
-        partners,
+        _pool_partners(p, ion, records, splits),
     )
     for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test_mae_mean"]):
         typer.echo(
@@ -304,7 +306,7 @@ def cv(
         load_ion_data(records, splits, ion), GraphStore.load(graphs), p.source_ion,
         source_checkpoint, features_cache, BaselineConfig.from_dict(p.section("baselines")),
         transfer_cfg.gp, int(p.section("cv")["folds"]), out,
-        [load_ion_data(records, splits, other) for other in p.pool_partners(ion)],
+        _pool_partners(p, ion, records, splits),
     )  # fmt: skip
     if "methods" not in report:
         typer.echo(f"{ion}: {report['not_applicable']}")
@@ -545,6 +547,14 @@ def screen_merge(
         raise UsageError(str(exc)) from None
     for ion, s in res["per_ion"].items():
         typer.echo(f"{ion}: {s['n_above']} of {s['n']} above {threshold} V")
+
+
+def _pool_partners(p: Params, ion: str, records: Path, splits: Path) -> list[IonData]:
+    """The data of the ions whose training crystals ``ion``'s GP heads pool (``ions.*.pool``):
+    the ion-model and cv stages must pool the same ones."""
+    from training.datasets import load_ion_data
+
+    return [load_ion_data(records, splits, other) for other in p.pool_partners(ion)]
 
 
 def _require_ion(p: Params, ion: str) -> Params:
