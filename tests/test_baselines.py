@@ -229,3 +229,19 @@ def test_config_from_dict() -> None:
         BaselineConfig.from_dict({"svm": {}})
     with pytest.raises(TypeError):
         BaselineConfig.from_dict({"krr": {"lambda": 1.0}})
+
+
+def test_forest_is_refitted_per_seed_and_the_first_seed_is_the_main_fit(dataset: dict) -> None:
+    """``seeds``: one forest per seed (``rf@<seed>``), the first is ``rf`` (importances, and the
+    same fit ``rf.seed`` = that seed gives); other models are fitted once."""
+    res = _run(dataset, _small_cfg(seeds=[5, 6, 7]))
+    assert list(res) == ["mean", "svr", "krr", "rf", "rf@6", "rf@7"]
+    assert res["rf@6"].params["seed"] == 6 and res["rf@6"].importances is None
+    single = _run(dataset, _small_cfg(rf=RFParams(n_estimators=60, seed=5, n_jobs=1)))
+    assert res["rf"].test_predictions == single["rf"].test_predictions
+    assert res["rf@6"].test_predictions != res["rf"].test_predictions  # a different forest
+    mean_mae = res["mean"].metrics["test"]["mae"]
+    assert all(res[n].metrics["test"]["mae"] < mean_mae for n in ("rf", "rf@6", "rf@7"))
+    assert BaselineConfig.from_dict({"seeds": [1, 2]}).first_rf.seed == 1
+    with pytest.raises(ValueError, match="seeds"):
+        BaselineConfig.from_dict({"seeds": []})

@@ -61,6 +61,20 @@ def test_paired_differences_are_per_crystal_error_differences(stage_inputs):
     assert paired_vs_baselines(folder / "ion_Mg.csv", folder / "missing.csv") == {}
 
 
+def test_a_seeded_baseline_is_paired_through_its_mean_error_over_seeds(stage_inputs):
+    """``rf`` and ``rf@1`` columns: the baseline's error per crystal is their mean."""
+    folder, _ = stage_inputs
+    rows = list(csv.DictReader((folder / "baselines_Mg.csv").read_text().splitlines()))
+    for r in rows:  # a second forest 0.3 V off everywhere: mean |error| = (e_rf + 0.3) / 2
+        r["rf@1"] = float(r["target"]) + 0.3
+    _write_csv(folder / "baselines_Mg.csv", rows)
+    paired = paired_vs_baselines(folder / "ion_Mg.csv", folder / "baselines_Mg.csv")
+    e_served = np.array([0.1, 0.1, 0.2, 0.2, 0.1, 0.0])
+    e_rf = np.array([0.0, 0.1, 0.2, 0.2, 0.1, 0.1])
+    assert paired["rf"]["diff"] == pytest.approx(np.mean(e_served - (e_rf + 0.3) / 2), abs=1e-4)
+    assert set(paired) == {"krr", "rf"}
+
+
 def test_run_compare_writes_table_paired_section_plot_and_summary(stage_inputs):
     folder, metrics = stage_inputs
     out = folder / "out"

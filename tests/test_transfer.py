@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import mlflow
@@ -35,7 +36,7 @@ from training.transfer import (
     transfer,
     uncertainty_report,
 )
-from training.transfer_stage import evaluate_target
+from training.transfer_stage import baseline_rows, evaluate_target, selectable_kinds
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +155,22 @@ def test_comparison_offset_and_uncertainty(source, tiny_data, cfg):
         assert report["methods"][f"transfer_fc_bn_{mode}"]["n_seeds"] == 2
         assert report["methods"][f"transfer_gp_bn_{mode}"]["n_seeds"] == 1  # deterministic
         assert report["methods"][f"transfer_gp_alone_bn_{mode}"]["n_seeds"] == 1  # measured
-    assert report["bn_mode"] in ("adapt", "frozen") and report["head"] in cfg.select_heads
+    selection = report["pool_selection"]
+    assert selection["partners"] == ["Na"] and selection["pool"] == (
+        selection["pooled_mae"] < selection["alone_mae"]
+    )
+    kinds = selectable_kinds(cfg.select_heads, selection)
+    assert report["bn_mode"] in ("adapt", "frozen") and report["head"] in kinds
     assert report["pool_ions"] == (["Na"] if report["head"] == "gp" else [])
+    # one Li training seed at a time (2 members here): the ensemble of equal members is never
+    # worse than their mean (|mean error| <= mean |error| per crystal; float32 tolerance)
+    for name in ("source_unchanged", "source_offset", "transfer"):
+        per_seed = report["methods"][f"{name}_per_seed"]
+        assert per_seed["n_seeds"] == 2, name
+        assert report["methods"][name]["test_mae_mean"] <= per_seed["test_mae_mean"] + 1e-6
     chosen = report["methods"][f"transfer_{report['head']}_bn_{report['bn_mode']}"]
     assert report["methods"]["transfer"] == chosen
-    eligible = [f"transfer_{k}_bn_{m}" for k in cfg.select_heads for m in cfg.bn_modes]
+    eligible = [f"transfer_{k}_bn_{m}" for k in kinds for m in cfg.bn_modes]
     assert chosen["val_mae_mean"] == min(report["methods"][k]["val_mae_mean"] for k in eligible)
     _, std = final.mean_std("test")
     assert (std > 0).all()
@@ -323,7 +335,8 @@ def test_pool_partners_share_a_label_and_never_include_the_source(tmp_path):
 
 def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny_data, tmp_path):
     from training.baselines.models import BaselineConfig
-    from training.cv_check import load_partners, run_cv_stage
+    from training.cv_check import run_cv_stage
+    from training.gp_cv import load_partners
     from training.model.gp_head import GPConfig
 
     mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
@@ -339,3 +352,70 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
     report = run_cv_stage(mg, store, "Li", source, tmp_path / "f.npz", BaselineConfig(), gp, 3,
                           tmp_path / "cv.json", [na])  # fmt: skip
     assert report["pool_ions"] == ["Na"] and np.isfinite(report["methods"]["transfer_gp"]["mae"])
+    alone = report["methods"]["transfer_gp_alone"]  # the unpooled head, paired with every row
+    assert alone["gp_alone_minus_this"] == 0.0
+    gap = report["methods"]["transfer_gp"]["mae"] - alone["mae"]
+    assert alone["gp_minus_this"] == pytest.approx(gap, abs=1e-12)
+
+
+def test_pooling_is_chosen_by_cv_on_train_and_val_only(source, tiny_data):
+    """The pooling choice reads the ion's train+val crystals and the partners' training split:
+    scrambling the ion's test targets and the partner's val/test targets changes nothing."""
+    from training.gp_cv import choose_pooling
+    from training.model.gp_head import GPConfig
+
+    mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
+    store = GraphStore.load(tiny_data["graphs"])
+    gp = GPConfig(descriptor_weights=(0.0, 1.0))
+    report = choose_pooling(mg, store, source, [na], gp, folds=3)
+    assert report["n"] == len(mg.parts["train"]) + len(mg.parts["val"]) and report["folds"] == 3
+    assert report["pool"] == (report["pooled_mae"] < report["alone_mae"])
+    assert report["pooled_minus_alone"] == pytest.approx(
+        report["pooled_mae"] - report["alone_mae"], abs=1e-12
+    )
+
+    def _shifted(record):
+        return dataclasses.replace(record, battery_avg_voltage=record.battery_avg_voltage + 5.0)
+
+    def scrambled(data, splits):
+        out = copy.deepcopy(data)
+        for s in splits:
+            out.parts[s] = [_shifted(r) for r in out.parts[s]]
+        return out
+
+    again = choose_pooling(scrambled(mg, ["test"]), store, source,
+                           [scrambled(na, ["val", "test"])], gp, folds=3)  # fmt: skip
+    assert again == report
+
+
+def test_selectable_kinds_swap_the_pooled_head_when_pooling_lost():
+    assert selectable_kinds(["gp", "fc"], None) == {"gp", "fc"}
+    assert selectable_kinds(["gp"], {"pool": True}) == {"gp"}
+    assert selectable_kinds(["gp", "fc"], {"pool": False}) == {"gp_alone", "fc"}
+
+
+def test_baseline_rows_summarise_a_seeded_baseline_over_its_seed_columns(tiny_data, tmp_path):
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    y = data.targets("test")
+    offsets = {"krr": 0.2, "rf": 0.1, "rf@1": 0.3, "rf@2": 0.5}
+    lines = ["battery_id,target," + ",".join(offsets)]
+    for bid, t in zip(data.ids("test"), y, strict=True):
+        lines.append(f"{bid},{t},{','.join(str(t + o) for o in offsets.values())}")
+    (tmp_path / "b.csv").write_text("\n".join(lines) + "\n")
+    rows = baseline_rows(data, tmp_path / "b.csv")
+    assert set(rows) == {"krr", "rf"}
+    assert rows["krr"]["n_seeds"] == 1 and rows["krr"]["test_mae_mean"] == pytest.approx(0.2)
+    assert rows["rf"]["n_seeds"] == 3 and rows["rf"]["test_mae_mean"] == pytest.approx(0.3)
+    assert rows["rf"]["test_mae_std"] == pytest.approx(np.std([0.1, 0.3, 0.5]))
+
+
+def test_source_ion_is_scored_as_an_ensemble_and_one_member_at_a_time(source, tiny_data):
+    from training.transfer_stage import evaluate_source
+
+    li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    report = evaluate_source(li, GraphStore.load(tiny_data["graphs"]), source)
+    ensemble, per_seed = report["methods"]["cgcnn"], report["methods"]["cgcnn_per_seed"]
+    assert ensemble["n_seeds"] == 1 and per_seed["n_seeds"] == 2  # the fixture's 2 members
+    assert per_seed["test_mae_std"] > 0  # two trained seeds do differ
+    assert ensemble["test_mae_mean"] <= per_seed["test_mae_mean"] + 1e-6
+    assert ensemble["test_mae_mean"] == pytest.approx(report["test_mae"])

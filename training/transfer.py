@@ -39,7 +39,7 @@ from training.graphs.store import GraphLoader, GraphStore
 from training.model.artifact import LoadedModel, ensemble_volts
 from training.model.cgcnn import CGCNN, CGCNNConfig, Head
 from training.model.descriptors import store_descriptors
-from training.model.gp_head import GPConfig, GPHead
+from training.model.gp_head import GPConfig, GPHead, head_mean_var
 from training.train.core import model_predictor, score, split_loader, train_from_scratch
 from training.train.heads import (
     HeadConfig,
@@ -73,6 +73,9 @@ class TransferSettings(BaseModel):
     bn_modes: list[Literal["adapt", "frozen"]] = ["adapt", "frozen"]
     select_heads: list[HeadKind] = Field(default=["gp", "fc"], min_length=1)
     gp: GPConfig = GPConfig()
+    # Grouped CV folds over train+val deciding whether an ion with pool partners pools them
+    # (``training.gp_cv.choose_pooling``); 0 always pools.
+    pool_cv_folds: int = Field(default=5, ge=0)
     n_heads: int = 3
     epochs: int = 600
     lr: float = 3e-3
@@ -203,6 +206,33 @@ def source_predictions(
         ]
         out[split] = np.concatenate(preds) if preds else np.empty(0)
     return out
+
+
+@torch.inference_mode()
+def source_member_predictions(
+    source: LoadedModel, data: IonData, store: GraphStore
+) -> list[dict[str, np.ndarray]]:
+    """Each source ensemble member alone (the mean of its own heads), per split: the spread of
+    one training seed to the next, which the ensemble's single figure hides."""
+    n = len(source.backbones())
+    out: list[dict[str, list[np.ndarray]]] = [{s: [] for s in data.parts} for _ in range(n)]
+    for split in data.parts:
+        for batch in split_loader(store, data, split):
+            desc = source.descriptors(batch)
+            for i, (model, heads) in enumerate(source.backbones()):
+                model.eval()
+                if heads:
+                    pooled = model.pooled(batch)
+                    norm = torch.stack([head_mean_var(h, pooled, desc)[0] for h in heads]).mean(0)
+                else:
+                    norm = model(batch)
+                out[i][split].append(source.normalizer.denorm(norm).double().numpy())
+    return [{s: np.concatenate(v) if v else np.empty(0) for s, v in m.items()} for m in out]
+
+
+def member_predictions(result: TransferResult) -> list[dict[str, np.ndarray]]:
+    """Each adapted backbone's heads alone (their mean), per split."""
+    return [{s: p.mean(axis=0) for s, p in m.preds.items()} for m in result.members]
 
 
 def scratch_cgcnn(

@@ -16,6 +16,7 @@ import numpy as np
 from pymatgen.io.cif import CifWriter
 
 from training.datasets import IonData
+from training.gp_cv import choose_pooling
 from training.graphs.encoding import encoding_fingerprint
 from training.graphs.store import GraphStore
 from training.model.artifact import LoadedModel, load_checkpoint, save_checkpoint
@@ -28,8 +29,10 @@ from training.transfer import (
     HEAD_KINDS,
     TransferResult,
     TransferSettings,
+    member_predictions,
     metrics_by_split,
     scratch_cgcnn,
+    source_member_predictions,
     source_predictions,
     transfer,
     uncertainty_report,
@@ -53,20 +56,36 @@ def _summary(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
 
 
 def baseline_rows(data: IonData, baseline_csv: Path) -> dict[str, dict[str, Any]]:
-    """SVR/KRR/RF/mean test predictions from the baselines stage, on the very same test ids."""
+    """SVR/KRR/RF/mean test predictions from the baselines stage, on the very same test ids.
+    A seeded baseline has a column per seed (``rf``, ``rf@1``, ...): one row, mean +- std."""
     rows = {r["battery_id"]: r for r in csv.DictReader(baseline_csv.read_text().splitlines())}
     ids = data.ids("test")
     missing = [b for b in ids if b not in rows]
     if missing:
         raise ValueError(f"baseline predictions lack {len(missing)} test ids: {missing[:3]}")
-    names = [c for c in next(iter(rows.values())) if c not in ("battery_id", "target")]
-    out = {}
-    for name in names:
-        pred = np.array([float(rows[b][name]) for b in ids])
-        m = regression_metrics(data.targets("test"), pred)
-        out[name] = {"test_mae_mean": m["mae"], "test_mae_std": 0.0, "test_rmse_mean": m["rmse"],
-                     "test_r2_mean": m["r2"], "n_seeds": 1}  # fmt: skip
-    return out
+    by_name: dict[str, list[dict[str, float]]] = {}
+    for col in next(iter(rows.values())):
+        if col in ("battery_id", "target"):
+            continue
+        pred = np.array([float(rows[b][col]) for b in ids])
+        by_name.setdefault(col.split("@")[0], []).append(
+            regression_metrics(data.targets("test"), pred)
+        )
+    return {name: _test_summary(per_seed) for name, per_seed in by_name.items()}
+
+
+def _test_summary(per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    """mean +- std over seeds of test metrics (a baseline's validation is its own stage's)."""
+    mae = np.array([m["mae"] for m in per_seed])
+    return {"test_mae_mean": float(mae.mean()), "test_mae_std": float(mae.std()),
+            "test_rmse_mean": float(np.mean([m["rmse"] for m in per_seed])),
+            "test_r2_mean": float(np.mean([m["r2"] for m in per_seed])),
+            "n_seeds": len(per_seed)}  # fmt: skip
+
+
+def _per_seed(data: IonData, members: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """mean +- std over the source ensemble's seeds of one member at a time."""
+    return _summary([metrics_by_split(data, m) for m in members])
 
 
 def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[str, Any]:
@@ -75,11 +94,12 @@ def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[
     m = metrics_by_split(data, preds)
     cgcnn = _summary([m])
     return {
-        "methods": {"cgcnn": cgcnn, "source_unchanged": cgcnn},
+        "methods": {"cgcnn": cgcnn, "source_unchanged": cgcnn,
+                    "cgcnn_per_seed": _per_seed(data, source_member_predictions(src, data, store))},
         "test_predictions": {"cgcnn": preds["test"]},
         "test_mae": m["test"]["mae"],
         "uncertainty": src.extra.get("uncertainty") or {},
-    }
+    }  # fmt: skip
 
 
 def evaluate_target(
@@ -96,27 +116,34 @@ def evaluate_target(
     offset = float(np.mean(y_train - unchanged["train"]))
     shifted = {s: p + offset for s, p in unchanged.items()}
     methods["source_offset"] = _summary([metrics_by_split(data, shifted)])
+    members = source_member_predictions(src, data, store)
+    methods["source_unchanged_per_seed"] = _per_seed(data, members)
+    methods["source_offset_per_seed"] = _per_seed(data, [_offset(m, y_train) for m in members])
 
     scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
     methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
 
+    pool_selection = _pool_selection(data, store, checkpoint, cfg, partners)
     runs = transfer_variants(src, data, store, cfg, partners)
     per_variant = {
         name: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
                         for r in results])
         for name, results in runs.items()
     }  # fmt: skip
-    eligible = [n for n in per_variant if runs[n][0].head_kind in cfg.select_heads]
+    kinds = selectable_kinds(cfg.select_heads, pool_selection)
+    eligible = [n for n in per_variant if runs[n][0].head_kind in kinds]
     best = min(eligible, key=lambda name: per_variant[name]["val_mae_mean"])
     methods["transfer"] = per_variant[best]
+    final = runs[best][0]
+    methods["transfer_per_seed"] = _per_seed(data, member_predictions(final))
     for name, summ in per_variant.items():
         methods[name] = summ
-    final = runs[best][0]
     report = {
         "methods": methods,
         "head": final.head_kind,
         "descriptor_weights": final.descriptor_weights(),
         "pool_ions": list(final.pool_ions),
+        "pool_selection": pool_selection,
         "bn_mode": final.bn_mode,
         "bn_selected_on": "validation MAE (mean over seeds)",
         "offset_V": offset,
@@ -129,6 +156,35 @@ def evaluate_target(
         "uncertainty": uncertainty_report(data, final),
     }
     return report, final
+
+
+def _offset(preds: dict[str, np.ndarray], y_train: np.ndarray) -> dict[str, np.ndarray]:
+    """Predictions shifted by the constant that zeroes their mean error on the training split."""
+    shift = float(np.mean(y_train - preds["train"]))
+    return {s: p + shift for s, p in preds.items()}
+
+
+def _pool_selection(
+    data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings,
+    partners: Sequence[IonData],
+) -> dict[str, Any] | None:  # fmt: skip
+    """The train+val CV deciding whether the GP head pools its partners (None: no partners;
+    ``pool_cv_folds: 0``: always pool, no CV)."""
+    if not partners:
+        return None
+    if cfg.pool_cv_folds == 0:
+        return {"pool": True, "rule": "always (pool_cv_folds: 0)"}
+    report = choose_pooling(data, store, checkpoint, partners, cfg.gp, cfg.pool_cv_folds)
+    return {**report, "rule": "lower grouped-CV MAE on train+val"}
+
+
+def selectable_kinds(select_heads: Sequence[str], pool_selection: dict[str, Any] | None) -> set:
+    """The head kinds the served model may be chosen from: ``select_heads``, where ``gp`` means
+    the pooled head or, when the pooling CV said no, the head on the ion's own crystals."""
+    kinds = set(select_heads)
+    if pool_selection is not None and not pool_selection["pool"] and "gp" in kinds:
+        kinds = (kinds - {"gp"}) | {"gp_alone"}
+    return kinds
 
 
 def transfer_variants(

@@ -66,10 +66,15 @@ def run_baseline_stage(
         for name, per_split in metrics.items():
             for split, vals in per_split.items():
                 for key, val in vals.items():
-                    mlflow.log_metric(f"{name}_{split}_{key}", val)
+                    mlflow.log_metric(f"{_metric_name(name)}_{split}_{key}", val)
         mlflow.log_artifact(str(metrics_out))
         mlflow.log_artifact(str(predictions_out))
     return metrics
+
+
+def _metric_name(name: str) -> str:
+    """``rf@1`` -> ``rf_seed1``: MLflow metric names allow no ``@``."""
+    return name.replace("@", "_seed")
 
 
 def _write_predictions(path: Path, data: IonData, results: dict) -> None:

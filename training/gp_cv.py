@@ -1,0 +1,151 @@
+"""Grouped cross-validation of GP transfer heads, shared by the pooling choice and the CV check.
+
+A fold holds out whole host structures (as the pipeline's split does); a GP head per source
+backbone is fitted on the fold's other rows (its descriptor weight and ion-column scale chosen by
+marginal likelihood, as the pipeline chooses them) and, when the ion has pool partners, on the
+partners' crystals whose host is not held out. BatchNorm statistics stay as the source trained
+them: re-estimating them per fold would need every fold's graphs twice.
+
+Two users:
+
+* ``choose_pooling`` (the ``ion_model`` stage): whether an ion's GP head pools its partners'
+  training crystals, decided by CV over the ion's train+val crystals alone (test untouched);
+* ``training.cv_check`` (the ``cv`` stage): a check over every crystal, nothing reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import GroupKFold
+
+from training.datasets import IonData
+from training.graphs.store import GraphLoader, GraphStore
+from training.model.artifact import load_checkpoint
+from training.model.descriptors import store_descriptors
+from training.model.gp_head import GPConfig, fit_gp_head, head_mean_var
+from training.train.heads import PooledRows, pooled_features, with_pooled_rows
+from training.train.normalizer import Normalizer
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+def pooled_by_backbone(
+    checkpoint: Path, store: GraphStore, hosts: list[str], n_backbones: int | None = None
+) -> list[torch.Tensor]:
+    """Pooled vectors of ``hosts``, one matrix per source backbone (the first ``n_backbones``)."""
+    loader = GraphLoader(store, [(h, 0.0) for h in hosts], batch_size=512, shuffle=False)
+    backbones = load_checkpoint(checkpoint).backbones()[:n_backbones]
+    return [pooled_features(model, loader) for model, _ in backbones]
+
+
+@dataclass
+class Partners:
+    """The pool partner ions' crystals (``ions.<ion>.pool``): a fold pools those whose host is
+    not among its held-out hosts, as the pipeline pools the partners' training split."""
+
+    hosts: np.ndarray
+    y: np.ndarray
+    ion_index: np.ndarray  # 1.. per row (0 is the cross-validated ion)
+    feats: list[torch.Tensor]  # per source backbone
+    desc: torch.Tensor | None
+    n_ions: int
+
+    def fold_rows(self, backbone: int, held_out: set[str]) -> PooledRows:
+        """The rows a fold may use, each ion's targets normalised over its kept rows."""
+        keep = torch.from_numpy(~np.isin(self.hosts, sorted(held_out)))
+        return PooledRows.normalised(
+            self.feats[backbone][keep], None if self.desc is None else self.desc[keep],
+            self.y[keep.numpy()], self.ion_index[keep.numpy()], self.n_ions,
+        )  # fmt: skip
+
+
+def load_partners(
+    partners: Sequence[IonData], store: GraphStore, source_checkpoint: Path, gp: GPConfig,
+    splits: Sequence[str] = SPLITS, n_backbones: int | None = None,
+) -> Partners | None:  # fmt: skip
+    """Pooled vectors and descriptors of the partners' crystals in ``splits`` (None without
+    partners)."""
+    if not partners:
+        return None
+    rows = [(i + 1, h, t) for i, p in enumerate(partners) for s in splits
+            for h, t in zip(p.host_ids(s), p.targets(s), strict=True)]  # fmt: skip
+    hosts = [h for _, h, _ in rows]
+    desc = torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
+    return Partners(
+        hosts=np.array(hosts), y=np.array([t for *_, t in rows]),
+        ion_index=np.array([i for i, *_ in rows]),
+        feats=pooled_by_backbone(source_checkpoint, store, hosts, n_backbones),
+        desc=desc, n_ions=len(partners) + 1,
+    )  # fmt: skip
+
+
+def gp_fold(feats: list[torch.Tensor], desc: torch.Tensor | None, y: np.ndarray,
+            tr: np.ndarray, te: np.ndarray, cfg: GPConfig, partners: Partners | None = None,
+            held_out: set[str] | None = None) -> np.ndarray:  # fmt: skip
+    """Mean over backbones of one GP head each, fitted on the fold's training rows (and the
+    partners' crystals outside the fold's ``held_out`` hosts), predicting rows ``te`` in volts."""
+    norm = Normalizer.fit(y[tr])
+    d_tr, d_te = (None, None) if desc is None else (desc[tr], desc[te])
+    preds = []
+    with torch.no_grad():
+        for b, f in enumerate(feats):
+            pooled = None if partners is None else partners.fold_rows(b, held_out or set())
+            x, yy, dd, tasks = with_pooled_rows(f[tr], d_tr, norm.norm(y[tr]), pooled)
+            head = fit_gp_head(x, yy, cfg, dd, tasks)
+            preds.append(norm.denorm(head_mean_var(head, f[te], d_te)[0].double().numpy()))
+    return np.mean(preds, axis=0)
+
+
+def group_folds(hosts: Sequence[str], folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Grouped k-fold (train rows, held-out rows) by host, deterministic; at most one fold per
+    host."""
+    n_folds = min(folds, len(set(hosts)))
+    idx = np.zeros(len(hosts))
+    return list(GroupKFold(n_splits=n_folds).split(idx, idx, groups=list(hosts)))
+
+
+def choose_pooling(
+    data: IonData, store: GraphStore, source_checkpoint: Path, partners: Sequence[IonData],
+    gp: GPConfig, folds: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Whether ``data.ion``'s GP head should pool its partners' training crystals.
+
+    Why CV and not validation: an ion's validation split holds 11-43 crystals, so the two heads'
+    validation MAEs differ by less than their noise; grouped CV over train+val scores ~10x as
+    many crystals. The test split is never read. Partners contribute their training split only
+    (what the served head would pool). The first source backbone only: one pooled fit of ~900
+    rows costs ~4 s per candidate weight, and the choice is about the data, not the backbone.
+    Pooling is kept only when its CV MAE is lower (a tie keeps the ion's own crystals).
+    """
+    parts = ("train", "val")
+    hosts = [h for s in parts for h in data.host_ids(s)]
+    y = np.concatenate([data.targets(s) for s in parts])
+    feats = pooled_by_backbone(source_checkpoint, store, hosts, 1)
+    desc = torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
+    pool = load_partners(partners, store, source_checkpoint, gp, ("train",), 1)
+    err = {"alone": np.zeros(len(y)), "pooled": np.zeros(len(y))}
+    splits = group_folds(hosts, folds)
+    for tr, te in splits:
+        held_out = {hosts[i] for i in te}
+        err["alone"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp) - y[te])
+        err["pooled"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp, pool, held_out) - y[te])
+    diff = err["pooled"] - err["alone"]
+    report = {
+        "folds": len(splits), "n": len(y), "partners": [p.ion for p in partners],
+        "alone_mae": float(err["alone"].mean()), "pooled_mae": float(err["pooled"].mean()),
+        "pooled_minus_alone": float(diff.mean()),
+        "pooled_minus_alone_se": float(diff.std(ddof=1) / np.sqrt(len(y))),
+        "pool": bool(diff.mean() < 0),
+    }  # fmt: skip
+    log.info("%s pooling CV (train+val, %d folds): alone %.3f V, pooled %.3f V -> %s", data.ion,
+             len(splits), report["alone_mae"], report["pooled_mae"],
+             "pool" if report["pool"] else "own crystals")  # fmt: skip
+    return report
