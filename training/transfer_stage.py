@@ -168,9 +168,9 @@ def _pool_selection(
     data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings,
     partners: Sequence[IonData],
 ) -> dict[str, Any] | None:  # fmt: skip
-    """The train+val CV deciding whether the GP head pools its partners (None: no partners;
-    ``pool_cv_folds: 0``: always pool, no CV)."""
-    if not partners:
+    """The train+val CV deciding whether the GP head pools its partners (None: no partners, or
+    no GP head may be served; ``pool_cv_folds: 0``: always pool, no CV)."""
+    if not partners or "gp" not in cfg.select_heads:
         return None
     if cfg.pool_cv_folds == 0:
         return {"pool": True, "rule": "always (pool_cv_folds: 0)"}
@@ -178,7 +178,9 @@ def _pool_selection(
     return {**report, "rule": "lower grouped-CV MAE on train+val"}
 
 
-def selectable_kinds(select_heads: Sequence[str], pool_selection: dict[str, Any] | None) -> set:
+def selectable_kinds(
+    select_heads: Sequence[str], pool_selection: dict[str, Any] | None
+) -> set[str]:
     """The head kinds the served model may be chosen from: ``select_heads``, where ``gp`` means
     the pooled head or, when the pooling CV said no, the head on the ion's own crystals."""
     kinds = set(select_heads)
