@@ -143,7 +143,7 @@ def test_comparison_offset_and_uncertainty(source, tiny_data, cfg):
     store = GraphStore.load(tiny_data["graphs"])
     report, final = evaluate_target(data, store, source, cfg, partners=[na])
     src = load_checkpoint(source)
-    unchanged = source_predictions(src, data, store)
+    unchanged, _ = source_predictions(src, data, store)
     offset = np.mean(data.targets("train") - unchanged["train"])
     assert report["offset_V"] == pytest.approx(offset)
     # The offset is the best constant shift on the training split: training MAE/MSE never worse.
@@ -342,7 +342,7 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
     mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
     store = GraphStore.load(tiny_data["graphs"])
     gp = GPConfig(descriptor_weights=(1.0,))
-    partners = load_partners([na], store, source, gp)
+    partners = load_partners([na], store, load_checkpoint(source), gp)
     held_out = set(mg.host_ids("test")) | set(na.host_ids("val")[:2])
     rows = partners.fold_rows(0, held_out)
     kept = [h for h in partners.hosts if h not in held_out]
@@ -367,7 +367,8 @@ def test_pooling_is_chosen_by_cv_on_train_and_val_only(source, tiny_data):
     mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
     store = GraphStore.load(tiny_data["graphs"])
     gp = GPConfig(descriptor_weights=(0.0, 1.0))
-    report = choose_pooling(mg, store, source, [na], gp, folds=3)
+    src = load_checkpoint(source)
+    report = choose_pooling(mg, store, src, [na], gp, folds=3)
     assert report["n"] == len(mg.parts["train"]) + len(mg.parts["val"]) and report["folds"] == 3
     assert report["pool"] == (report["pooled_mae"] < report["alone_mae"])
     assert report["pooled_minus_alone"] == pytest.approx(
@@ -383,7 +384,7 @@ def test_pooling_is_chosen_by_cv_on_train_and_val_only(source, tiny_data):
             out.parts[s] = [_shifted(r) for r in out.parts[s]]
         return out
 
-    again = choose_pooling(scrambled(mg, ["test"]), store, source,
+    again = choose_pooling(scrambled(mg, ["test"]), store, src,
                            [scrambled(na, ["val", "test"])], gp, folds=3)  # fmt: skip
     assert again == report
 

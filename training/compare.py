@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from training.baselines.models import base_name
 from training.plots import parity_grid
 
 # Zhang et al. (2022), validation-selected and -reported (so optimistic), transfer learning.
@@ -79,7 +80,7 @@ def _paired(
     err = np.abs(np.array([float(model[i][col]) for i in ids]) - y)
     out = {}
     for name in BASELINES:
-        cols = [c for c in base[ids[0]] if c.split("@")[0] == name]
+        cols = [c for c in base[ids[0]] if base_name(c) == name]
         if not cols:
             continue
         base_err = np.mean(

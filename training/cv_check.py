@@ -29,23 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from training.baselines.features import featurize_cached
 from training.baselines.models import BaselineConfig, make_krr, make_mean, make_rf, make_svr
 from training.datasets import IonData
-from training.gp_cv import SPLITS, gp_fold, group_folds, load_partners, pooled_by_backbone
+from training.gp_cv import (
+    SPLITS,
+    gp_fold,
+    group_folds,
+    host_descriptors,
+    load_partners,
+    pooled_by_backbone,
+    rows_of,
+)
 from training.graphs.store import GraphStore
-from training.model.descriptors import store_descriptors
+from training.model.artifact import load_checkpoint
 from training.model.gp_head import GPConfig
-
-
-def _all_rows(data: IonData) -> tuple[list[str], list[str], list[str], np.ndarray]:
-    """(battery ids, host ids, formulas, targets) of every split, concatenated."""
-    ids = [b for s in SPLITS for b in data.ids(s)]
-    hosts = [h for s in SPLITS for h in data.host_ids(s)]
-    formulas = [f for s in SPLITS for f in data.formulas(s)]
-    return ids, hosts, formulas, np.concatenate([data.targets(s) for s in SPLITS])
 
 
 def cross_validate(
@@ -53,11 +52,12 @@ def cross_validate(
     baselines: BaselineConfig, gp: GPConfig, folds: int = 10, partners: Sequence[IonData] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """Per-crystal absolute errors of every method over grouped folds, summarised."""
-    ids, hosts, formulas, y = _all_rows(data)
-    x, _ = featurize_cached(formulas, features_cache)
-    feats = pooled_by_backbone(source_checkpoint, store, hosts)
-    desc = torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
-    pool = load_partners(partners, store, source_checkpoint, gp)
+    hosts, y = rows_of(data, SPLITS)
+    x, _ = featurize_cached([f for s in SPLITS for f in data.formulas(s)], features_cache)
+    source = load_checkpoint(source_checkpoint)
+    feats = pooled_by_backbone(source, store, hosts)
+    desc = host_descriptors(store, hosts, gp)
+    pool = load_partners(partners, store, source, gp)
     makers = {
         "mean": make_mean,
         "svr": lambda: make_svr(baselines.svr),
@@ -75,7 +75,7 @@ def cross_validate(
             errors["transfer_gp_alone"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp) - y[te])
         for name, make in makers.items():
             errors[name][te] = np.abs(make().fit(x[tr], y[tr]).predict(x[te]) - y[te])
-    return summarise(errors, len(splits), len(ids))
+    return summarise(errors, len(splits), len(y))
 
 
 def summarise(errors: dict[str, np.ndarray], folds: int, n: int) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from sklearn.model_selection import GroupKFold
 
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
-from training.model.artifact import load_checkpoint
+from training.model.artifact import LoadedModel
 from training.model.descriptors import store_descriptors
 from training.model.gp_head import GPConfig, fit_gp_head, head_mean_var
 from training.train.heads import PooledRows, pooled_features, with_pooled_rows
@@ -38,12 +37,22 @@ SPLITS = ("train", "val", "test")
 
 
 def pooled_by_backbone(
-    checkpoint: Path, store: GraphStore, hosts: list[str], n_backbones: int | None = None
+    source: LoadedModel, store: GraphStore, hosts: list[str], n_backbones: int | None = None
 ) -> list[torch.Tensor]:
     """Pooled vectors of ``hosts``, one matrix per source backbone (the first ``n_backbones``)."""
     loader = GraphLoader(store, [(h, 0.0) for h in hosts], batch_size=512, shuffle=False)
-    backbones = load_checkpoint(checkpoint).backbones()[:n_backbones]
-    return [pooled_features(model, loader) for model, _ in backbones]
+    return [pooled_features(model, loader) for model, _ in source.backbones()[:n_backbones]]
+
+
+def rows_of(data: IonData, splits: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(host ids, targets) of ``splits``, concatenated in split order."""
+    hosts = [h for s in splits for h in data.host_ids(s)]
+    return hosts, np.concatenate([data.targets(s) for s in splits])
+
+
+def host_descriptors(store: GraphStore, hosts: list[str], gp: GPConfig) -> torch.Tensor | None:
+    """The hosts' composition descriptors, when the GP heads read them."""
+    return torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
 
 
 @dataclass
@@ -68,7 +77,7 @@ class Partners:
 
 
 def load_partners(
-    partners: Sequence[IonData], store: GraphStore, source_checkpoint: Path, gp: GPConfig,
+    partners: Sequence[IonData], store: GraphStore, source: LoadedModel, gp: GPConfig,
     splits: Sequence[str] = SPLITS, n_backbones: int | None = None,
 ) -> Partners | None:  # fmt: skip
     """Pooled vectors and descriptors of the partners' crystals in ``splits`` (None without
@@ -78,12 +87,11 @@ def load_partners(
     rows = [(i + 1, h, t) for i, p in enumerate(partners) for s in splits
             for h, t in zip(p.host_ids(s), p.targets(s), strict=True)]  # fmt: skip
     hosts = [h for _, h, _ in rows]
-    desc = torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
     return Partners(
         hosts=np.array(hosts), y=np.array([t for *_, t in rows]),
         ion_index=np.array([i for i, *_ in rows]),
-        feats=pooled_by_backbone(source_checkpoint, store, hosts, n_backbones),
-        desc=desc, n_ions=len(partners) + 1,
+        feats=pooled_by_backbone(source, store, hosts, n_backbones),
+        desc=host_descriptors(store, hosts, gp), n_ions=len(partners) + 1,
     )  # fmt: skip
 
 
@@ -113,7 +121,7 @@ def group_folds(hosts: Sequence[str], folds: int) -> list[tuple[np.ndarray, np.n
 
 
 def choose_pooling(
-    data: IonData, store: GraphStore, source_checkpoint: Path, partners: Sequence[IonData],
+    data: IonData, store: GraphStore, source: LoadedModel, partners: Sequence[IonData],
     gp: GPConfig, folds: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Whether ``data.ion``'s GP head should pool its partners' training crystals.
@@ -125,12 +133,10 @@ def choose_pooling(
     rows costs ~4 s per candidate weight, and the choice is about the data, not the backbone.
     Pooling is kept only when its CV MAE is lower (a tie keeps the ion's own crystals).
     """
-    parts = ("train", "val")
-    hosts = [h for s in parts for h in data.host_ids(s)]
-    y = np.concatenate([data.targets(s) for s in parts])
-    feats = pooled_by_backbone(source_checkpoint, store, hosts, 1)
-    desc = torch.from_numpy(store_descriptors(store, hosts)) if gp.uses_descriptors else None
-    pool = load_partners(partners, store, source_checkpoint, gp, ("train",), 1)
+    hosts, y = rows_of(data, ("train", "val"))
+    feats = pooled_by_backbone(source, store, hosts, 1)
+    desc = host_descriptors(store, hosts, gp)
+    pool = load_partners(partners, store, source, gp, ("train",), 1)
     err = {"alone": np.zeros(len(y)), "pooled": np.zeros(len(y))}
     splits = group_folds(hosts, folds)
     for tr, te in splits:

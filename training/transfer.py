@@ -37,7 +37,7 @@ from torch import Tensor
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
 from training.model.artifact import LoadedModel, ensemble_volts
-from training.model.cgcnn import CGCNN, CGCNNConfig, Head
+from training.model.cgcnn import CGCNN, CGCNNConfig, GraphBatchLike, Head
 from training.model.descriptors import store_descriptors
 from training.model.gp_head import GPConfig, GPHead, head_mean_var
 from training.train.core import model_predictor, score, split_loader, train_from_scratch
@@ -195,39 +195,44 @@ def _gp_member(
     return Member(model=model, heads=[fit.head], preds=fit.means, variances=fit.variances)
 
 
+@torch.inference_mode()
 def source_predictions(
     source: LoadedModel, data: IonData, store: GraphStore
-) -> dict[str, np.ndarray]:
-    """The source model applied unchanged (its own normaliser), per split."""
-    out = {}
-    for split in data.parts:
-        preds = [
-            source.predict_with_std(b)[0].double().numpy() for b in split_loader(store, data, split)
-        ]
-        out[split] = np.concatenate(preds) if preds else np.empty(0)
-    return out
-
-
-@torch.inference_mode()
-def source_member_predictions(
-    source: LoadedModel, data: IonData, store: GraphStore
-) -> list[dict[str, np.ndarray]]:
-    """Each source ensemble member alone (the mean of its own heads), per split: the spread of
-    one training seed to the next, which the ensemble's single figure hides."""
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """The source model applied unchanged (its own normaliser), per split: the ensemble as
+    served (``LoadedModel.predict_with_std``'s mean) and each member alone (the mean of its own
+    heads), the spread of one training seed to the next that the ensemble's figure hides. One
+    backbone pass per batch gives both."""
     n = len(source.backbones())
-    out: list[dict[str, list[np.ndarray]]] = [{s: [] for s in data.parts} for _ in range(n)]
+    ensemble: dict[str, list[np.ndarray]] = {s: [] for s in data.parts}
+    members: list[dict[str, list[np.ndarray]]] = [{s: [] for s in data.parts} for _ in range(n)]
     for split in data.parts:
         for batch in split_loader(store, data, split):
-            desc = source.descriptors(batch)
-            for i, (model, heads) in enumerate(source.backbones()):
-                model.eval()
-                if heads:
-                    pooled = model.pooled(batch)
-                    norm = torch.stack([head_mean_var(h, pooled, desc)[0] for h in heads]).mean(0)
-                else:
-                    norm = model(batch)
-                out[i][split].append(source.normalizer.denorm(norm).double().numpy())
-    return [{s: np.concatenate(v) if v else np.empty(0) for s, v in m.items()} for m in out]
+            outs = _member_outputs(source, batch)
+            flat = [o for member in outs for o in member]
+            ensemble[split].append(ensemble_volts(source.normalizer, flat)[0].double().numpy())
+            for i, member in enumerate(outs):
+                mean = source.normalizer.denorm(torch.stack(member).mean(dim=0))
+                members[i][split].append(mean.double().numpy())
+    return _joined(ensemble), [_joined(m) for m in members]
+
+
+def _member_outputs(source: LoadedModel, batch: GraphBatchLike) -> list[list[Tensor]]:
+    """Per source member, its heads' outputs in normalised units (as ``predict_with_std``)."""
+    desc = source.descriptors(batch)
+    outs = []
+    for model, heads in source.backbones():
+        model.eval()
+        if not heads:
+            outs.append([model(batch)])
+            continue
+        pooled = model.pooled(batch)
+        outs.append([head_mean_var(h, pooled, desc)[0] for h in heads])
+    return outs
+
+
+def _joined(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    return {s: np.concatenate(v) if v else np.empty(0) for s, v in parts.items()}
 
 
 def member_predictions(result: TransferResult) -> list[dict[str, np.ndarray]]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from pymatgen.io.cif import CifWriter
 
+from training.baselines.models import base_name
 from training.datasets import IonData
 from training.gp_cv import choose_pooling
 from training.graphs.encoding import encoding_fingerprint
@@ -32,7 +33,6 @@ from training.transfer import (
     member_predictions,
     metrics_by_split,
     scratch_cgcnn,
-    source_member_predictions,
     source_predictions,
     transfer,
     uncertainty_report,
@@ -68,7 +68,7 @@ def baseline_rows(data: IonData, baseline_csv: Path) -> dict[str, dict[str, Any]
         if col in ("battery_id", "target"):
             continue
         pred = np.array([float(rows[b][col]) for b in ids])
-        by_name.setdefault(col.split("@")[0], []).append(
+        by_name.setdefault(base_name(col), []).append(
             regression_metrics(data.targets("test"), pred)
         )
     return {name: _test_summary(per_seed) for name, per_seed in by_name.items()}
@@ -90,12 +90,12 @@ def _per_seed(data: IonData, members: list[dict[str, np.ndarray]]) -> dict[str, 
 
 def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[str, Any]:
     src = load_checkpoint(checkpoint)
-    preds = source_predictions(src, data, store)
+    preds, members = source_predictions(src, data, store)
     m = metrics_by_split(data, preds)
     cgcnn = _summary([m])
     return {
         "methods": {"cgcnn": cgcnn, "source_unchanged": cgcnn,
-                    "cgcnn_per_seed": _per_seed(data, source_member_predictions(src, data, store))},
+                    "cgcnn_per_seed": _per_seed(data, members)},
         "test_predictions": {"cgcnn": preds["test"]},
         "test_mae": m["test"]["mae"],
         "uncertainty": src.extra.get("uncertainty") or {},
@@ -111,19 +111,17 @@ def evaluate_target(
     y_train = data.targets("train")
     mean_pred = {s: np.full(len(data.parts[s]), y_train.mean()) for s in data.parts}
     methods["mean"] = _summary([metrics_by_split(data, mean_pred)])
-    unchanged = source_predictions(src, data, store)
+    unchanged, members = source_predictions(src, data, store)
     methods["source_unchanged"] = _summary([metrics_by_split(data, unchanged)])
-    offset = float(np.mean(y_train - unchanged["train"]))
-    shifted = {s: p + offset for s, p in unchanged.items()}
+    offset, shifted = _offset(unchanged, y_train)
     methods["source_offset"] = _summary([metrics_by_split(data, shifted)])
-    members = source_member_predictions(src, data, store)
     methods["source_unchanged_per_seed"] = _per_seed(data, members)
-    methods["source_offset_per_seed"] = _per_seed(data, [_offset(m, y_train) for m in members])
+    methods["source_offset_per_seed"] = _per_seed(data, [_offset(m, y_train)[1] for m in members])
 
     scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
     methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
 
-    pool_selection = _pool_selection(data, store, checkpoint, cfg, partners)
+    pool_selection = _pool_selection(data, store, src, cfg, partners)
     runs = transfer_variants(src, data, store, cfg, partners)
     per_variant = {
         name: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
@@ -158,14 +156,17 @@ def evaluate_target(
     return report, final
 
 
-def _offset(preds: dict[str, np.ndarray], y_train: np.ndarray) -> dict[str, np.ndarray]:
-    """Predictions shifted by the constant that zeroes their mean error on the training split."""
+def _offset(
+    preds: dict[str, np.ndarray], y_train: np.ndarray
+) -> tuple[float, dict[str, np.ndarray]]:
+    """The constant that zeroes the predictions' mean error on the training split, and the
+    predictions shifted by it."""
     shift = float(np.mean(y_train - preds["train"]))
-    return {s: p + shift for s, p in preds.items()}
+    return shift, {s: p + shift for s, p in preds.items()}
 
 
 def _pool_selection(
-    data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings,
+    data: IonData, store: GraphStore, src: LoadedModel, cfg: TransferSettings,
     partners: Sequence[IonData],
 ) -> dict[str, Any] | None:  # fmt: skip
     """The train+val CV deciding whether the GP head pools its partners (None: no partners, or
@@ -174,7 +175,7 @@ def _pool_selection(
         return None
     if cfg.pool_cv_folds == 0:
         return {"pool": True, "rule": "always (pool_cv_folds: 0)"}
-    report = choose_pooling(data, store, checkpoint, partners, cfg.gp, cfg.pool_cv_folds)
+    report = choose_pooling(data, store, src, partners, cfg.gp, cfg.pool_cv_folds)
     return {**report, "rule": "lower grouped-CV MAE on train+val"}
 
 

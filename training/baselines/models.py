@@ -31,6 +31,17 @@ from training.baselines.features import feature_group
 
 BASELINE_NAMES = ("mean", "svr", "krr", "rf")
 SPLITS = ("train", "val", "test")
+SEED_SEP = "@"  # "rf@1": the forest refitted with seed 1 (a predictions-CSV column)
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """The result / column name of a baseline refitted with a further seed."""
+    return f"{name}{SEED_SEP}{seed}"
+
+
+def base_name(column: str) -> str:
+    """The baseline a result / column belongs to: ``rf@1`` -> ``rf``."""
+    return column.split(SEED_SEP)[0]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -282,7 +293,8 @@ def _other_seeds(
     for seed in list(seeds or [])[1:]:
         p = replace(params, seed=seed)
         model = make_rf(p).fit(*data["train"])
-        out[f"rf@{seed}"] = _evaluate(f"rf@{seed}", model, asdict(p), data, test_ids)
+        name = seeded_name("rf", seed)
+        out[name] = _evaluate(name, model, asdict(p), data, test_ids)
     return out
 
 
@@ -339,9 +351,8 @@ def run_baselines(
             params, model = base, make(base).fit(*data["train"])
         result = _evaluate(name, model, asdict(params), data, test_ids)
         result.val_search = search
-        if name == "rf":
-            result.importances = _rf_importances(model, feature_names)
         results[name] = result
         if name == "rf":
+            result.importances = _rf_importances(model, feature_names)
             results.update(_other_seeds(params, cfg.seeds, data, test_ids))
     return results

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from training.baselines.features import featurize_cached
-from training.baselines.models import BaselineConfig, rf_importance_groups, run_baselines
+from training.baselines.models import (
+    SEED_SEP,
+    BaselineConfig,
+    rf_importance_groups,
+    run_baselines,
+)
 from training.datasets import IonData
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 
@@ -74,7 +79,7 @@ def run_baseline_stage(
 
 def _metric_name(name: str) -> str:
     """``rf@1`` -> ``rf_seed1``: MLflow metric names allow no ``@``."""
-    return name.replace("@", "_seed")
+    return name.replace(SEED_SEP, "_seed")
 
 
 def _write_predictions(path: Path, data: IonData, results: dict) -> None:
