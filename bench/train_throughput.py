@@ -15,6 +15,12 @@ the same machine load, and fast/naive.  With ``--graphs`` a "fast+loader" line a
 epoch through a shuffled ``GraphLoader``.  ``tune_cpu_runtime`` (glibc malloc thresholds, flush
 denormals) applies to both forms unless ``--no-tune-malloc``.
 
+``--fresh-process`` also trains the fast form in fresh subprocesses that run a parallel torch op
+*before* anything sets the flush-denormal flag (the ``tune`` stage's order: torch's OpenMP workers
+then exist without the flag), once with the graph converter's subnormal floor (today's code) and
+once with the floor off (the code before it), and prints their crystals/s beside the in-process
+figure: the floor must keep the fresh process as fast as the in-process run.
+
 Measured on 2 shared cores (Li train, 1579 crystals, 33 atoms/crystal): fast ~800-950/s, naive
 ~370-400/s (~2.1x); without malloc tuning 600/s vs 300/s.
 """
@@ -56,10 +62,12 @@ class SynthBatch:
     ids: list[str]
 
 
-def _gaussian(dist: np.ndarray, dmin: float = 0.0, dmax: float = 8.0, step: float = 0.2) -> Any:
-    """CGCNN Gaussian distance expansion (41 centres for the defaults)."""
-    centres = np.arange(dmin, dmax + step / 2, step, dtype=np.float32)  # 41 centres
-    return np.exp(-((dist[..., None] - centres) ** 2) / step**2).astype(np.float32)
+def _gaussian(dist: np.ndarray) -> torch.Tensor:
+    """The converter's Gaussian distance expansion (41 centres, subnormal floor included), so the
+    synthetic features hold the same numbers real graphs do."""
+    from training.graphs.converter import GraphConverter
+
+    return GraphConverter().expand_distances(torch.from_numpy(dist))
 
 
 def synthetic_batches(
@@ -88,7 +96,7 @@ def synthetic_batches(
             SynthBatch(
                 atom_fea=torch.from_numpy(table[z]),
                 nbr_idx=torch.from_numpy(nbr.astype(np.int64)),
-                nbr_fea=torch.from_numpy(_gaussian(dist) * mask[..., None]),
+                nbr_fea=_gaussian(dist) * torch.from_numpy(mask[..., None]),
                 nbr_mask=torch.from_numpy(mask),
                 crystal_idx=torch.from_numpy(np.repeat(np.arange(len(chunk)), chunk)),
                 n_crystals=len(chunk),
@@ -167,11 +175,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc malloc defaults")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument(
+        "--fresh-process", action="store_true",
+        help="also time the fast form in fresh subprocesses (parallel op first, floor on/off)",
+    )
+    p.add_argument("--child", choices=["floor", "no-floor"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+def start_child_like_tune(keep_floor: bool) -> None:
+    """The ``tune`` stage's order: a parallel op creates torch's workers before any flag is set
+    (``fit`` sets it later, on the calling thread only). ``keep_floor=False`` restores the code
+    before the converter's subnormal floor."""
+    import training.graphs.converter as converter
+
+    if not keep_floor:
+        converter.SUBNORMAL_FLOOR = 0.0
+    a = torch.randn(512, 512)
+    for _ in range(4):  # a few parallel matmuls: the OpenMP pool now exists
+        a = torch.tanh(a @ a)
+
+
+def fresh_process_rates(argv: Sequence[str]) -> dict[str, float]:
+    """crystals/s of the fast form in a fresh subprocess, with and without the subnormal floor."""
+    import subprocess
+
+    keep = [a for a in argv if a not in ("--fresh-process",)]
+    rates = {}
+    for mode in ("floor", "no-floor"):
+        cmd = [sys.executable, __file__, *keep, "--skip-naive", "--child", mode]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+        rates[mode] = float(line.split()[1])
+    return rates
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.child is not None:
+        start_child_like_tune(keep_floor=args.child == "floor")
     if args.no_tune_malloc:
         torch.set_num_threads(args.threads)
     else:
@@ -208,8 +251,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         if shuffled is not None:  # full epoch: shuffled GraphLoader iteration + fast training
             times["fast+loader"].append(time_epoch(steps["fast"], shuffled))
     rates = {name: report(name, t, n) for name, t in times.items()}
+    if args.child is not None:
+        print(f"RESULT {rates['fast']:.3f}")
+        return
     if "naive" in rates:
         print(f"speed-up fast/naive: {rates['fast'] / rates['naive']:.2f}x")
+    if args.fresh_process:
+        fresh = fresh_process_rates(argv)
+        print(f"fresh process, parallel op first, subnormal floor on:  {fresh['floor']:8.1f} "
+              f"crystals/s ({fresh['floor'] / rates['fast']:.2f}x in-process)")
+        print(f"fresh process, parallel op first, floor off (old code): {fresh['no-floor']:8.1f} "
+              f"crystals/s ({fresh['no-floor'] / rates['fast']:.2f}x in-process)")
 
 
 if __name__ == "__main__":

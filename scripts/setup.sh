@@ -18,5 +18,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# Prometheus + promtool (Debian package) for the monitoring tests and for operators.
-bash monitoring/setup_prometheus.sh
+# Prometheus + promtool (Debian package) for the monitoring tests and for operators. Optional: the
+# ML stack works without them (no root or no apt here), and the tests that need them skip.
+if ! bash monitoring/setup_prometheus.sh; then
+  echo "setup: prometheus/promtool not installed; the monitoring tests that need them will skip" >&2
+fi

@@ -62,6 +62,9 @@ def _predict_local(ion: str, text: str, fmt: str, tracking_uri: str | None) -> d
     from serving.predictor import PredictRequest
     from serving.runtime import ServingRuntime
 
+    from training.numerics import flush_subnormals
+
+    flush_subnormals()  # before the first torch op creates worker threads
     torch.set_num_threads(1)
     quiet_mlflow_defaults()
     config = ServingConfig.from_env()

@@ -11,6 +11,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,12 +117,55 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {
         "records": root / "records.jsonl.gz",
         "clean": root / "clean.jsonl.gz",
+        "splits_all": root / "splits_all.json",
         "splits": root / "splits.json",
         "graphs": root / "graphs.pt",
         "params": root / "params.yaml",
     }
     run_ingest(params, paths["records"], root / "reports")
-    run_clean(params, paths["records"], paths["clean"], root / "clean.json")
-    run_split(params, paths["clean"], paths["splits"], root / "split.json")
-    run_graphs(params.graph, paths["clean"], paths["graphs"], root / "graphs.json", workers=1)
+    run_split(params, paths["records"], paths["splits_all"], root / "split.json")
+    run_clean(params, paths["records"], paths["splits_all"], paths["clean"], paths["splits"],
+              root / "clean.json")  # fmt: skip
+    run_graphs(params.graph, paths["records"], paths["graphs"], root / "graphs.json", workers=1)
     return paths
+
+
+@pytest.fixture(scope="session")
+def source(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small trained Li ensemble (2 members x 2 heads) as the transfer source."""
+    import mlflow
+
+    from training.datasets import load_ion_data
+    from training.graphs.store import GraphStore
+    from training.model.cgcnn import CGCNNConfig
+    from training.tracking import MlflowSettings
+    from training.train.heads import HeadConfig
+    from training.train.loop import TrainConfig
+    from training.train.stage import TrainSettings, run_train_stage
+
+    tmp = tmp_path_factory.mktemp("src")
+    settings = TrainSettings(
+        model=CGCNNConfig(atom_fea_len=16, h_fea_len=16, n_conv=2),
+        train=TrainConfig(epochs=15, batch_size=8, optimizer="adamw", lr=3e-3, scheduler="none"),
+        heads=HeadConfig(n_heads=2, epochs=40),
+        n_models=2,
+    )
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp / 'm.db'}", experiment="src")
+    try:
+        store = GraphStore.load(tiny_data["graphs"])
+        out = (tmp / "li.pt", tmp / "li.json", tmp / "li.png")
+        run_train_stage(data, store, settings, mls, *out, log_model=False)
+    finally:
+        mlflow.set_tracking_uri(None)
+    return tmp / "li.pt"
+
+
+@pytest.fixture
+def transfer_cfg() -> Any:
+    """Transfer settings small enough for tests (2 seeds, 2 heads, short training)."""
+    from training.transfer import TransferSettings
+
+    return TransferSettings(seeds=[0, 1], n_heads=2, epochs=80, patience=20,
+                            scratch={"epochs": 3, "batch_size": 8, "optimizer": "adamw",
+                                     "lr": 2e-3, "scheduler": "none"})  # fmt: skip

@@ -1,4 +1,6 @@
-"""Conventional-ML baselines: composition features, their cache, and mean/SVR/KRR/RF models.
+"""Conventional-ML baselines: composition features, their cache, and the models on one ion's
+splits (tuned by grouped inner CV on train+val; ``test_baselines_tuning.py`` covers the tuning
+API, the pooled variants and the stage).
 
 Uses real (made-up but valid) Li transition-metal oxide/phosphate formulas with a synthetic
 voltage that depends on composition, so the models have real signal to find.
@@ -15,12 +17,8 @@ from pymatgen.core import Composition
 
 from training.baselines import features
 from training.baselines.features import composition_features, feature_group, featurize_cached
-from training.baselines.models import (
-    BaselineConfig,
-    RFParams,
-    rf_importance_groups,
-    run_baselines,
-)
+from training.baselines.models import BaselineConfig, RFParams, rf_importance_groups
+from training.baselines.suite import run_baselines
 
 METALS = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")
 FRAMEWORKS = ("{M}O2", "{M}PO4", "{M}SiO4", "{M}BO3", "{M}2O5", "{M}P2O7")
@@ -55,20 +53,32 @@ def dataset() -> dict:
 
 
 def _small_cfg(**overrides) -> BaselineConfig:
-    """Defaults with a small single-threaded forest, so the test file stays fast."""
-    cfg = BaselineConfig(rf=RFParams(n_estimators=60, seed=3, n_jobs=1))
+    """Small grids, 3 folds and small single-threaded forests, so the test file stays fast."""
+    cfg = BaselineConfig(
+        rf=RFParams(n_estimators=60, seed=3, n_jobs=1), cv_folds=3, cv_rf_trees=30,
+        svr_grid={"C": [3.0, 30.0], "gamma": [0.01, 0.03]},
+        krr_grid={"alpha": [0.01, 0.1], "gamma": [0.005, 0.02]},
+        rf_grid={"min_samples_leaf": [1, 3]},
+    )  # fmt: skip
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
 
 
-def _run(ds: dict, cfg: BaselineConfig) -> dict:
-    X, y = ds["X"], ds["y"]
+def _hosts(ds: dict, rows: np.ndarray) -> list[str]:
+    """Host structure of each row: formulas i and i+1 (in dataset order) share one host."""
+    return [f"host-{i // 2}" for i in rows]
+
+
+def _run(ds: dict, cfg: BaselineConfig, y: np.ndarray | None = None) -> dict:
+    X = ds["X"]
+    y = ds["y"] if y is None else y
     tr, va, te = ds["tr"], ds["va"], ds["te"]
-    ids = [ds["formulas"][i] for i in te]
     return run_baselines(
-        X[tr], y[tr], X[va], y[va], X[te], y[te], cfg, feature_names=ds["names"], test_ids=ids
-    )
+        X[tr], y[tr], X[va], y[va], X[te], y[te], cfg, feature_names=ds["names"],
+        test_ids=[ds["formulas"][i] for i in te], val_ids=[ds["formulas"][i] for i in va],
+        groups={"train": _hosts(ds, tr), "val": _hosts(ds, va), "test": _hosts(ds, te)},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +154,9 @@ def test_cache_featurises_only_missing(tmp_path: Path, monkeypatch: pytest.Monke
 
 # --------------------------------------------------------------------------- models
 def test_models_beat_mean(results: dict) -> None:
-    assert set(results) == {"mean", "svr", "krr", "rf"}
+    assert set(results) == {"mean", "svr", "krr", "rf", "gp_comp"}
     mean_mae = results["mean"].metrics["test"]["mae"]
-    for name in ("svr", "krr", "rf"):
+    for name in ("svr", "krr", "rf", "gp_comp"):
         m = results[name].metrics
         assert set(m) == {"train", "val", "test"}
         assert set(m["test"]) == {"mae", "rmse", "r2"}
@@ -155,13 +165,24 @@ def test_models_beat_mean(results: dict) -> None:
 
 
 def test_predictions_keyed_by_id(results: dict, dataset: dict) -> None:
-    ids = [dataset["formulas"][i] for i in dataset["te"]]
-    for res in results.values():
-        assert list(res.test_predictions) == ids
-        assert all(isinstance(v, float) for v in res.test_predictions.values())
+    for split, rows in (("test", dataset["te"]), ("val", dataset["va"])):
+        ids = [dataset["formulas"][i] for i in rows]
+        for res in results.values():
+            assert list(res.predictions[split]) == ids
+            assert all(isinstance(v, float) for v in res.predictions[split].values())
+    assert results["rf"].test_predictions is results["rf"].predictions["test"]
     train_mean = float(dataset["y"][dataset["tr"]].mean())
     for v in results["mean"].test_predictions.values():
         assert v == pytest.approx(train_mean)
+
+
+def test_only_gp_gives_a_std(results: dict) -> None:
+    for name, res in results.items():
+        if name == "gp_comp":
+            assert res.std is not None and set(res.std) == {"val", "test"}
+            assert all((s > 0).all() and np.isfinite(s).all() for s in res.std.values())
+        else:
+            assert res.std is None, name
 
 
 def test_rf_importances(results: dict, dataset: dict) -> None:
@@ -175,7 +196,7 @@ def test_rf_importances(results: dict, dataset: dict) -> None:
     assert "CovalentRadius" in dict(groups)
     # The target is built from electronegativity, so that property should rank near the top.
     assert "Electronegativity" in [g for g, _ in groups[:5]]
-    for name in ("mean", "svr", "krr"):
+    for name in ("mean", "svr", "krr", "gp_comp"):
         assert results[name].importances is None
 
 
@@ -183,27 +204,52 @@ def test_deterministic(results: dict, dataset: dict) -> None:
     again = _run(dataset, _small_cfg())
     for name, res in results.items():
         assert again[name].metrics == res.metrics
-        assert again[name].test_predictions == res.test_predictions
+        assert again[name].predictions == res.predictions
+        assert again[name].search == res.search
     assert again["rf"].importances == results["rf"].importances
 
 
-def test_select_on_val(dataset: dict) -> None:
-    cfg = _small_cfg(
-        select_on_val=True,
-        svr_grid={"C": [1.0, 10.0]},
-        krr_grid={"alpha": [0.03, 1.0]},
-        rf_grid={"min_samples_leaf": [1, 3]},
-    )
-    res = _run(dataset, cfg)
-    for name, key in (("svr", "C"), ("krr", "alpha"), ("rf", "min_samples_leaf")):
-        search = res[name].val_search
-        assert len(search) == 2
-        best_candidate, best_mae = min(search, key=lambda cm: cm[1])
-        assert res[name].params[key] == best_candidate[key]
-        assert res[name].metrics["val"]["mae"] == pytest.approx(best_mae)
-    assert res["mean"].val_search == []
+def test_group_cv_picks_the_lowest_cv_mae(results: dict) -> None:
+    """Every grid point is scored by inner CV; the first lowest wins; its CV MAE is reported."""
+    grid_sizes = (("svr", "C", 4), ("krr", "alpha", 4), ("rf", "min_samples_leaf", 2))
+    for name, key, n_points in grid_sizes:
+        res = results[name]
+        assert len(res.search) == n_points
+        best = min(res.search, key=lambda e: e["cv_mae"])  # min keeps the first on ties
+        assert res.params[key] == best["params"][key]
+        assert res.fitted is not None and res.fitted.choice == best["params"]
+        if name != "rf":  # forests: searched with small forests, rescored at full size
+            assert res.cv_mae == best["cv_mae"]
+    assert results["rf"].params["n_estimators"] == 60 and results["rf"].cv_mae is not None
+    for name in ("mean", "gp_comp"):  # nothing to tune, CV still scores them
+        assert [e["params"] for e in results[name].search] == [{}]
+        assert results[name].cv_mae is not None and np.isfinite(results[name].cv_mae)
 
 
+def test_choice_never_reads_the_test_targets(results: dict, dataset: dict) -> None:
+    """Scrambled test targets: same choices, same searches, same val and test predictions."""
+    y = dataset["y"].copy()
+    te = dataset["te"]
+    y[te] = np.random.default_rng(7).permutation(y[te]) + 3.0
+    scrambled = _run(dataset, _small_cfg(), y)
+    for name, res in results.items():
+        assert scrambled[name].search == res.search, name
+        assert scrambled[name].params == res.params, name
+        assert scrambled[name].predictions == res.predictions, name
+        assert scrambled[name].metrics["val"] == res.metrics["val"], name
+        assert scrambled[name].metrics["test"] != res.metrics["test"], name
+
+
+def test_fixed_select_keeps_the_configured_params(dataset: dict) -> None:
+    res = _run(dataset, _small_cfg(select="fixed"))
+    assert res["svr"].params["C"] == BaselineConfig().svr.C
+    assert res["krr"].params["alpha"] == BaselineConfig().krr.alpha
+    for r in res.values():
+        if "@" not in r.name:  # one point, still scored by CV (cv_mae picks the best baseline)
+            assert [e["params"] for e in r.search] == [{}] and r.cv_mae is not None
+
+
+@pytest.mark.filterwarnings("ignore:Degrees of freedom:RuntimeWarning")  # the all-NaN column
 def test_nan_features_are_imputed(dataset: dict) -> None:
     X = dataset["X"].copy()
     X[::5, 0] = np.nan  # sparse gaps
@@ -219,24 +265,37 @@ def test_nan_features_are_imputed(dataset: dict) -> None:
 
 def test_config_from_dict() -> None:
     cfg = BaselineConfig.from_dict(
-        {"svr": {"C": 3.0}, "rf": {"n_estimators": 10, "seed": 7}, "select_on_val": True}
-    )
+        {"svr": {"C": 3.0}, "rf": {"n_estimators": 10, "seed": 7, "max_features": 0.5},
+         "select": "fixed", "cv_folds": 4},
+        {"nu": 1.5, "descriptor_weights": [0.0, 0.5], "task_weights": [2.0]},
+    )  # fmt: skip
     assert cfg.svr.C == 3.0 and cfg.svr.epsilon == BaselineConfig().svr.epsilon
-    assert cfg.rf.n_estimators == 10 and cfg.rf.seed == 7
-    assert cfg.select_on_val is True
+    assert cfg.rf.n_estimators == 10 and cfg.rf.seed == 7 and cfg.rf.max_features == 0.5
+    assert cfg.select == "fixed" and cfg.cv_folds == 4
+    # The transfer head's kernel, with the descriptors as the GP's only input.
+    assert cfg.gp.nu == 1.5 and cfg.gp.descriptor_weights == (1.0,)
+    assert cfg.gp.task_weights == (2.0,)
     assert BaselineConfig.from_dict(cfg.to_dict()) == cfg
+    assert BaselineConfig().select == "group_cv"
     with pytest.raises(ValueError, match="unknown"):
         BaselineConfig.from_dict({"svm": {}})
+    with pytest.raises(ValueError, match="unknown"):  # replaced by select
+        BaselineConfig.from_dict({"select_on_val": True})
+    with pytest.raises(ValueError, match="select"):
+        BaselineConfig.from_dict({"select": "validation"})
     with pytest.raises(TypeError):
         BaselineConfig.from_dict({"krr": {"lambda": 1.0}})
 
 
 def test_forest_is_refitted_per_seed_and_the_first_seed_is_the_main_fit(dataset: dict) -> None:
     """``seeds``: one forest per seed (``rf@<seed>``), the first is ``rf`` (importances, and the
-    same fit ``rf.seed`` = that seed gives); other models are fitted once."""
+    same fit ``rf.seed`` = that seed gives), with the hyperparameters chosen for it; other
+    models are fitted once."""
     res = _run(dataset, _small_cfg(seeds=[5, 6, 7]))
-    assert list(res) == ["mean", "svr", "krr", "rf", "rf@6", "rf@7"]
+    assert list(res) == ["mean", "svr", "krr", "rf", "rf@6", "rf@7", "gp_comp"]
     assert res["rf@6"].params["seed"] == 6 and res["rf@6"].importances is None
+    assert res["rf@6"].params["min_samples_leaf"] == res["rf"].params["min_samples_leaf"]
+    assert res["rf@6"].cv_mae is None and res["rf@6"].search == []
     single = _run(dataset, _small_cfg(rf=RFParams(n_estimators=60, seed=5, n_jobs=1)))
     assert res["rf"].test_predictions == single["rf"].test_predictions
     assert res["rf@6"].test_predictions != res["rf"].test_predictions  # a different forest

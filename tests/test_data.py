@@ -166,6 +166,30 @@ def test_cleaning_rule_matches_paper_flags(real_snapshot):
     assert stats["K"].removed == 0 and stats["Al"].removed == 0
 
 
+def test_cleaning_thresholds_come_from_training_rows_only():
+    """Mean and sigma are fitted on ``fit_ids``: changing a non-training voltage (however wild)
+    changes no threshold and no decision about any other row."""
+    def rec(i: int, v: float) -> Record:
+        return Record(
+            battery_id=f"mp-{i}_Li", working_ion="Li", charged_id=f"mp-{i}",
+            charged_formula="CoO2", discharged_id="", discharged_formula="", pair_voltage=v,
+            battery_avg_voltage=v, charged_spacegroup=None, charged_nsites=0,
+            charged_structure={}, source="snapshot", in_npj2022_clean_set=True,
+        )  # fmt: skip
+
+    volts = [3.0, 3.1, 3.2, 2.9, 3.05, 2.95, 3.15, 3.0, 9.0, 3.1]
+    train = {f"mp-{i}_Li" for i in range(8)}
+    kept, stats = clean_records([rec(i, v) for i, v in enumerate(volts)], {"Li": 2.0}, train)
+    assert stats["Li"].mean == pytest.approx(np.mean(volts[:8]))
+    assert {r.battery_id for r in kept} == {f"mp-{i}_Li" for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}
+    wild = [*volts[:9], -50.0]  # a test label changes: the other rows' fate does not
+    kept2, stats2 = clean_records([rec(i, v) for i, v in enumerate(wild)], {"Li": 2.0}, train)
+    assert stats2["Li"].mean == stats["Li"].mean and stats2["Li"].sigma == stats["Li"].sigma
+    assert {r.battery_id for r in kept2} == {r.battery_id for r in kept} - {"mp-9_Li"}
+    _, paper = clean_records([rec(i, v) for i, v in enumerate(volts)], {"Li": 2.0})
+    assert paper["Li"].mean == pytest.approx(np.mean(volts))  # the paper's rule: every row
+
+
 def test_grouped_split_has_no_leakage_and_right_sizes(real_snapshot):
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     records = _csv_records(real_snapshot, params.ion_names)

@@ -13,22 +13,19 @@ import torch
 from typer.testing import CliRunner
 
 from training.datasets import load_ion_data
+from training.gp_cv import chemsys_keys
 from training.graphs.store import GraphStore
 from training.model.artifact import load_checkpoint
-from training.model.cgcnn import CGCNNConfig
 from training.registry import (
     CANDIDATE,
     CHAMPION,
+    VAL_PREDICTIONS_DIR,
     PromotionRefused,
     by_alias,
     check_gate,
     promote,
     register,
 )
-from training.tracking import MlflowSettings
-from training.train.heads import HeadConfig
-from training.train.loop import TrainConfig
-from training.train.stage import TrainSettings, run_train_stage
 from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
     TransferSettings,
@@ -39,32 +36,9 @@ from training.transfer import (
 from training.transfer_stage import baseline_rows, evaluate_target, selectable_kinds
 
 
-@pytest.fixture(scope="module")
-def source(tiny_data, tmp_path_factory):
-    """A small trained Li ensemble (2 members x 2 heads) as the transfer source."""
-    tmp = tmp_path_factory.mktemp("src")
-    settings = TrainSettings(
-        model=CGCNNConfig(atom_fea_len=16, h_fea_len=16, n_conv=2),
-        train=TrainConfig(epochs=15, batch_size=8, optimizer="adamw", lr=3e-3, scheduler="none"),
-        heads=HeadConfig(n_heads=2, epochs=40),
-        n_models=2,
-    )
-    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
-    mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp / 'm.db'}", experiment="src")
-    try:
-        store = GraphStore.load(tiny_data["graphs"])
-        out = (tmp / "li.pt", tmp / "li.json", tmp / "li.png")
-        run_train_stage(data, store, settings, mls, *out, log_model=False)
-    finally:
-        mlflow.set_tracking_uri(None)
-    return tmp / "li.pt"
-
-
 @pytest.fixture
-def cfg() -> TransferSettings:
-    return TransferSettings(seeds=[0, 1], n_heads=2, epochs=80, patience=20,
-                            scratch={"epochs": 3, "batch_size": 8, "optimizer": "adamw",
-                                     "lr": 2e-3, "scheduler": "none"})  # fmt: skip
+def cfg(transfer_cfg: TransferSettings) -> TransferSettings:
+    return transfer_cfg
 
 
 def test_freezing_really_freezes(source, tiny_data, cfg):
@@ -202,8 +176,14 @@ def registry(tmp_path, monkeypatch, source):
     from training.train.logging import log_pyfunc
 
     def log(mae: float, split: str = "s1"):
+        # every validation crystal off by ``mae``: the gate's paired differences are constant
+        val = tmp_path / "val" / "ion_Mg_val.csv"
+        val.parent.mkdir(exist_ok=True)
+        val.write_text("battery_id,target,prediction\n" + "".join(
+            f"b{i},{i / 10:.4f},{i / 10 + mae:.4f}\n" for i in range(10)))  # fmt: skip
         with mlflow.start_run():
             info = log_pyfunc(source, _example_cif())
+            mlflow.log_artifact(str(val), artifact_path=VAL_PREDICTIONS_DIR)
         return register(info.model_uri, "electrode-voltage-Mg",
                         {"test_mae": mae, "split_hash": split}, CANDIDATE)  # fmt: skip
 
@@ -262,28 +242,39 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
     store = GraphStore.load(tiny_data["graphs"])
     gp = GPConfig(descriptor_weights=(0.0, 1.0))  # the descriptor path, chosen per fold
-    args = (store, "Li", source, tmp_path / "f.npz", BaselineConfig(), gp, 4)
+    small = BaselineConfig(svr_grid={"C": [10.0]}, krr_grid={"alpha": [0.03]},
+                           rf_grid={"min_samples_leaf": [1]}, cv_rf_trees=20)  # fmt: skip
+    args = (store, "Li", load_checkpoint(source), tmp_path / "f.npz", small, gp, 4)
     report = run_cv_stage(data, *args, tmp_path / "cv.json")
+    host = report["groupings"]["host"]
     n = sum(len(data.parts[s]) for s in data.parts)
-    assert report["n"] == n and report["folds"] == 4
-    methods = report["methods"]
-    assert set(methods) == {"transfer_gp", "mean", "svr", "krr", "rf"}
-    assert methods["transfer_gp"]["gp_minus_this"] == 0.0
+    assert host["n"] == host["n_scored"] == n and host["folds"] == 4  # no source hosts given
+    methods = host["methods"]
+    assert set(methods) == {"transfer_gp", "transfer_gp_backbone_only", "mean", "svr", "krr",
+                            "rf", "gp_comp"}  # fmt: skip
+    assert methods["transfer_gp"]["transfer_gp_minus_this"] == 0.0
     # the tiny fixture's voltages are random, so no method can beat the mean out of fold here
     # (learning is asserted on training data above); what must hold is the pairing: every
     # crystal scored once by every method, so the paired difference is the difference of MAEs
     for name, m in methods.items():
         assert np.isfinite(m["mae"]) and m["se"] >= 0
         gap = methods["transfer_gp"]["mae"] - m["mae"]
-        assert m["gp_minus_this"] == pytest.approx(gap, abs=1e-12), name
+        assert m["transfer_gp_minus_this"] == pytest.approx(gap, abs=1e-12), name
     # the stage's file is what it returned; the source ion is refused, not cross-validated
     assert json.loads((tmp_path / "cv.json").read_text()) == report
     li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
     assert "not_applicable" in run_cv_stage(li, *args, tmp_path / "li.json")
-    # paired differences: a constant 0.1 V gap has zero spread
-    gp = np.array([0.1, 0.3, 0.2, 0.5])
-    s = summarise({"transfer_gp": gp, "krr": gp - 0.1}, folds=2, n=4)["methods"]["krr"]
-    assert s["gp_minus_this"] == pytest.approx(0.1) and s["gp_minus_this_se"] == pytest.approx(0)
+    # paired differences: a constant 0.1 V gap has zero spread; unscored rows do not count
+    y = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    gp_pred = y + np.array([0.1, 0.3, 0.2, 0.5, 9.0])
+    out = {"pred": {"transfer_gp": gp_pred, "krr": gp_pred - 0.1 * np.sign(gp_pred - y)},
+           "std": {}, "fold": np.array([0, 0, 1, 1, 1]), "folds": 2}  # fmt: skip
+    scored = np.array([True, True, True, True, False])
+    s = summarise(y, scored, out, ["transfer_gp"])
+    assert s["n_scored"] == 4 and s["methods"]["transfer_gp"]["mae"] == pytest.approx(0.275)
+    krr = s["methods"]["krr"]
+    assert krr["transfer_gp_minus_this"] == pytest.approx(0.1)
+    assert krr["transfer_gp_minus_this_se"] == pytest.approx(0, abs=1e-12)
 
 
 def test_pooled_gp_transfer_adds_partner_training_crystals_and_serves_them(
@@ -334,12 +325,15 @@ def test_pool_partners_share_a_label_and_never_include_the_source(tmp_path):
 
 
 def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny_data, tmp_path):
+    import csv
+
     from training.baselines.models import BaselineConfig
     from training.cv_check import run_cv_stage
     from training.gp_cv import load_partners
     from training.model.gp_head import GPConfig
 
-    mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
+    mg, na, li = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i)
+                  for i in ("Mg", "Na", "Li"))  # fmt: skip
     store = GraphStore.load(tiny_data["graphs"])
     gp = GPConfig(descriptor_weights=(1.0,))
     partners = load_partners([na], store, load_checkpoint(source), gp)
@@ -349,13 +343,41 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
     assert rows.feats.shape[0] == len(kept) == len(rows.y_norm) < len(partners.hosts)
     assert rows.y_norm.mean() == pytest.approx(0.0, abs=1e-9)  # normalised over its kept rows
     assert set(rows.ion_index) == {1} and rows.n_ions == 2
-    report = run_cv_stage(mg, store, "Li", source, tmp_path / "f.npz", BaselineConfig(), gp, 3,
-                          tmp_path / "cv.json", [na])  # fmt: skip
-    assert report["pool_ions"] == ["Na"] and np.isfinite(report["methods"]["transfer_gp"]["mae"])
-    alone = report["methods"]["transfer_gp_alone"]  # the unpooled head, paired with every row
-    assert alone["gp_alone_minus_this"] == 0.0
-    gap = report["methods"]["transfer_gp"]["mae"] - alone["mae"]
-    assert alone["gp_minus_this"] == pytest.approx(gap, abs=1e-12)
+    small = BaselineConfig(svr_grid={"C": [10.0]}, krr_grid={"alpha": [0.03, 0.1]},
+                           rf_grid={"min_samples_leaf": [1]}, cv_rf_trees=20)  # fmt: skip
+    seen = frozenset(li.host_ids("train"))
+    out = {k: tmp_path / f"cv.{k}" for k in ("json", "csv", "png")}
+    report = run_cv_stage(mg, store, "Li", load_checkpoint(source), tmp_path / "f.npz", small,
+                          gp, 3, out["json"], [na], seen, out["csv"], out["png"])  # fmt: skip
+    assert report["pool_ions"] == ["Na"] and out["png"].stat().st_size > 0
+    unseen = [h not in seen for s in ("train", "val", "test") for h in mg.host_ids(s)]
+    for grouping, rep in report["groupings"].items():
+        assert rep["n_scored"] == sum(unseen) < rep["n"], grouping  # leak-free scoring
+        unc = rep["uncertainty"]["transfer_gp"]["as_served"]
+        assert 0 <= unc["coverage_50"] <= unc["coverage_90"] <= unc["coverage_95"] <= 1
+        assert unc["crps"] > 0
+    host = report["groupings"]["host"]
+    methods = host["methods"]
+    for name in ("transfer_gp", "transfer_gp_alone", "transfer_gp_backbone_only", "krr",
+                 "krr_pooled", "rf_pooled", "gp_comp", "gp_comp_pooled", "svr", "mean"):
+        assert np.isfinite(methods[name]["mae"]), name
+    alone = methods["transfer_gp_alone"]  # the unpooled head, paired with every row
+    assert alone["transfer_gp_alone_minus_this"] == 0.0
+    gap = methods["transfer_gp"]["mae"] - alone["mae"]
+    assert alone["transfer_gp_minus_this"] == pytest.approx(gap, abs=1e-12)
+    assert "gp_comp" in host["uncertainty"]
+    # the chemical-system grouping runs the served GP and the best baseline only
+    assert set(report["groupings"]["chemsys"]["methods"]) == {"transfer_gp", "krr"}
+    with out["csv"].open() as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 2 * host["n"]
+    chem = [r for r in table if r["grouping"] == "chemsys"]
+    keys = dict(zip((r["battery_id"] for r in chem), chemsys_keys(mg, ("train", "val", "test")),
+                    strict=True))  # fmt: skip
+    fold_of_key: dict[str, set[str]] = {}
+    for r in chem:
+        fold_of_key.setdefault(keys[r["battery_id"]], set()).add(r["fold"])
+    assert all(len(folds) == 1 for folds in fold_of_key.values())  # a system in one fold only
 
 
 def test_pooling_is_chosen_by_cv_on_train_and_val_only(source, tiny_data):
@@ -387,6 +409,12 @@ def test_pooling_is_chosen_by_cv_on_train_and_val_only(source, tiny_data):
     again = choose_pooling(scrambled(mg, ["test"]), store, src,
                            [scrambled(na, ["val", "test"])], gp, folds=3)  # fmt: skip
     assert again == report
+    # leak-free: crystals on the source's training hosts are fitted on but never scored
+    li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    seen = frozenset(li.host_ids("train"))
+    leak_free = choose_pooling(mg, store, src, [na], gp, folds=3, source_train_hosts=seen)
+    rows = [h for s in ("train", "val") for h in mg.host_ids(s)]
+    assert leak_free["n_scored"] == sum(h not in seen for h in rows) < report["n_scored"]
 
 
 def test_selectable_kinds_swap_the_pooled_head_when_pooling_lost():

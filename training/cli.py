@@ -57,6 +57,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from training.numerics import flush_subnormals
+
+    flush_subnormals()  # before torch creates its thread pool (training/numerics.py)
 
 
 @app.command()
@@ -78,14 +81,17 @@ def ingest(
 @_user_errors
 def clean(
     records: Annotated[Path, typer.Option(help="ingested records")],
+    splits_all: Annotated[Path, typer.Option(help="split of every ingested row")],
     out: Annotated[Path, typer.Option(help="cleaned records")],
+    splits_out: Annotated[Path, typer.Option(help="split file of the kept rows")],
     report: Annotated[Path, typer.Option(help="cleaning report (JSON)")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Apply the per-ion k-sigma outlier rule."""
+    """Apply the per-ion k-sigma outlier rule, its thresholds fitted on training rows."""
     from training.data.stages import run_clean
 
-    for ion, st in run_clean(load_params(params), records, out, report).items():
+    res = run_clean(load_params(params), records, splits_all, out, splits_out, report)
+    for ion, st in res.items():
         typer.echo(f"{ion}: kept {st['kept']}, removed {st['removed']} (k={st['k']})")
 
 
@@ -97,7 +103,7 @@ def split(
     report: Annotated[Path, typer.Option(help="split sizes (JSON)")],
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Seeded per-ion split, grouped by charged_id across ions."""
+    """Seeded per-ion split of every ingested row, grouped by charged_id across ions."""
     from training.data.stages import run_split
 
     for ion, sizes in run_split(load_params(params), records, out, report).items():
@@ -129,9 +135,15 @@ def baselines(
     features_cache: Annotated[Path, typer.Option(help="composition feature cache (.npz)")],
     metrics: Annotated[Path, typer.Option(help="metrics JSON out")],
     predictions: Annotated[Path, typer.Option(help="test predictions CSV out")],
+    val_predictions: Annotated[
+        Path | None,
+        typer.Option(help="validation predictions CSV out (default: <predictions>_val.csv)"),
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Mean, SVR, KRR and random forest on composition features, same splits as the CGCNN."""
+    """Mean, SVR, KRR, random forest and a GP on composition features (plus pooled variants
+    for ions with pool partners), tuned per ion by grouped CV on train+val, same splits as the
+    CGCNN."""
     from training.baselines.models import BaselineConfig
     from training.baselines.stage import run_baseline_stage
     from training.datasets import load_ion_data
@@ -141,11 +153,13 @@ def baselines(
     data = load_ion_data(records, splits, ion)
     res = run_baseline_stage(
         data,
-        BaselineConfig.from_dict(p.section("baselines")),
+        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
         MlflowSettings.model_validate(p.section("mlflow")),
         features_cache,
         metrics,
         predictions,
+        val_predictions,
+        partners=_pool_partners(p, ion, records, splits),
     )
     for name, per_split in res.items():
         typer.echo(f"{ion} {name}: test MAE {per_split['test']['mae']:.3f} V")
@@ -252,6 +266,12 @@ def ion_model(
     checkpoint: Annotated[Path, typer.Option(help="this ion's model checkpoint out")],
     metrics: Annotated[Path, typer.Option(help="comparison metrics JSON out")],
     predictions: Annotated[Path, typer.Option(help="test predictions CSV out")],
+    records_all: Annotated[
+        Path | None, typer.Option(help="ingested records before cleaning (with --splits-all)")
+    ] = None,
+    splits_all: Annotated[
+        Path | None, typer.Option(help="split of every ingested row: also score uncleaned test")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Transfer learning (or, for the source ion, evaluation) and the comparison for one ion."""
@@ -274,7 +294,10 @@ def ion_model(
         metrics,
         predictions,
         _pool_partners(p, ion, records, splits),
-    )
+        _source_train_hosts(p, records, splits),
+        None if records_all is None or splits_all is None
+        else load_ion_data(records_all, splits_all, ion),
+    )  # fmt: skip
     for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test_mae_mean"]):
         typer.echo(
             f"{ion} {name:20s} test MAE {m['test_mae_mean']:.3f} +- {m['test_mae_std']:.3f} V"
@@ -291,31 +314,46 @@ def cv(
     source_checkpoint: SourceCheckpointOpt,
     features_cache: Annotated[Path, typer.Option(help="composition features cache (.npz)")],
     out: Annotated[Path, typer.Option(help="cross-validation report JSON out")],
+    rows_out: Annotated[
+        Path | None, typer.Option(help="per-crystal out-of-fold predictions CSV out")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="reliability diagram PNG out")] = None,
+    ion_metrics: Annotated[
+        Path | None, typer.Option(help="ion_model report: the served GP variant")
+    ] = None,
+    baseline_metrics: Annotated[
+        Path | None, typer.Option(help="baselines report: the best baseline by inner CV")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Grouped k-fold CV over the ion's whole data: GP transfer vs the composition baselines."""
+    """Leak-free grouped CV (by host and by chemical system) over the ion's whole data: GP
+    transfer vs the tuned baselines, with uncertainty scores."""
     from training.baselines.models import BaselineConfig
     from training.cv_check import run_cv_stage
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
+    from training.model.artifact import load_checkpoint
     from training.transfer import TransferSettings
 
     p = _require_ion(load_params(params), ion)
     transfer_cfg = TransferSettings.model_validate(p.section("transfer"))
+    source = None if ion == p.source_ion else load_checkpoint(source_checkpoint)
     report = run_cv_stage(
         load_ion_data(records, splits, ion), GraphStore.load(graphs), p.source_ion,
-        source_checkpoint, features_cache, BaselineConfig.from_dict(p.section("baselines")),
+        source, features_cache,
+        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer").get("gp")),
         transfer_cfg.gp, int(p.section("cv")["folds"]), out,
-        _pool_partners(p, ion, records, splits),
+        _pool_partners(p, ion, records, splits), _source_train_hosts(p, records, splits),
+        rows_out, plot, *_served_and_best(ion_metrics, baseline_metrics),
+        p.section("cv").get("backbones"),
     )  # fmt: skip
-    if "methods" not in report:
+    if "groupings" not in report:
         typer.echo(f"{ion}: {report['not_applicable']}")
         return
-    for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["mae"]):
-        typer.echo(
-            f"{ion} {name:12s} CV MAE {m['mae']:.3f} +- {m['se']:.3f} V; "
-            f"GP minus this {m['gp_minus_this']:+.3f} +- {m['gp_minus_this_se']:.3f} V"
-        )
+    for grouping, rep in report["groupings"].items():
+        for name, m in sorted(rep["methods"].items(), key=lambda kv: kv[1]["mae"]):
+            typer.echo(f"{ion} {grouping:7s} {name:26s} CV MAE {m['mae']:.3f} +- {m['se']:.3f} V"
+                       f" ({rep['n_scored']} of {rep['n']} scored)")  # fmt: skip
 
 
 @app.command()
@@ -350,6 +388,44 @@ def compare(
     typer.echo(markdown.read_text())
 
 
+@app.command("docs")
+@_user_errors
+def docs(
+    reports: Annotated[Path, typer.Option(help="the pipeline's reports folder")] = Path("reports"),
+    root: Annotated[Path, typer.Option(help="repository root (README.md, docs/)")] = Path("."),
+    check: Annotated[bool, typer.Option(help="only check; exit 1 when anything is stale")] = False,
+) -> None:
+    """Render every run-derived figure of README.md and docs/results.md from the reports."""
+    from training.docs_report import problems, render
+
+    if check:
+        found = problems(root, reports)
+        for line in found:
+            typer.echo(line, err=True)
+        raise typer.Exit(1 if found else 0)
+    for path, text in render(root, reports).items():
+        path.write_text(text)
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@_user_errors
+def protocol(
+    metrics_dir: MetricsDirOpt,
+    predictions_dir: Annotated[Path, typer.Option(help="folder with ion_/baselines_ CSVs")],
+    cv_dir: Annotated[Path, typer.Option(help="folder with the cv stage's <ion>.csv rows")],
+    out: Annotated[Path, typer.Option(help="primary comparison JSON out")],
+    markdown: Annotated[Path, typer.Option(help="primary comparison markdown out")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The protocol's primary comparison: served vs best inner-CV baseline, paired, Holm."""
+    from training.protocol import run_protocol
+
+    p = load_params(params)
+    run_protocol(p.ion_names, p.source_ion, metrics_dir, predictions_dir, cv_dir, out, markdown)
+    typer.echo(markdown.read_text())
+
+
 @app.command()
 @_user_errors
 def register(
@@ -369,7 +445,7 @@ def register(
 
     p = load_params(params)
     mls = MlflowSettings.model_validate(p.section("mlflow"))
-    setup_mlflow(mls)
+    experiment_id = setup_mlflow(mls)  # where the ion_model runs (the test looks) are counted
     auto = bool(p.section("registry").get("auto_promote_first", True))
     split_ids = load_splits(splits)
     data_hash = dataset_version(Path("."), ("data/clean/records.jsonl.gz",)).get(
@@ -382,7 +458,7 @@ def register(
         split_hash = hashlib.sha256(test_ids.encode()).hexdigest()[:16]
         out[ion] = register_ion(
             ion, report, models_dir / f"{ion}.pt", mls.model_name_prefix, split_hash,
-            data_hash, auto,
+            data_hash, auto, experiment_id=experiment_id,
         )  # fmt: skip
         r = out[ion]
         typer.echo(f"{r['name']}: v{r['version']} (new: {r['registered_now']}), "
@@ -395,11 +471,16 @@ def register(
 def promote(
     ion: IonOpt,
     version: Annotated[int | None, typer.Option(help="version (default: the candidate)")] = None,
-    force: Annotated[bool, typer.Option(help="skip the test-MAE gate")] = False,
+    force: Annotated[bool, typer.Option(help="skip the validation gate")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Point alias champion at a version, refusing a candidate worse than the champion."""
-    from training.registry import PromotionRefused, model_name
+    """Point alias champion at a version, refusing one worse than the champion on validation.
+
+    The gate pairs both versions' validation predictions crystal by crystal and refuses when the
+    candidate is worse by more than one paired standard error (the test split is never read).
+    Exit status: 0 promoted, 1 refused by the gate, 2 usage error, 4 no such model or version.
+    """
+    from training.registry import NoSuchVersion, PromotionRefused, model_name
     from training.registry import promote as do_promote
     from training.tracking import MlflowSettings, setup_mlflow
 
@@ -415,6 +496,9 @@ def promote(
     except PromotionRefused as exc:
         typer.echo(f"refused: {exc}", err=True)
         raise typer.Exit(1) from None
+    except NoSuchVersion as exc:  # a typo, not a gate decision: its own status, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(4) from None
     typer.echo(f"{info.name} v{info.version} is now champion ({reason})")
 
 
@@ -555,6 +639,28 @@ def _pool_partners(p: Params, ion: str, records: Path, splits: Path) -> list[Ion
     from training.datasets import load_ion_data
 
     return [load_ion_data(records, splits, other) for other in p.pool_partners(ion)]
+
+
+def _served_and_best(ion_metrics: Path | None, baseline_metrics: Path | None) -> tuple[str, str]:
+    """The GP variant the ion_model stage serves and the baselines stage's best baseline by
+    inner CV (defaults without the reports: the pooled GP, KRR)."""
+    import json
+
+    from training.protocol import SERVED_CV_COLUMN, best_baseline
+
+    served, best = "transfer_gp", "krr"
+    if ion_metrics is not None and ion_metrics.is_file():
+        served = SERVED_CV_COLUMN.get(json.loads(ion_metrics.read_text()).get("head"), served)
+    if baseline_metrics is not None and baseline_metrics.is_file():
+        best = best_baseline(json.loads(baseline_metrics.read_text()))[0]
+    return served, best
+
+
+def _source_train_hosts(p: Params, records: Path, splits: Path) -> frozenset[str]:
+    """The hosts the source backbones trained on: a CV scores no crystal on one of them."""
+    from training.datasets import load_ion_data
+
+    return frozenset(load_ion_data(records, splits, p.source_ion).host_ids("train"))
 
 
 def _require_ion(p: Params, ion: str) -> Params:

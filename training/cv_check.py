@@ -1,114 +1,312 @@
-"""Grouped k-fold cross-validation of GP transfer against the composition baselines, per ion.
+"""Leak-free grouped cross-validation of GP transfer against tuned baselines, per ion.
 
 Why: the per-ion test splits hold 11-43 crystals, so one test MAE carries a standard error of
-0.04-0.15 V, too coarse to say whether transfer learning beats KRR. Cross-validation over all of
-an ion's crystals (folds grouped by host structure, as the split is) scores every crystal once
-and gives paired per-crystal differences, whose standard error is much smaller than either MAE's.
+0.04-0.15 V, too coarse to say whether transfer learning beats a baseline. Cross-validation over
+all of an ion's crystals scores many more of them and gives paired per-crystal differences,
+whose standard error is much smaller than either MAE's. This is the protocol's primary evidence
+(docs/protocol.md); nothing in the pipeline decides anything from it.
+
+Leak-free: the source backbones were trained on the source ion's training split; a crystal whose
+host is among those is fitted by the backbone far better than an unseen one (Li train 0.12 V
+against 0.33 V on test), so only crystals on unseen hosts are scored (``n_scored``). Folds still
+fit on every row they may use, as the served head does.
+
+Two groupings: ``host`` (folds hold out whole host structures, like the split) and ``chemsys``
+(folds hold out whole chemical systems of the host without the working ion: no reduced formula of
+a held-out crystal is among the fold's training rows for that ion). The second is the
+out-of-domain test (does the GP's std grow where its errors grow?) and the protocol's secondary
+evidence: it runs the served GP variant (``ion_model``'s choice) and the best baseline (the
+baselines stage's inner-CV choice) only, since every method under both groupings would make
+the stage several times slower.
 
 What is compared, with the settings the pipeline serves: the GP head (``transfer.gp``) on the
-frozen source backbones' pooled vectors and, when configured, the composition descriptors, their
-weight chosen by marginal likelihood within each fold (BatchNorm statistics as trained:
-re-estimating them per fold would need the fold's graphs twice), and the baselines with their
-``params.yaml`` hyperparameters (no per-fold search) on the same Magpie composition features.
-The normaliser is refitted per fold. This report is a check, not a selection: nothing
-downstream reads it. An ion with pool partners gets two GP rows, ``transfer_gp`` (pooled, as in
-``training.gp_cv``) and ``transfer_gp_alone`` (its own crystals): the ``ion_model`` stage serves
-the one its train+val CV chose (``pool_selection`` in ``reports/metrics/ion_<ion>.json``).
-
-Caveat: the source backbones were trained on the source ion's training split; a target ion's
-host structure can be among those (with a source-ion voltage as target). That holds for the
-pipeline's test split too, so the two measurements share it. For the source ion itself the
-backbone was trained on the targets being cross-validated, so it is reported as not applicable.
+frozen source backbones' pooled vectors (the first ``cv.backbones`` of them) and the composition descriptors, weights chosen by
+marginal likelihood within each fold, pooled with the partner ions (``transfer_gp``) and on the
+ion's own crystals (``transfer_gp_alone``), the same GP on the pooled vectors alone
+(``transfer_gp_backbone_only``: no composition in the head); and every baseline of the baselines
+stage, its hyperparameters tuned by inner grouped CV inside each outer fold (nested), pooled
+variants given the partners' crystals outside the fold's held-out groups.
+Uncertainty: the GP std as served (no rescaling), and rescaled by a factor fitted on the other
+folds (cross-fitted), scored by coverage at 50/80/90/95%, NLL and CRPS.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.baselines.features import featurize_cached
-from training.baselines.models import BaselineConfig, make_krr, make_mean, make_rf, make_svr
+from training.baselines.features import composition_features, featurize_cached
+from training.baselines.models import BASELINE_METHODS, OWN_METHODS, BaselineConfig
+from training.baselines.tuning import PartnerRows, fit_tuned
 from training.datasets import IonData
 from training.gp_cv import (
     SPLITS,
+    Partners,
+    chemsys_keys,
     gp_fold,
     group_folds,
     host_descriptors,
     load_partners,
     pooled_by_backbone,
     rows_of,
+    unseen_by_source,
 )
 from training.graphs.store import GraphStore
-from training.model.artifact import load_checkpoint
+from training.model.artifact import LoadedModel
 from training.model.gp_head import GPConfig
+from training.train.uncertainty import (
+    coverage_band,
+    cross_fitted_scale,
+    interval_metrics,
+    reliability_curve,
+)
+
+log = logging.getLogger(__name__)
+GROUPINGS = ("host", "chemsys")
+INNER_FOLDS = 3  # nested tuning inside each outer fold: 3 inner folds keep the stage in minutes
+
+
+def cv_methods(pooled: bool) -> tuple[str, ...]:
+    """The baselines cross-validated beside the GP: with partners, their pooled variants too."""
+    return BASELINE_METHODS if pooled else OWN_METHODS
+
+
+@dataclass
+class IonRows:
+    """Everything a fold needs about the ion's crystals (and its partners'), computed once."""
+
+    ids: list[str]
+    hosts: list[str]
+    y: np.ndarray
+    x: np.ndarray  # composition features (baselines)
+    feats: list[Any]  # pooled vectors per source backbone
+    desc: Any  # GP descriptors or None
+    scored: np.ndarray
+    chemsys: list[str]
+    partners: Partners | None
+    partner_rows: PartnerRows | None
+    partner_chemsys: np.ndarray | None
+
+
+def load_rows(
+    data: IonData, store: GraphStore, source: LoadedModel, features_cache: Path, gp: GPConfig,
+    partners: Sequence[IonData], source_train_hosts: set[str], backbones: int | None = None,
+) -> IonRows:  # fmt: skip
+    """The ion's crystals of every split with their features (pooled vectors of the first
+    ``backbones`` source backbones; None: all), and its partners' crystals."""
+    hosts, y = rows_of(data, SPLITS)
+    x, _ = featurize_cached([f for s in SPLITS for f in data.formulas(s)], features_cache)
+    pool = load_partners(partners, store, source, gp, SPLITS, backbones)
+    partner_rows = None
+    if pool is not None:
+        px, _ = composition_features([f for p in partners for s in SPLITS for f in p.formulas(s)])
+        partner_rows = PartnerRows(X=px, y=pool.y, ion_index=pool.ion_index,
+                                   n_ions=pool.n_ions, hosts=pool.hosts)  # fmt: skip
+    return IonRows(
+        ids=[b for s in SPLITS for b in data.ids(s)], hosts=hosts, y=y, x=x,
+        feats=pooled_by_backbone(source, store, hosts, backbones),
+        desc=host_descriptors(store, hosts, gp),
+        scored=unseen_by_source(hosts, source_train_hosts), chemsys=chemsys_keys(data, SPLITS),
+        partners=pool, partner_rows=partner_rows,
+        partner_chemsys=None if pool is None else pool.chemsys,
+    )  # fmt: skip
+
+
+def _partners_for(rows: IonRows, grouping: str) -> tuple[Partners | None, PartnerRows | None]:
+    """Partners keyed by the grouping's group (host, or chemical system)."""
+    if rows.partners is None or rows.partner_rows is None:
+        return None, None
+    if grouping == "host":
+        return replace(rows.partners, keys=None), rows.partner_rows
+    keys = rows.partner_chemsys
+    return (replace(rows.partners, keys=keys),
+            replace(rows.partner_rows, hosts=np.asarray(keys)))  # fmt: skip
+
+
+def run_grouping(
+    rows: IonRows, grouping: str, folds: int, gp: GPConfig, baselines: BaselineConfig,
+    gp_methods: Sequence[str], baseline_methods: Sequence[str],
+) -> dict[str, Any]:  # fmt: skip
+    """Out-of-fold predictions (and GP stds) of the given methods under one grouping."""
+    keys = rows.hosts if grouping == "host" else rows.chemsys
+    pool, prows = _partners_for(rows, grouping)
+    n = len(rows.y)
+    names = [*gp_methods, *baseline_methods]
+    pred = {m: np.zeros(n) for m in names}
+    std = {m: np.zeros(n) for m in names}
+    fold_of = np.zeros(n, dtype=int)
+    backbone_only = replace(gp, descriptor_weights=(0.0,))
+    splits = group_folds(keys, folds)
+    for k, (tr, te) in enumerate(splits):
+        fold_of[te] = k
+        held_out = {keys[i] for i in te}
+        gp_runs = {
+            "transfer_gp": (gp, pool),
+            "transfer_gp_alone": (gp, None),
+            "transfer_gp_backbone_only": (backbone_only, None),
+        }
+        for m in gp_methods:
+            cfg, partners = gp_runs[m]
+            desc = rows.desc if cfg.uses_descriptors else None
+            pred[m][te], std[m][te] = gp_fold(rows.feats, desc, rows.y, tr, te, cfg, partners,
+                                              held_out)  # fmt: skip
+        fold_partners = None if prows is None else prows.without_hosts(held_out)
+        inner_groups = [keys[i] for i in tr]
+        for m in baseline_methods:
+            fitted = fit_tuned(m, rows.x[tr], rows.y[tr], inner_groups, baselines,
+                               partners=fold_partners if m.endswith("_pooled") else None,
+                               folds=INNER_FOLDS)  # fmt: skip
+            pred[m][te] = fitted.predict(rows.x[te])
+            s = fitted.predict_std(rows.x[te])
+            if s is not None:
+                std[m][te] = s
+        log.info("%s CV fold %d/%d done", grouping, k + 1, len(splits))
+    has_std = [m for m in names if std[m].any()]
+    return {"pred": pred, "std": {m: std[m] for m in has_std}, "fold": fold_of,
+            "folds": len(splits)}  # fmt: skip
+
+
+def _se(x: np.ndarray) -> float:
+    """Standard error of the mean (NaN for fewer than two values)."""
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def summarise(
+    y: np.ndarray, scored: np.ndarray, out: dict[str, Any], refs: Sequence[str]
+) -> dict[str, Any]:
+    """On the scored crystals: MAE +- SE per method, paired differences of each GP method in
+    ``refs`` to every method (``<ref>_minus_this``), and uncertainty scores of the GP methods."""
+    n = int(scored.sum())
+    if n == 0:
+        raise ValueError("no crystal to score: every host was in the source's training split")
+    err = {m: np.abs(p - y)[scored] for m, p in out["pred"].items()}
+    methods: dict[str, Any] = {}
+    for name, e in err.items():
+        row = {"mae": float(e.mean()), "se": _se(e)}
+        for ref in refs:
+            diff = err[ref] - e
+            row[f"{ref}_minus_this"] = float(diff.mean())
+            row[f"{ref}_minus_this_se"] = _se(diff)
+        methods[name] = row
+    unc = {}
+    for name, s in out["std"].items():
+        m = out["pred"][name]
+        crossfit = cross_fitted_scale(y, m, s, out["fold"], scored)
+        unc[name] = {"as_served": interval_metrics(y[scored], m[scored], s[scored]),
+                     "cross_fitted": interval_metrics(y[scored], m[scored], crossfit[scored])}
+    return {"folds": out["folds"], "n": len(y), "n_scored": n, "methods": methods,
+            "uncertainty": unc, "coverage_90_band": list(coverage_band(n))}  # fmt: skip
 
 
 def cross_validate(
-    data: IonData, store: GraphStore, source_checkpoint: Path, features_cache: Path,
-    baselines: BaselineConfig, gp: GPConfig, folds: int = 10, partners: Sequence[IonData] = (),
-) -> dict[str, Any]:  # fmt: skip
-    """Per-crystal absolute errors of every method over grouped folds, summarised."""
-    hosts, y = rows_of(data, SPLITS)
-    x, _ = featurize_cached([f for s in SPLITS for f in data.formulas(s)], features_cache)
-    source = load_checkpoint(source_checkpoint)
-    feats = pooled_by_backbone(source, store, hosts)
-    desc = host_descriptors(store, hosts, gp)
-    pool = load_partners(partners, store, source, gp)
-    makers = {
-        "mean": make_mean,
-        "svr": lambda: make_svr(baselines.svr),
-        "krr": lambda: make_krr(baselines.krr),
-        "rf": lambda: make_rf(baselines.first_rf),
-    }
-    gp_names = ("transfer_gp", "transfer_gp_alone") if pool is not None else ("transfer_gp",)
-    errors = {name: np.zeros(len(y)) for name in (*gp_names, *makers)}
-    splits = group_folds(hosts, folds)
-    for tr, te in splits:
-        held_out = {hosts[i] for i in te}
-        pred = gp_fold(feats, desc, y, tr, te, gp, pool, held_out)
-        errors["transfer_gp"][te] = np.abs(pred - y[te])
-        if pool is not None:
-            errors["transfer_gp_alone"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp) - y[te])
-        for name, make in makers.items():
-            errors[name][te] = np.abs(make().fit(x[tr], y[tr]).predict(x[te]) - y[te])
-    return summarise(errors, len(splits), len(y))
+    data: IonData, store: GraphStore, source: LoadedModel, features_cache: Path,
+    baselines: BaselineConfig, gp: GPConfig, folds: int, partners: Sequence[IonData] = (),
+    source_train_hosts: set[str] = frozenset(), served: str = "transfer_gp",
+    best_baseline: str = "krr", backbones: int | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], IonRows]:  # fmt: skip
+    """Both groupings: (report, out-of-fold results per grouping, rows). ``served``: the GP
+    variant the ion_model stage serves; ``best_baseline``: the baselines stage's inner-CV pick
+    (the chemsys grouping runs these two only); ``backbones``: how many source backbones the
+    GP heads use (None: all)."""
+    rows = load_rows(data, store, source, features_cache, gp, partners, set(source_train_hosts),
+                     backbones)  # fmt: skip
+    gp_methods = ["transfer_gp", "transfer_gp_backbone_only"]
+    if partners:
+        gp_methods.insert(1, "transfer_gp_alone")
+    plan = {"host": (gp_methods, list(cv_methods(bool(partners)))),
+            "chemsys": ([served], [best_baseline])}  # fmt: skip
+    report: dict[str, Any] = {"groupings": {}, "served": served, "best_baseline": best_baseline,
+                              "backbones": len(rows.feats)}  # fmt: skip
+    results = {}
+    for grouping in GROUPINGS:
+        gps, bases = plan[grouping]
+        res = run_grouping(rows, grouping, folds, gp, _cv_baselines(baselines), gps, bases)
+        results[grouping] = res
+        refs = [m for m in ("transfer_gp", "transfer_gp_alone") if m in gps]
+        report["groupings"][grouping] = summarise(rows.y, rows.scored, res, refs)
+    return report, results, rows
 
 
-def summarise(errors: dict[str, np.ndarray], folds: int, n: int) -> dict[str, Any]:
-    """MAE +- standard error per method, and the paired difference of each GP head to it
-    (``gp_minus_this`` for the pooled or only GP head, ``gp_alone_minus_this`` for the head on
-    the ion's own crystals when the ion has pool partners)."""
-    refs = {"gp": errors["transfer_gp"]}
-    if "transfer_gp_alone" in errors:
-        refs["gp_alone"] = errors["transfer_gp_alone"]
-    out: dict[str, Any] = {"folds": folds, "n": n, "methods": {}}
-    for name, err in errors.items():
-        row = {"mae": float(err.mean()), "se": float(err.std(ddof=1) / np.sqrt(n))}
-        for ref, ref_err in refs.items():
-            diff = ref_err - err
-            row[f"{ref}_minus_this"] = float(diff.mean())
-            row[f"{ref}_minus_this_se"] = float(diff.std(ddof=1) / np.sqrt(n))
-        out["methods"][name] = row
-    return out
+def _cv_baselines(cfg: BaselineConfig) -> BaselineConfig:
+    """The baselines as the stage tunes them, with one forest size (``cv_rf_trees``) for search
+    and fit: the nested CV refits every method 10 times per ion, and forests dominate its cost."""
+    trees = cfg.cv_rf_trees or cfg.rf.n_estimators
+    return replace(cfg, rf=replace(cfg.rf, n_estimators=trees))
+
+
+def write_rows(path: Path, rows: IonRows, results: dict[str, dict[str, Any]]) -> None:
+    """Per crystal and grouping: fold, scored, target, every method's prediction and GP stds
+    (the primary comparison's paired tests read these)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(m for r in results.values() for m in r["pred"]))
+    std_names = sorted({m for r in results.values() for m in r["std"]})
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["battery_id", "grouping", "fold", "scored", "target", *names,
+                    *(f"{m}_std" for m in std_names)])  # fmt: skip
+        for grouping, res in results.items():
+            for i, bid in enumerate(rows.ids):
+                w.writerow([bid, grouping, int(res["fold"][i]), int(rows.scored[i]),
+                            f"{rows.y[i]:.4f}",
+                            *(f"{res['pred'][m][i]:.4f}" if m in res["pred"] else ""
+                              for m in names),
+                            *(f"{res['std'][m][i]:.4f}" if m in res["std"] else ""
+                              for m in std_names)])  # fmt: skip
+
+
+def reliability_plot(path: Path, ion: str, rows: IonRows, results: dict[str, Any]) -> None:
+    """Observed vs nominal coverage of every GP method, as served, per grouping."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4), squeeze=False)
+    for ax, (grouping, res) in zip(axes[0], results.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
+        for name, s in res["std"].items():
+            m = res["pred"][name]
+            nominal, observed = reliability_curve(rows.y[rows.scored], m[rows.scored],
+                                                  s[rows.scored])  # fmt: skip
+            ax.plot(nominal, observed, marker="o", ms=3, label=name)
+        ax.set(title=f"{ion}: {grouping}-grouped CV (n={int(rows.scored.sum())})",
+               xlabel="nominal coverage of central interval", ylabel="observed coverage",
+               xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run_cv_stage(
-    data: IonData, store: GraphStore, source_ion: str, source_checkpoint: Path,
+    data: IonData, store: GraphStore, source_ion: str, source: LoadedModel,
     features_cache: Path, baselines: BaselineConfig, gp: GPConfig, folds: int, out: Path,
-    partners: Sequence[IonData] = (),
+    partners: Sequence[IonData] = (), source_train_hosts: set[str] = frozenset(),
+    rows_out: Path | None = None, plot_out: Path | None = None, served: str = "transfer_gp",
+    best_baseline: str = "krr", backbones: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     if data.ion == source_ion:
         report: dict[str, Any] = {
             "not_applicable": "the source backbone was trained on this ion's targets"
         }
     else:
-        report = cross_validate(data, store, source_checkpoint, features_cache, baselines, gp,
-                                folds, partners)  # fmt: skip
+        report, results, rows = cross_validate(data, store, source, features_cache, baselines,
+                                               gp, folds, partners, source_train_hosts, served,
+                                               best_baseline, backbones)  # fmt: skip
         report["pool_ions"] = [p.ion for p in partners]
+        report["scored"] = "crystals on hosts the source backbones never trained on"
+        if rows_out is not None:
+            write_rows(rows_out, rows, results)
+        if plot_out is not None:
+            reliability_plot(plot_out, data.ion, rows, results)
     report = {"ion": data.ion, "source_ion": source_ion, **report}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -11,6 +11,16 @@ Two users:
 * ``choose_pooling`` (the ``ion_model`` stage): whether an ion's GP head pools its partners'
   training crystals, decided by CV over the ion's train+val crystals alone (test untouched);
 * ``training.cv_check`` (the ``cv`` stage): a check over every crystal, nothing reads it.
+
+Leak-free scoring: the source backbones were trained on the source ion's training split, and a
+target ion's crystal can sit on one of those hosts (the split is grouped across ions, but a
+*training* host is training for every ion). The backbone fits such hosts far better than unseen
+ones, so a fold fits on every row it may use but scores only crystals whose host the backbones
+never saw (``unseen_by_source``); reports say how many were scored.
+
+Grouping: by host (``charged_id``), as the split, or by chemical system (``chemsys_keys``: the
+host's elements without the working ion), so that no reduced formula of a held-out crystal is
+among the fold's training rows for that ion (leave-chemical-system-out).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from sklearn.model_selection import GroupKFold
 
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
-from training.model.artifact import LoadedModel
+from training.model.artifact import LoadedModel, ensemble_volts
 from training.model.descriptors import store_descriptors
 from training.model.gp_head import GPConfig, fit_gp_head, head_mean_var
 from training.train.heads import PooledRows, pooled_features, with_pooled_rows
@@ -66,10 +76,14 @@ class Partners:
     feats: list[torch.Tensor]  # per source backbone
     desc: torch.Tensor | None
     n_ions: int
+    chemsys: np.ndarray | None = None  # each row's chemical system (``chemsys_keys``)
+    keys: np.ndarray | None = None  # the group key folds hold out; None: the host
 
     def fold_rows(self, backbone: int, held_out: set[str]) -> PooledRows:
-        """The rows a fold may use, each ion's targets normalised over its kept rows."""
-        keep = torch.from_numpy(~np.isin(self.hosts, sorted(held_out)))
+        """The rows a fold may use (group key not held out), each ion's targets normalised over
+        its kept rows."""
+        keys = self.hosts if self.keys is None else self.keys
+        keep = torch.from_numpy(~np.isin(keys, sorted(held_out)))
         return PooledRows.normalised(
             self.feats[backbone][keep], None if self.desc is None else self.desc[keep],
             self.y[keep.numpy()], self.ion_index[keep.numpy()], self.n_ions,
@@ -84,45 +98,71 @@ def load_partners(
     partners)."""
     if not partners:
         return None
-    rows = [(i + 1, h, t) for i, p in enumerate(partners) for s in splits
-            for h, t in zip(p.host_ids(s), p.targets(s), strict=True)]  # fmt: skip
-    hosts = [h for _, h, _ in rows]
+    rows = [(i + 1, h, t, k) for i, p in enumerate(partners) for s in splits
+            for h, t, k in zip(p.host_ids(s), p.targets(s), chemsys_keys(p, (s,)),
+                               strict=True)]  # fmt: skip
+    hosts = [h for _, h, _, _ in rows]
     return Partners(
-        hosts=np.array(hosts), y=np.array([t for *_, t in rows]),
+        hosts=np.array(hosts), y=np.array([t for _, _, t, _ in rows]),
         ion_index=np.array([i for i, *_ in rows]),
         feats=pooled_by_backbone(source, store, hosts, n_backbones),
         desc=host_descriptors(store, hosts, gp), n_ions=len(partners) + 1,
+        chemsys=np.array([k for *_, k in rows]),
     )  # fmt: skip
+
+
+def chemsys_keys(data: IonData, splits: Sequence[str]) -> list[str]:
+    """Per crystal of ``splits``: its host's chemical system without the working ion
+    ("Co-O" for both CoO2 and Mg0.5CoO2), the group of leave-chemical-system-out CV."""
+    from pymatgen.core import Composition
+
+    keys = []
+    for s in splits:
+        for formula in data.formulas(s):
+            elements = {el.symbol for el in Composition(formula).elements} - {data.ion}
+            keys.append("-".join(sorted(elements)) or data.ion)
+    return keys
+
+
+def unseen_by_source(hosts: Sequence[str], source_train_hosts: set[str]) -> np.ndarray:
+    """Mask of the crystals whose host the source backbones never trained on: the rows a CV
+    may score without leaking the backbone's training fit into the figure."""
+    return np.array([h not in source_train_hosts for h in hosts], dtype=bool)
 
 
 def gp_fold(feats: list[torch.Tensor], desc: torch.Tensor | None, y: np.ndarray,
             tr: np.ndarray, te: np.ndarray, cfg: GPConfig, partners: Partners | None = None,
-            held_out: set[str] | None = None) -> np.ndarray:  # fmt: skip
-    """Mean over backbones of one GP head each, fitted on the fold's training rows (and the
-    partners' crystals outside the fold's ``held_out`` hosts), predicting rows ``te`` in volts."""
+            held_out: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """One GP head per backbone, fitted on the fold's training rows (and the partners' crystals
+    outside the fold's ``held_out`` groups), predicting rows ``te``: the ensemble mean and std
+    in volts by the served model's rule (``ensemble_volts``: spread of the backbones' means plus
+    their mean predictive variance)."""
     norm = Normalizer.fit(y[tr])
     d_tr, d_te = (None, None) if desc is None else (desc[tr], desc[te])
-    preds = []
+    means, variances = [], []
     with torch.no_grad():
         for b, f in enumerate(feats):
             pooled = None if partners is None else partners.fold_rows(b, held_out or set())
             x, yy, dd, tasks = with_pooled_rows(f[tr], d_tr, norm.norm(y[tr]), pooled)
             head = fit_gp_head(x, yy, cfg, dd, tasks)
-            preds.append(norm.denorm(head_mean_var(head, f[te], d_te)[0].double().numpy()))
-    return np.mean(preds, axis=0)
+            mean, var = head_mean_var(head, f[te], d_te)
+            means.append(mean.double())
+            variances.append(var.double())
+    mean, std = ensemble_volts(norm, means, variances)
+    return mean.numpy(), std.numpy()
 
 
-def group_folds(hosts: Sequence[str], folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Grouped k-fold (train rows, held-out rows) by host, deterministic; at most one fold per
-    host."""
-    n_folds = min(folds, len(set(hosts)))
-    idx = np.zeros(len(hosts))
-    return list(GroupKFold(n_splits=n_folds).split(idx, idx, groups=list(hosts)))
+def group_folds(keys: Sequence[str], folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Grouped k-fold (train rows, held-out rows) by group key (host or chemical system),
+    deterministic; at most one fold per group."""
+    n_folds = min(folds, len(set(keys)))
+    idx = np.zeros(len(keys))
+    return list(GroupKFold(n_splits=n_folds).split(idx, idx, groups=list(keys)))
 
 
 def choose_pooling(
     data: IonData, store: GraphStore, source: LoadedModel, partners: Sequence[IonData],
-    gp: GPConfig, folds: int,
+    gp: GPConfig, folds: int, source_train_hosts: set[str] = frozenset(),
 ) -> dict[str, Any]:  # fmt: skip
     """Whether ``data.ion``'s GP head should pool its partners' training crystals.
 
@@ -131,27 +171,34 @@ def choose_pooling(
     many crystals. The test split is never read. Partners contribute their training split only
     (what the served head would pool). The first source backbone only: one pooled fit of ~900
     rows costs ~4 s per candidate weight, and the choice is about the data, not the backbone.
+    Only crystals on hosts the backbone never trained on are scored (``source_train_hosts``).
     Pooling is kept only when its CV MAE is lower (a tie keeps the ion's own crystals).
     """
     hosts, y = rows_of(data, ("train", "val"))
     feats = pooled_by_backbone(source, store, hosts, 1)
     desc = host_descriptors(store, hosts, gp)
     pool = load_partners(partners, store, source, gp, ("train",), 1)
+    scored = unseen_by_source(hosts, set(source_train_hosts))
     err = {"alone": np.zeros(len(y)), "pooled": np.zeros(len(y))}
     splits = group_folds(hosts, folds)
     for tr, te in splits:
         held_out = {hosts[i] for i in te}
-        err["alone"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp) - y[te])
-        err["pooled"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp, pool, held_out) - y[te])
-    diff = err["pooled"] - err["alone"]
+        err["alone"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp)[0] - y[te])
+        pred = gp_fold(feats, desc, y, tr, te, gp, pool, held_out)[0]
+        err["pooled"][te] = np.abs(pred - y[te])
+    diff = (err["pooled"] - err["alone"])[scored]
+    n = int(scored.sum())
     report = {
-        "folds": len(splits), "n": len(y), "partners": [p.ion for p in partners],
-        "alone_mae": float(err["alone"].mean()), "pooled_mae": float(err["pooled"].mean()),
+        "folds": len(splits), "n": len(y), "n_scored": n,
+        "scored": "crystals on hosts the source backbones never trained on",
+        "partners": [p.ion for p in partners],
+        "alone_mae": float(err["alone"][scored].mean()),
+        "pooled_mae": float(err["pooled"][scored].mean()),
         "pooled_minus_alone": float(diff.mean()),
-        "pooled_minus_alone_se": float(diff.std(ddof=1) / np.sqrt(len(y))),
+        "pooled_minus_alone_se": float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
         "pool": bool(diff.mean() < 0),
     }  # fmt: skip
-    log.info("%s pooling CV (train+val, %d folds): alone %.3f V, pooled %.3f V -> %s", data.ion,
-             len(splits), report["alone_mae"], report["pooled_mae"],
-             "pool" if report["pool"] else "own crystals")  # fmt: skip
+    log.info("%s pooling CV (train+val, %d folds, %d of %d scored): alone %.3f V, pooled %.3f V "
+             "-> %s", data.ion, len(splits), n, len(y), report["alone_mae"],
+             report["pooled_mae"], "pool" if report["pool"] else "own crystals")  # fmt: skip
     return report

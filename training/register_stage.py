@@ -3,7 +3,12 @@
 A version is "changed" when its checkpoint's content hash differs from the newest registered
 version's. On the first run (no champion yet) the candidate is promoted automatically when
 ``registry.auto_promote_first`` is set; after that, promotion is a person's decision (MLflow UI,
-or ``voltage promote`` with its gate). A receipt of what was registered is written for DVC.
+or ``voltage promote`` with its validation gate). A receipt of what was registered is written for
+DVC.
+
+Each version carries ``test_mae`` as a reported number only, and ``test_looks``: how many
+``ion_model`` runs of the ion have scored the test split so far. The test estimate is unbiased only
+if nothing was chosen by it; counting the looks makes repeated peeking visible instead of silent.
 """
 
 from __future__ import annotations
@@ -38,10 +43,34 @@ def latest_version(name: str) -> Any | None:
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
+def count_test_looks(ion: str, experiment_id: str) -> int:
+    """The ``ion_model`` runs of ``ion`` in the experiment, deleted and failed ones included: each
+    such run scores the test split once, and a deleted run has looked all the same."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client, token, n = MlflowClient(), None, 0
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.stage = 'ion_model' and tags.ion = '{ion}'",
+            run_view_type=ViewType.ALL,
+            max_results=1000,
+            page_token=token,
+        )
+        n += len(page)
+        token = page.token
+        if not token:
+            return n
+
+
 def register_ion(
     ion: str, report: dict[str, Any], checkpoint: Path, prefix: str, split_hash: str,
-    data_hash: str, auto_promote_first: bool,
+    data_hash: str, auto_promote_first: bool, *, experiment_id: str,
 ) -> dict[str, Any]:  # fmt: skip
+    """Register ``ion``'s model if its checkpoint changed, tagged with what a reviewer needs
+    (reported test MAE and its look count, hashes, commit); the gate itself reads none of these
+    numbers, only the split hash and the run's validation predictions."""
     name = model_name(prefix, ion)
     ckpt_hash = file_hash(checkpoint)
     latest = latest_version(name)
@@ -54,7 +83,8 @@ def register_ion(
             if b in report["methods"]
         }
         tags = {
-            "ion": ion, "test_mae": round(report["test_mae"], 4), "split_hash": split_hash,
+            "ion": ion, "test_mae": round(report["test_mae"], 4),
+            "test_looks": count_test_looks(ion, experiment_id), "split_hash": split_hash,
             "dataset_hash": data_hash, "git_commit": git_commit(), "checkpoint_sha256": ckpt_hash,
             "bn_mode": report.get("bn_mode", "n/a"), "head": report.get("head", "n/a"),
             **baselines,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pymatgen.io.cif import CifWriter
 
 from training.baselines.models import base_name
@@ -97,6 +98,7 @@ def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[
         "methods": {"cgcnn": cgcnn, "source_unchanged": cgcnn,
                     "cgcnn_per_seed": _per_seed(data, members)},
         "test_predictions": {"cgcnn": preds["test"]},
+        "val_predictions": preds["val"],
         "test_mae": m["test"]["mae"],
         "uncertainty": src.extra.get("uncertainty") or {},
     }  # fmt: skip
@@ -104,7 +106,7 @@ def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[
 
 def evaluate_target(
     data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings,
-    partners: Sequence[IonData] = (),
+    partners: Sequence[IonData] = (), source_train_hosts: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Any], TransferResult]:  # fmt: skip
     src = load_checkpoint(checkpoint)
     methods: dict[str, Any] = {}
@@ -121,7 +123,7 @@ def evaluate_target(
     scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
     methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
 
-    pool_selection = _pool_selection(data, store, src, cfg, partners)
+    pool_selection = _pool_selection(data, store, src, cfg, partners, source_train_hosts)
     runs = transfer_variants(src, data, store, cfg, partners)
     per_variant = {
         name: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
@@ -150,6 +152,7 @@ def evaluate_target(
             "source_unchanged": unchanged["test"],
             "cgcnn_scratch": scratch[0]["test"],
         },
+        "val_predictions": final.mean_std("val")[0],
         "test_mae": regression_metrics(data.targets("test"), final.mean_std("test")[0])["mae"],
         "uncertainty": uncertainty_report(data, final),
     }
@@ -167,7 +170,7 @@ def _offset(
 
 def _pool_selection(
     data: IonData, store: GraphStore, src: LoadedModel, cfg: TransferSettings,
-    partners: Sequence[IonData],
+    partners: Sequence[IonData], source_train_hosts: frozenset[str] = frozenset(),
 ) -> dict[str, Any] | None:  # fmt: skip
     """The train+val CV deciding whether the GP head pools its partners (None: no partners, or
     no GP head may be served; ``pool_cv_folds: 0``: always pool, no CV)."""
@@ -175,7 +178,8 @@ def _pool_selection(
         return None
     if cfg.pool_cv_folds == 0:
         return {"pool": True, "rule": "always (pool_cv_folds: 0)"}
-    report = choose_pooling(data, store, src, partners, cfg.gp, cfg.pool_cv_folds)
+    report = choose_pooling(data, store, src, partners, cfg.gp, cfg.pool_cv_folds,
+                            source_train_hosts)  # fmt: skip
     return {**report, "rule": "lower grouped-CV MAE on train+val"}
 
 
@@ -224,8 +228,7 @@ def save_transfer_checkpoint(
         "std_scale": report["uncertainty"]["std_scale"],
         "train_elements": train_elements(data),
         "encoding_fingerprint": encoding_fingerprint(),
-        "test_mae": report["test_mae"],
-        "mlflow_run_id": run_id,
+        "mlflow_run_id": run_id,  # no test figure: artifacts must not depend on test labels
     }
     save_checkpoint(
         path, first.model, src.model_config, src.converter_dict, result.normalizer, extra,
@@ -248,6 +251,24 @@ def source_uncertainty(data: IonData, store: GraphStore, checkpoint: Path) -> di
     return {"std_scale": scale, **calibration(data.targets("test"), tm, ts * scale)}
 
 
+def uncleaned_test(
+    checkpoint: Path, store: GraphStore, cleaned: IonData, uncleaned: IonData
+) -> dict[str, Any]:
+    """The served model on every test row of the ion before cleaning, beside the cleaned ones:
+    the cleaning rule's thresholds come from training rows, and this says what dropping the
+    test rows outside them does to the reported figure."""
+    from training.train.core import split_loader
+
+    model = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        pred = np.concatenate([model.predict_with_std(b)[0].double().numpy()
+                               for b in split_loader(store, uncleaned, "test")])  # fmt: skip
+    y = uncleaned.targets("test")
+    mean = np.full(len(y), cleaned.targets("train").mean())
+    return {"n": len(y), "n_cleaned": len(cleaned.parts["test"]),
+            "served": regression_metrics(y, pred), "mean": regression_metrics(y, mean)}
+
+
 def run_ion_stage(
     data: IonData,
     store: GraphStore,
@@ -260,7 +281,12 @@ def run_ion_stage(
     metrics_out: Path,
     predictions_out: Path,
     partners: Sequence[IonData] = (),
+    source_train_hosts: frozenset[str] = frozenset(),
+    uncleaned: IonData | None = None,
 ) -> dict[str, Any]:
+    """One ion's model and comparison. ``source_train_hosts``: the hosts the source backbones
+    trained on (the pooling CV scores no crystal on one); ``uncleaned``: the ion's rows before
+    cleaning, to report the served model on every test row too."""
     import mlflow
 
     from training.train.logging import log_pyfunc
@@ -277,13 +303,17 @@ def run_ion_stage(
             checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source_checkpoint, checkpoint_out)
         else:
-            report, final = evaluate_target(data, store, source_checkpoint, cfg, partners)
+            report, final = evaluate_target(data, store, source_checkpoint, cfg, partners,
+                                            source_train_hosts)  # fmt: skip
             save_transfer_checkpoint(
                 checkpoint_out, final, source_checkpoint, data, report, run.info.run_id
             )
         report["methods"].update(baseline_rows(data, baseline_csv))
+        if uncleaned is not None:
+            report["test_uncleaned"] = uncleaned_test(checkpoint_out, store, data, uncleaned)
         preds = report.pop("test_predictions")
         _write_predictions(predictions_out, data, preds)
+        _log_val_predictions(predictions_out, data, report.pop("val_predictions"))
         report.update({"ion": data.ion, "source_ion": source_ion,
                        "n": {s: len(v) for s, v in data.parts.items()}})  # fmt: skip
         for name, summ in report["methods"].items():
@@ -308,3 +338,22 @@ def _write_predictions(path: Path, data: IonData, preds: dict[str, np.ndarray]) 
         w.writerow(["battery_id", "target", *names])
         for i, (bid, y) in enumerate(zip(data.ids("test"), data.targets("test"), strict=True)):
             w.writerow([bid, f"{y:.4f}", *(f"{preds[n][i]:.4f}" for n in names)])
+
+
+def _log_val_predictions(predictions_out: Path, data: IonData, val: np.ndarray) -> Path:
+    """Write the served model's per-crystal validation predictions beside ``predictions_out``
+    (``<stem>_val.csv``) and log them in the active run: the promotion gate pairs two versions
+    on these, so that it never has to read the test split (training/registry.py)."""
+    import mlflow
+
+    from training.registry import VAL_COLUMNS, VAL_PREDICTIONS_DIR
+
+    path = predictions_out.with_name(f"{predictions_out.stem}_val.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(VAL_COLUMNS)
+        for bid, y, p in zip(data.ids("val"), data.targets("val"), val, strict=True):
+            w.writerow([bid, f"{y:.4f}", f"{p:.4f}"])
+    mlflow.log_artifact(str(path), artifact_path=VAL_PREDICTIONS_DIR)
+    return path

@@ -1,25 +1,32 @@
-"""Conventional-ML baselines: composition descriptors + mean/SVR/KRR/RF (Zhang et al. 2022)."""
+"""Conventional-ML baselines: composition descriptors + mean/SVR/KRR/RF/GP (Zhang et al. 2022),
+tuned per ion by grouped inner CV (``fit_tuned``, also used by the CV check for nested CV)."""
 
 from training.baselines.features import composition_features, feature_names, featurize_cached
 from training.baselines.models import (
+    BASELINE_METHODS,
     BaselineConfig,
-    BaselineResult,
     KRRParams,
     RFParams,
     SVRParams,
     rf_importance_groups,
-    run_baselines,
 )
+from training.baselines.suite import BaselineResult, run_baselines
+from training.baselines.tuning import FittedBaseline, PartnerRows, fit_fixed, fit_tuned
 
 __all__ = [
+    "BASELINE_METHODS",
     "BaselineConfig",
     "BaselineResult",
+    "FittedBaseline",
     "KRRParams",
+    "PartnerRows",
     "RFParams",
     "SVRParams",
     "composition_features",
     "feature_names",
     "featurize_cached",
+    "fit_fixed",
+    "fit_tuned",
     "rf_importance_groups",
     "run_baselines",
 ]

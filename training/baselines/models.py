@@ -1,19 +1,22 @@
-"""Conventional-ML baselines on composition descriptors: mean, SVR, KRR and random forest.
+"""Conventional-ML baselines on composition descriptors: their names, settings and pipelines.
 
-They give the CGCNN a yardstick: Zhang et al. (2022) compare against exactly these model
-families, and the random forest's Gini importances show which elemental properties carry the
-voltage signal (the paper finds covalent radius first, ~20%).
+They give the CGCNN and its transfer heads a yardstick: Zhang et al. (2022) compare against
+mean/SVR/KRR/random forest on composition, and the random forest's Gini importances show which
+elemental properties carry the voltage signal (the paper finds covalent radius first, ~20%).
+Beside those: ``gp_comp``, a Gaussian process on the descriptors alone (the GP transfer head
+with the backbone's pooled vector removed), and, for ions with pool partners, ``*_pooled``
+variants that see the partners' training crystals exactly as the pooled GP transfer head does.
 
-Every model is an sklearn Pipeline whose imputer (column medians) and scaler are fitted on the
-training split only. With ``select_on_val`` a small grid is searched on the validation split;
-the test split is scored once, after the choice is made.
+Every model is an sklearn Pipeline (or a GP head) whose imputer and scaler are fitted on its own
+training rows only. Tuning (grouped inner CV on train+val) lives in ``tuning.py``; running every
+method on an ion's splits in ``suite.py``.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -28,8 +31,16 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVR
 
 from training.baselines.features import feature_group
+from training.model.gp_head import GPConfig
 
-BASELINE_NAMES = ("mean", "svr", "krr", "rf")
+POOLED_SUFFIX = "_pooled"
+# Methods on the ion's own crystals, then the ones that also pool its partners' training crystals
+# (only for ions with ``ions.<ion>.pool`` partners).
+OWN_METHODS = ("mean", "svr", "krr", "rf", "gp_comp")
+POOLED_METHODS = ("krr_pooled", "rf_pooled", "gp_comp_pooled")
+BASELINE_METHODS = (*OWN_METHODS, *POOLED_METHODS)
+BASELINE_NAMES = OWN_METHODS  # the methods every ion gets
+SELECTIONS = ("fixed", "group_cv")
 SPLITS = ("train", "val", "test")
 SEED_SEP = "@"  # "rf@1": the forest refitted with seed 1 (a predictions-CSV column)
 
@@ -44,12 +55,27 @@ def base_name(column: str) -> str:
     return column.split(SEED_SEP)[0]
 
 
+def model_family(name: str) -> str:
+    """The model a method fits: ``krr_pooled`` -> ``krr`` (same pipeline, more rows)."""
+    return name.removesuffix(POOLED_SUFFIX)
+
+
+def is_pooled(name: str) -> bool:
+    return name.endswith(POOLED_SUFFIX)
+
+
+def check_method(name: str) -> None:
+    if name not in BASELINE_METHODS:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINE_METHODS}")
+
+
 # --------------------------------------------------------------------------- configuration
 @dataclass
 class SVRParams:
     """RBF support-vector regression; ``epsilon`` is in volts (targets are not rescaled).
 
-    Defaults (here and below) come from 5-fold CV on the Li train+val rows, test untouched.
+    Defaults (here and below) come from 5-fold CV on the Li train+val rows, test untouched; they
+    are what ``select: fixed`` uses and what a grid does not override.
     """
 
     C: float = 10.0
@@ -71,49 +97,82 @@ class KRRParams:
 
 @dataclass
 class RFParams:
-    """Random forest; ``seed`` fixes bootstrap and feature sampling, so results are repeatable."""
+    """Random forest; ``seed`` fixes bootstrap and feature sampling, so results are repeatable.
+    ``max_features``: a float is the fraction of columns tried per split (1.0: all of them)."""
 
     n_estimators: int = 300
     max_depth: int | None = None
     min_samples_leaf: int = 1
+    max_features: float | int | str | None = 1.0
     seed: int = 0
     n_jobs: int = -1
 
 
 def _default_svr_grid() -> dict[str, list[Any]]:
-    return {"C": [3.0, 10.0, 30.0], "gamma": [0.01, 0.02, 0.03]}
+    return {"C": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0], "gamma": [0.001, 0.003, 0.01, 0.02, 0.05]}
 
 
 def _default_krr_grid() -> dict[str, list[Any]]:
-    return {"alpha": [0.01, 0.03, 0.1], "gamma": [0.005, 0.01, 0.02]}
+    return {"alpha": [0.003, 0.01, 0.03, 0.1, 0.3],
+            "gamma": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05]}  # fmt: skip
 
 
 def _default_rf_grid() -> dict[str, list[Any]]:
-    return {"min_samples_leaf": [1, 2, 4]}
+    return {"min_samples_leaf": [1, 3], "max_features": [1.0, 0.33]}
+
+
+def baseline_gp_config(transfer_gp: Mapping[str, Any] | None = None) -> GPConfig:
+    """The ``gp_comp`` GP: the transfer head's kernel (Matern ``nu``) and ion-column scales
+    (``task_weights``), with the composition descriptors as its only input (weight 1: with no
+    pooled vector beside them, a weight would only rescale the fitted length scale)."""
+    d = dict(transfer_gp or {})
+    return GPConfig(nu=float(d.get("nu", 0.5)), n_restarts=int(d.get("n_restarts", 0)),
+                    descriptor_weights=(1.0,),
+                    task_weights=tuple(d.get("task_weights", (1.0,))))  # fmt: skip
 
 
 @dataclass
 class BaselineConfig:
-    """Hyperparameters of all baselines, plus the optional validation grid search.
+    """Hyperparameters of all baselines and how they are chosen.
 
-    The grids map a field name of the corresponding params dataclass to candidate values; each
-    candidate combination overrides the defaults above.
+    ``select``: ``"group_cv"`` tunes every method per ion by grouped k-fold CV (``cv_folds``,
+    groups = host structures) over the ion's train+val rows, lowest CV MAE wins; ``"fixed"``
+    keeps the values above (CV still scores them, for ``cv_mae``). The grids map a field of the
+    params dataclass to candidate values; each combination overrides the defaults. Pooled
+    variants use their family's grid. ``cv_rf_trees``: forests in the grid search have this
+    many trees (None: ``rf.n_estimators``); the chosen forest is rescored by CV and fitted with
+    the full count, so its ``cv_mae`` is the fitted forest's.
+    ``gp``: the ``gp_comp`` kernel, from ``transfer.gp`` (see ``baseline_gp_config``).
     """
 
     svr: SVRParams = field(default_factory=SVRParams)
     krr: KRRParams = field(default_factory=KRRParams)
     rf: RFParams = field(default_factory=RFParams)
-    select_on_val: bool = False
-    # The random forest is fitted once per seed (replacing ``rf.seed``): the comparison reports
-    # its mean +- std. None: ``rf.seed`` alone. SVR, KRR and the mean are deterministic.
+    select: str = "group_cv"
+    cv_folds: int = 5
+    cv_rf_trees: int | None = 50
+    # The random forests are fitted once per seed (replacing ``rf.seed``): the comparison reports
+    # their mean +- std. None: ``rf.seed`` alone. The other methods are deterministic.
     seeds: list[int] | None = None
     svr_grid: dict[str, list[Any]] = field(default_factory=_default_svr_grid)
     krr_grid: dict[str, list[Any]] = field(default_factory=_default_krr_grid)
     rf_grid: dict[str, list[Any]] = field(default_factory=_default_rf_grid)
+    gp: GPConfig = field(default_factory=baseline_gp_config)
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise ValueError(f"baselines.select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.cv_folds < 2:
+            raise ValueError(f"baselines.cv_folds must be >= 2, got {self.cv_folds}")
+        if self.cv_rf_trees is not None and self.cv_rf_trees < 1:
+            raise ValueError(f"baselines.cv_rf_trees must be >= 1 or null, got {self.cv_rf_trees}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> BaselineConfig:
-        """Build from a params.yaml mapping; absent keys keep their defaults, unknown keys fail."""
+    def from_dict(
+        cls, d: Mapping[str, Any] | None, transfer_gp: Mapping[str, Any] | None = None
+    ) -> BaselineConfig:
+        """Build from params.yaml's ``baselines`` mapping (absent keys keep their defaults,
+        unknown keys fail) and ``transfer.gp`` (the ``gp_comp`` kernel)."""
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
@@ -130,35 +189,27 @@ class BaselineConfig:
         for key in ("svr_grid", "krr_grid", "rf_grid"):
             if key in d:
                 d[key] = {k: list(v) for k, v in d[key].items()}
+        if transfer_gp is not None or "gp" in d:
+            d["gp"] = baseline_gp_config(transfer_gp if transfer_gp is not None else d["gp"])
         return cls(**d)
+
+    @property
+    def first_seed(self) -> int:
+        """The forests' main seed: the first of ``seeds`` (else ``rf.seed``)."""
+        return self.seeds[0] if self.seeds else self.rf.seed
 
     @property
     def first_rf(self) -> RFParams:
         """The forest's parameters with the first of ``seeds`` (its main, importance-giving fit)."""
-        return replace(self.rf, seed=self.seeds[0]) if self.seeds else self.rf
+        return replace(self.rf, seed=self.first_seed)
+
+    def grid(self, family: str) -> dict[str, list[Any]]:
+        """The search grid of a model family (empty: nothing to tune, e.g. mean, gp_comp)."""
+        return {"svr": self.svr_grid, "krr": self.krr_grid, "rf": self.rf_grid}.get(family, {})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for MLflow params / JSON)."""
         return asdict(self)
-
-
-# --------------------------------------------------------------------------- results
-@dataclass
-class BaselineResult:
-    """What one baseline produced.
-
-    metrics: split -> {"mae", "rmse", "r2"}. test_predictions: id -> predicted voltage.
-    importances: RF only, (feature, Gini importance) sorted descending, summing to 1.
-    val_search: (candidate params, validation MAE) for every grid point tried, in order.
-    """
-
-    name: str
-    params: dict[str, Any]
-    metrics: dict[str, dict[str, float]]
-    test_predictions: dict[str, float]
-    importances: list[tuple[str, float]] | None = None
-    val_search: list[tuple[dict[str, Any], float]] = field(default_factory=list)
-    model: Pipeline | None = field(default=None, repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -177,7 +228,7 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 
 
 # --------------------------------------------------------------------------- pipelines
-def _imputer() -> SimpleImputer:
+def make_imputer() -> SimpleImputer:
     # keep_empty_features: an all-NaN training column stays (as 0) so feature names stay aligned.
     return SimpleImputer(strategy="median", keep_empty_features=True)
 
@@ -190,7 +241,7 @@ def make_mean() -> Pipeline:
 def make_svr(p: SVRParams) -> Pipeline:
     """Impute -> standardise -> RBF SVR (kernels need comparable feature scales)."""
     svr = SVR(kernel="rbf", C=p.C, epsilon=p.epsilon, gamma=p.gamma)
-    return Pipeline([("impute", _imputer()), ("scale", StandardScaler()), ("model", svr)])
+    return Pipeline([("impute", make_imputer()), ("scale", StandardScaler()), ("model", svr)])
 
 
 def make_krr(p: KRRParams) -> Pipeline:
@@ -201,7 +252,7 @@ def make_krr(p: KRRParams) -> Pipeline:
     """
     krr = KernelRidge(alpha=p.alpha, kernel=p.kernel, gamma=p.gamma)
     centred = TransformedTargetRegressor(regressor=krr, transformer=StandardScaler(with_std=False))
-    return Pipeline([("impute", _imputer()), ("scale", StandardScaler()), ("model", centred)])
+    return Pipeline([("impute", make_imputer()), ("scale", StandardScaler()), ("model", centred)])
 
 
 def make_rf(p: RFParams) -> Pipeline:
@@ -210,43 +261,21 @@ def make_rf(p: RFParams) -> Pipeline:
         n_estimators=p.n_estimators,
         max_depth=p.max_depth,
         min_samples_leaf=p.min_samples_leaf,
+        max_features=p.max_features,
         random_state=p.seed,
         n_jobs=p.n_jobs,
     )
-    return Pipeline([("impute", _imputer()), ("model", rf)])
+    return Pipeline([("impute", make_imputer()), ("model", rf)])
 
 
-# --------------------------------------------------------------------------- selection
-def _grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+# --------------------------------------------------------------------------- grids
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """All combinations of a grid, in a fixed order (so ties resolve deterministically)."""
     keys = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
-def _select_on_val(
-    base: Any,
-    grid: Mapping[str, Sequence[Any]],
-    make: Callable[[Any], Pipeline],
-    data: Mapping[str, tuple[np.ndarray, np.ndarray]],
-) -> tuple[Any, Pipeline, list[tuple[dict[str, Any], float]]]:
-    """Fit each grid point on train, keep the lowest validation MAE (first one wins ties)."""
-    X_tr, y_tr = data["train"]
-    X_va, y_va = data["val"]
-    best: tuple[float, Any, Pipeline] | None = None
-    search: list[tuple[dict[str, Any], float]] = []
-    for candidate in _grid(grid):
-        params = replace(base, **candidate)
-        model = make(params).fit(X_tr, y_tr)
-        mae = regression_metrics(y_va, model.predict(X_va))["mae"]
-        search.append((candidate, mae))
-        if best is None or mae < best[0]:
-            best = (mae, params, model)
-    if best is None:  # empty grid: fall back to the base params
-        return base, make(base).fit(X_tr, y_tr), search
-    return best[1], best[2], search
-
-
-def _rf_importances(model: Pipeline, names: Sequence[str]) -> list[tuple[str, float]]:
+def rf_importances(model: Pipeline, names: Sequence[str]) -> list[tuple[str, float]]:
     """Gini importances of the fitted forest, (name, importance) sorted descending."""
     imp = model.named_steps["model"].feature_importances_
     pairs = [(str(n), float(v)) for n, v in zip(names, imp, strict=True)]
@@ -264,95 +293,3 @@ def rf_importance_groups(importances: Sequence[tuple[str, float]]) -> list[tuple
     for name, value in importances:
         totals[feature_group(name)] += float(value)
     return sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
-
-
-# --------------------------------------------------------------------------- driver
-def _evaluate(
-    name: str,
-    model: Pipeline,
-    params: dict[str, Any],
-    data: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    test_ids: Sequence[str],
-) -> BaselineResult:
-    """Score a fitted model on every split; the test split is touched only here."""
-    preds = {split: model.predict(X) for split, (X, _) in data.items()}
-    metrics = {split: regression_metrics(data[split][1], preds[split]) for split in SPLITS}
-    test_pred = {str(i): float(p) for i, p in zip(test_ids, preds["test"], strict=True)}
-    return BaselineResult(name, params, metrics, test_pred, model=model)
-
-
-def _other_seeds(
-    params: RFParams,
-    seeds: Sequence[int] | None,
-    data: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    test_ids: Sequence[str],
-) -> dict[str, BaselineResult]:
-    """The forest refitted with each further seed (the first is the main result), named
-    ``rf@<seed>``; hyperparameters as chosen for the first seed."""
-    out = {}
-    for seed in list(seeds or [])[1:]:
-        p = replace(params, seed=seed)
-        model = make_rf(p).fit(*data["train"])
-        name = seeded_name("rf", seed)
-        out[name] = _evaluate(name, model, asdict(p), data, test_ids)
-    return out
-
-
-def run_baselines(
-    X_train: np.ndarray,
-    y_train: np.ndarray,
-    X_val: np.ndarray,
-    y_val: np.ndarray,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
-    cfg: BaselineConfig | None = None,
-    *,
-    feature_names: Sequence[str] | None = None,
-    test_ids: Sequence[str] | None = None,
-    names: Sequence[str] = BASELINE_NAMES,
-) -> dict[str, BaselineResult]:
-    """Fit and score the requested baselines ("mean", "svr", "krr", "rf").
-
-    feature_names label the RF importances (default ``f0, f1, ...``); test_ids key the test
-    predictions (default the row index as a string, e.g. pass battery ids).
-    """
-    cfg = cfg or BaselineConfig()
-    data = {
-        "train": (np.asarray(X_train, dtype=np.float64), np.asarray(y_train, dtype=np.float64)),
-        "val": (np.asarray(X_val, dtype=np.float64), np.asarray(y_val, dtype=np.float64)),
-        "test": (np.asarray(X_test, dtype=np.float64), np.asarray(y_test, dtype=np.float64)),
-    }
-    n_features = data["train"][0].shape[1]
-    feature_names = list(feature_names) if feature_names is not None else None
-    if feature_names is None:
-        feature_names = [f"f{i}" for i in range(n_features)]
-    if len(feature_names) != n_features:
-        raise ValueError(f"{len(feature_names)} feature names for {n_features} columns")
-    test_ids = [str(i) for i in (test_ids if test_ids is not None else range(len(y_test)))]
-
-    specs: dict[str, tuple[Any, Mapping[str, Sequence[Any]], Callable[[Any], Pipeline]]] = {
-        "svr": (cfg.svr, cfg.svr_grid, make_svr),
-        "krr": (cfg.krr, cfg.krr_grid, make_krr),
-        "rf": (cfg.first_rf, cfg.rf_grid, make_rf),
-    }
-    results: dict[str, BaselineResult] = {}
-    for name in names:
-        if name == "mean":
-            model = make_mean().fit(*data["train"])
-            results[name] = _evaluate(name, model, {}, data, test_ids)
-            continue
-        if name not in specs:
-            raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINE_NAMES}")
-        base, grid, make = specs[name]
-        search: list[tuple[dict[str, Any], float]] = []
-        if cfg.select_on_val:
-            params, model, search = _select_on_val(base, grid, make, data)
-        else:
-            params, model = base, make(base).fit(*data["train"])
-        result = _evaluate(name, model, asdict(params), data, test_ids)
-        result.val_search = search
-        results[name] = result
-        if name == "rf":
-            result.importances = _rf_importances(model, feature_names)
-            results.update(_other_seeds(params, cfg.seeds, data, test_ids))
-    return results

@@ -1,23 +1,30 @@
-"""The baselines stage for one ion: same records, same split ids, same metrics as the CGCNN."""
+"""The baselines stage for one ion: same records, same split ids, same metrics as the CGCNN.
+
+Outputs: the metrics JSON (per method: train/val/test metrics, the inner-CV search and the chosen
+point's ``cv_mae``, which is what may pick "the best baseline" of an ion; never test), the test
+predictions CSV (one column per method, read by the comparison) and the same for validation.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from training.baselines.features import featurize_cached
-from training.baselines.models import (
-    SEED_SEP,
-    BaselineConfig,
-    rf_importance_groups,
-    run_baselines,
-)
+from training.baselines.models import SEED_SEP, BaselineConfig, rf_importance_groups
+from training.baselines.suite import BaselineResult, run_baselines
+from training.baselines.tuning import PartnerRows
 from training.datasets import IonData
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 
 DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json")
+SPLITS = ("train", "val", "test")
 
 
 def _flat(prefix: str, obj: Any) -> dict[str, Any]:
@@ -29,52 +36,116 @@ def _flat(prefix: str, obj: Any) -> dict[str, Any]:
     return {prefix: obj}
 
 
-def run_baseline_stage(
-    data: IonData,
-    cfg: BaselineConfig,
-    mlflow_settings: MlflowSettings,
-    features_cache: Path,
-    metrics_out: Path,
-    predictions_out: Path,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Fit mean/SVR/KRR/RF on the ion's train split, select on val, score test once; log all."""
-    import mlflow
+def partner_rows(partners: Sequence[IonData], features_cache: Path) -> PartnerRows | None:
+    """The pool partners' TRAINING crystals as ``PartnerRows`` (None without partners).
 
+    Their descriptors go through this ion's own feature cache (an output of this stage only):
+    reading another ion's cache would make ``baselines@Mg`` depend on ``baselines@Ca``. Every
+    split's formulas are cached (features carry no target), so a later reader of this cache finds
+    all partner crystals; only the training rows are returned, as the served GP head pools.
+    """
+    if not partners:
+        return None
+    featurize_cached([f for p in partners for s in SPLITS for f in p.formulas(s)], features_cache)
+    blocks = [(featurize_cached(p.formulas("train"), features_cache)[0], p.targets("train"),
+               p.host_ids("train")) for p in partners]  # fmt: skip
+    return PartnerRows.from_ions(blocks)
+
+
+def run_baseline_stage(
+    data: IonData, cfg: BaselineConfig, mlflow_settings: MlflowSettings, features_cache: Path,
+    metrics_out: Path, predictions_out: Path, val_predictions_out: Path | None = None,
+    partners: Sequence[IonData] = (),
+) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """Tune every baseline by grouped CV on train+val, fit on train, score val and test; log all.
+
+    ``partners``: the pool partner ions (``Params.pool_partners``), for the pooled variants.
+    ``val_predictions_out`` defaults to ``<predictions stem>_val.csv`` beside the test CSV.
+    """
     xs = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         xs[split], names = featurize_cached(data.formulas(split), features_cache)
+    pool = partner_rows(partners, features_cache)
     results = run_baselines(
-        xs["train"], data.targets("train"),
-        xs["val"], data.targets("val"),
-        xs["test"], data.targets("test"),
-        cfg, feature_names=names, test_ids=data.ids("test"),
+        xs["train"], data.targets("train"), xs["val"], data.targets("val"),
+        xs["test"], data.targets("test"), cfg, feature_names=names, test_ids=data.ids("test"),
+        val_ids=data.ids("val"), groups={s: data.host_ids(s) for s in SPLITS}, partners=pool,
     )  # fmt: skip
-    metrics = {name: res.metrics for name, res in results.items()}
-    groups = rf_importance_groups(results["rf"].importances)
-    report = {
-        "ion": data.ion,
-        "n": {s: len(data.parts[s]) for s in data.parts},
-        "models": metrics,
-        "rf_importance_top15": [[n, round(v, 4)] for n, v in results["rf"].importances[:15]],
-        "rf_importance_by_property": [[n, round(v, 4)] for n, v in groups[:15]],
-    }
+    report = _report(data, cfg, results, [p.ion for p in partners])
     metrics_out.parent.mkdir(parents=True, exist_ok=True)
     metrics_out.write_text(json.dumps(report, indent=2) + "\n")
-    _write_predictions(predictions_out, data, results)
+    val_out = val_predictions_out or predictions_out.with_name(f"{predictions_out.stem}_val.csv")
+    _write_predictions(predictions_out, data, results, "test")
+    _write_predictions(val_out, data, results, "val")
+    _log_mlflow(data, cfg, mlflow_settings, results, (metrics_out, predictions_out, val_out))
+    return report["models"]
 
-    setup_mlflow(mlflow_settings)
+
+def _report(data: IonData, cfg: BaselineConfig, results: dict[str, BaselineResult],
+            pool_ions: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The metrics JSON: per-split metrics, the tuning record and the forests' importances."""
+    rf = results.get("rf")
+    importances = (rf.importances if rf else None) or []
+    groups = rf_importance_groups(importances)
+    cv = {n: r.cv_mae for n, r in results.items() if r.cv_mae is not None}
+    return {
+        "ion": data.ion,
+        "n": {s: len(data.parts[s]) for s in data.parts},
+        "pool_ions": pool_ions,
+        "models": {name: res.metrics for name, res in results.items()},
+        "cv_mae": {n: round(v, 5) for n, v in cv.items()},
+        # The lowest inner-CV MAE on train+val: the baseline a comparison should name "best".
+        "best_by_cv": min(cv, key=lambda n: (cv[n], n)) if cv else None,
+        "selection": {
+            "select": cfg.select, "cv_folds": cfg.cv_folds, "groups": "host (charged_id)",
+            "tuned_on": "train+val", "fitted_on": "train",
+            "methods": {n: _selection(r) for n, r in results.items() if SEED_SEP not in n},
+        },
+        "uncertainty": {n: _uncertainty(r, data) for n, r in results.items() if r.std},
+        "rf_importance_top15": [[n, round(v, 4)] for n, v in importances[:15]],
+        "rf_importance_by_property": [[n, round(v, 4)] for n, v in groups[:15]],
+    }  # fmt: skip
+
+
+def _selection(res: BaselineResult) -> dict[str, Any]:
+    search = [{"params": e["params"], "cv_mae": None if math.isnan(e["cv_mae"])
+               else round(e["cv_mae"], 5)} for e in res.search]  # fmt: skip
+    cv_mae = None if res.cv_mae is None else round(res.cv_mae, 5)
+    return {"params": res.params, "cv_mae": cv_mae, "seconds": round(res.seconds, 2),
+            "search": search}  # fmt: skip
+
+
+def _uncertainty(res: BaselineResult, data: IonData) -> dict[str, dict[str, float]]:
+    """A GP method's predictive std per split: its mean and the share of crystals within
+    +-1.96 std (0.95 if calibrated). Reported, not used for any choice."""
+    assert res.std is not None
+    out = {}
+    for split, std in res.std.items():
+        pred = np.array(list(res.predictions[split].values()))
+        inside = np.abs(pred - data.targets(split)) <= 1.96 * std
+        out[split] = {"mean_std": round(float(std.mean()), 4),
+                      "coverage_95": round(float(inside.mean()), 4)}  # fmt: skip
+    return out
+
+
+def _log_mlflow(data: IonData, cfg: BaselineConfig, settings: MlflowSettings,
+                results: dict[str, BaselineResult], artifacts: Sequence[Path]) -> None:  # fmt: skip
+    import mlflow
+
+    setup_mlflow(settings)
     with mlflow.start_run(run_name=f"baselines-{data.ion}"):
         mlflow.set_tags(
             {"stage": "baselines", "ion": data.ion, **standard_tags(Path("."), DATA_OUTPUTS)}
         )
         mlflow.log_params({k: str(v) for k, v in _flat("", cfg.to_dict()).items()})
-        for name, per_split in metrics.items():
-            for split, vals in per_split.items():
+        for name, res in results.items():
+            for split, vals in res.metrics.items():
                 for key, val in vals.items():
                     mlflow.log_metric(f"{_metric_name(name)}_{split}_{key}", val)
-        mlflow.log_artifact(str(metrics_out))
-        mlflow.log_artifact(str(predictions_out))
-    return metrics
+            if res.cv_mae is not None:
+                mlflow.log_metric(f"{_metric_name(name)}_cv_mae", res.cv_mae)
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
 
 
 def _metric_name(name: str) -> str:
@@ -82,14 +153,16 @@ def _metric_name(name: str) -> str:
     return name.replace(SEED_SEP, "_seed")
 
 
-def _write_predictions(path: Path, data: IonData, results: dict) -> None:
-    """Test-set predictions of every baseline, one row per battery id (for the comparison table)."""
+def _write_predictions(
+    path: Path, data: IonData, results: dict[str, BaselineResult], split: str
+) -> None:
+    """One split's predictions of every baseline, one row per battery id:
+    ``battery_id,target,<method columns>`` (the comparison turns each column into a row)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(results)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["battery_id", "target", *names])
-        for bid, y in zip(data.ids("test"), data.targets("test"), strict=True):
-            w.writerow(
-                [bid, f"{y:.4f}", *(f"{results[n].test_predictions[bid]:.4f}" for n in names)]
-            )
+        for bid, y in zip(data.ids(split), data.targets(split), strict=True):
+            preds = (f"{results[n].predictions[split][bid]:.4f}" for n in names)
+            w.writerow([bid, f"{y:.4f}", *preds])

@@ -11,7 +11,7 @@ from training.config import Params
 from training.data.clean import clean_records
 from training.data.ingest import DataSourceError, IngestReport, ingest
 from training.data.records import read_records, write_records
-from training.data.split import leakage, make_splits, write_splits
+from training.data.split import leakage, load_splits, make_splits, write_splits
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,8 @@ def run_ingest(params: Params, out: Path, report_dir: Path, client: object = Non
     return report
 
 
-def run_clean(params: Params, records_path: Path, out: Path, report_path: Path) -> dict:
-    records = read_records(records_path)
-    k_by_ion = {ion: s.clean_k for ion, s in params.ions.items()}
-    kept, stats = clean_records(records, k_by_ion)
-    write_records(out, kept)
-    report = {ion: st.as_dict() for ion, st in stats.items()}
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
 def run_split(params: Params, records_path: Path, out: Path, report_path: Path) -> dict:
+    """Split every ingested row (before cleaning: the cleaning rule is fitted on training rows)."""
     records = read_records(records_path)
     splits = make_splits(records, params.split.fractions(), params.split.seed)
     leaked = leakage(records, splits)
@@ -60,6 +50,33 @@ def run_split(params: Params, records_path: Path, out: Path, report_path: Path) 
         raise RuntimeError(f"split leaks {len(leaked)} hosts between train and val/test")
     write_splits(out, splits, params.split.seed)
     report = {ion: {s: len(ids) for s, ids in parts.items()} for ion, parts in splits.items()}
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_clean(
+    params: Params, records_path: Path, splits_all: Path, out: Path, splits_out: Path,
+    report_path: Path,
+) -> dict:  # fmt: skip
+    """The k-sigma rule with thresholds from each ion's training rows, applied to every split;
+    writes the kept records and the split file restricted to them (what every model reads)."""
+    records = read_records(records_path)
+    splits = load_splits(splits_all)
+    train_ids = {b for parts in splits.values() for b in parts["train"]}
+    k_by_ion = {ion: s.clean_k for ion, s in params.ions.items()}
+    kept, stats = clean_records(records, k_by_ion, fit_ids=train_ids)
+    write_records(out, kept)
+    kept_ids = {r.battery_id for r in kept}
+    cleaned = {ion: {s: [b for b in ids if b in kept_ids] for s, ids in parts.items()}
+               for ion, parts in splits.items()}  # fmt: skip
+    write_splits(splits_out, cleaned, params.split.seed)
+    report = {
+        ion: {**st.as_dict(), "fit_on": "train",
+              "removed_by_split": {s: len(splits[ion][s]) - len(cleaned[ion][s])
+                                   for s in splits.get(ion, {})}}
+        for ion, st in stats.items()
+    }  # fmt: skip
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -187,6 +187,7 @@ def run_train_stage(
         single = score(model_predictor(trained.model, trained.normalizer), data, store)
         own = [member_heads(m.model, m.normalizer, data, store, settings.heads) for m in members]
         per_member = [heads for heads, _ in own]
+        plain = combine(per_member)  # the members' own MLP heads: no composition anywhere
         gp_scores: dict[float, float] = {}
         if settings.gp is not None:
             desc = split_descriptors(store, data, settings.gp)
@@ -199,6 +200,8 @@ def run_train_stage(
         scale = fit_std_scale(data.targets("val"), val_mean, val_std)
         report = _report(data, trained, single, ens, scale, settings)
         report["members"] = [m.fit.best_val_mae for m in members]
+        report["ensemble_plain"] = {s: regression_metrics(data.targets(s), mean)
+                                    for s, (mean, _std) in plain.items()}  # fmt: skip
         report["gp_heads"] = _gp_report(heads, gp_scores)
         save_checkpoint(
             checkpoint_out, trained.model, settings.model, store.converter.to_dict(),
@@ -284,8 +287,10 @@ def _extra(data: IonData, report: dict, scale: float, run_id: str) -> dict[str, 
         "std_scale": scale,
         "train_elements": train_elements(data),
         "encoding_fingerprint": encoding_fingerprint(),
-        "test_mae": report["test_mae"],
-        "metrics": {"ensemble": report["ensemble"], "single_model": report["single_model"]},
+        # no test figure: a served artifact must not change when test labels do (the test
+        # split is reported in the registry's tags and the stage's metrics, never stored here)
+        "metrics": {kind: {s: m for s, m in report[kind].items() if s != "test"}
+                    for kind in ("ensemble", "single_model")},
         "mlflow_run_id": run_id,
     }
 
