@@ -61,7 +61,6 @@ def _predict_local(ion: str, text: str, fmt: str, tracking_uri: str | None) -> d
     from serving.errors import ServingError
     from serving.predictor import PredictRequest
     from serving.runtime import ServingRuntime
-
     from training.numerics import flush_subnormals
 
     flush_subnormals()  # before the first torch op creates worker threads

@@ -196,7 +196,6 @@ class VoltageService:
         import torch
 
         from serving.config import ServingConfig, quiet_mlflow_defaults
-
         from training.numerics import flush_subnormals
 
         flush_subnormals()  # each worker, before its first torch op (training/numerics.py)

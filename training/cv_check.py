@@ -20,9 +20,10 @@ baselines stage's inner-CV choice) only, since every method under both groupings
 the stage several times slower.
 
 What is compared, with the settings the pipeline serves: the GP head (``transfer.gp``) on the
-frozen source backbones' pooled vectors (the first ``cv.backbones`` of them) and the composition descriptors, weights chosen by
-marginal likelihood within each fold, pooled with the partner ions (``transfer_gp``) and on the
-ion's own crystals (``transfer_gp_alone``), the same GP on the pooled vectors alone
+frozen source backbones' pooled vectors (the first ``cv.backbones`` of them) and the composition
+descriptors, weights chosen by marginal likelihood within each fold, pooled with the partner
+ions (``transfer_gp``) and on the ion's own crystals (``transfer_gp_alone``), the same GP on the
+pooled vectors alone
 (``transfer_gp_backbone_only``: no composition in the head); and every baseline of the baselines
 stage, its hyperparameters tuned by inner grouped CV inside each outer fold (nested), pooled
 variants given the partners' crystals outside the fold's held-out groups.
@@ -286,6 +287,27 @@ def reliability_plot(path: Path, ion: str, rows: IonRows, results: dict[str, Any
     plt.close(fig)
 
 
+def _not_applicable_outputs(ion: str, rows_out: Path | None, plot_out: Path | None) -> None:
+    """The source ion's stage outputs: a header-only rows file and a plot that says why (every
+    ion's stage declares the same outputs)."""
+    if rows_out is not None:
+        rows_out.parent.mkdir(parents=True, exist_ok=True)
+        rows_out.write_text("battery_id,grouping,fold,scored,target\n")
+    if plot_out is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{ion}: no CV (the source backbones trained on {ion}'s crystals)",
+                ha="center", va="center")  # fmt: skip
+        plot_out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot_out, dpi=100)
+        plt.close(fig)
+
+
 def run_cv_stage(
     data: IonData, store: GraphStore, source_ion: str, source: LoadedModel,
     features_cache: Path, baselines: BaselineConfig, gp: GPConfig, folds: int, out: Path,
@@ -297,6 +319,7 @@ def run_cv_stage(
         report: dict[str, Any] = {
             "not_applicable": "the source backbone was trained on this ion's targets"
         }
+        _not_applicable_outputs(data.ion, rows_out, plot_out)
     else:
         report, results, rows = cross_validate(data, store, source, features_cache, baselines,
                                                gp, folds, partners, source_train_hosts, served,
