@@ -72,12 +72,11 @@ def cv_comparison(cv_csv: Path, grouping: str, served: str, baseline: str) -> di
 
 def split_comparison(model_csv: Path, baselines_csv: Path, baseline: str) -> dict[str, float]:
     """The same pair on the fixed test split (a seeded baseline: mean error over its seeds)."""
-    with model_csv.open() as fh:
-        model = {r["battery_id"]: r for r in csv.DictReader(fh)}
-    with baselines_csv.open() as fh:
-        base = {r["battery_id"]: r for r in csv.DictReader(fh)}
+    from training.compare import _read_csv, _served_column
+
+    model, base = _read_csv(model_csv), _read_csv(baselines_csv)
     ids = [i for i in model if i in base]
-    col = "transfer" if "transfer" in model[ids[0]] else "cgcnn"
+    col = _served_column(model)
     y = np.array([float(model[i]["target"]) for i in ids])
     err_m = np.abs(np.array([float(model[i][col]) for i in ids]) - y)
     cols = [c for c in base[ids[0]] if c.split("@")[0] == baseline]
