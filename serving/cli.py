@@ -2,6 +2,7 @@
 
     voltage-serve predict cathode.cif --ion Mg                 # local: registry champion
     voltage-serve predict POSCAR --ion Li --url http://127.0.0.1:3000 --json
+    voltage-serve predict CoO2.cif --ion Li --discharged LiCoO2.cif   # + CHGNet physics voltage
     voltage-serve export-models                                # champions -> BentoML store
 
 Exit status: 0 answered; 2 bad input (unreadable file, unknown format or ion, a structure the
@@ -54,7 +55,40 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
     )
 
 
-def _predict_local(ion: str, text: str, fmt: str, tracking_uri: str | None) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The structure texts of one request: charged (required) and discharged (optional)."""
+
+    text: str
+    fmt: str
+    discharged: str | None = None
+    discharged_fmt: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The request's structure fields, as the HTTP API and ``PredictRequest`` name them."""
+        out: dict[str, Any] = {"structure": self.text, "format": self.fmt}
+        if self.discharged is not None:
+            out.update(discharged_structure=self.discharged, discharged_format=self.discharged_fmt)
+        return out
+
+
+def _read_input(path: Path, fmt: str | None, what: str) -> tuple[str, str]:
+    """(text, format) of one structure file; exit 2 naming the file when it is unusable."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"cannot read {what} {path}: {exc}", EXIT_BAD_INPUT) from None
+    fmt = (fmt or guess_format(path) or "").lower()
+    if fmt not in ("cif", "poscar", "json"):
+        option = "--format" if what == "structure" else "--discharged-format"
+        raise _fail(
+            f"cannot tell the format of {path.name}; pass {option} cif|poscar|json",
+            EXIT_BAD_INPUT,
+        )
+    return text, fmt
+
+
+def _predict_local(ion: str, inputs: Inputs, tracking_uri: str | None) -> dict[str, Any]:
     import torch
 
     from serving.config import ServingConfig, quiet_mlflow_defaults
@@ -81,7 +115,9 @@ def _predict_local(ion: str, text: str, fmt: str, tracking_uri: str | None) -> d
     )
     runtime = ServingRuntime(config).start(watch=False)
     try:
-        result = runtime.predictor.predict_sync(PredictRequest(name, text, fmt))
+        result = runtime.predictor.predict_sync(
+            PredictRequest.from_mapping({"ion": name, **inputs.fields()})
+        )
     except ServingError as e:
         code = EXIT_BAD_INPUT if e.http_status == 400 else EXIT_UNAVAILABLE
         raise _fail(f"{e.kind}: {e.message}", code) from None
@@ -90,8 +126,8 @@ def _predict_local(ion: str, text: str, fmt: str, tracking_uri: str | None) -> d
     return result.to_dict()
 
 
-def _predict_remote(url: str, ion: str, text: str, fmt: str, timeout: float) -> dict[str, Any]:
-    body = json.dumps({"ion": ion, "structure": text, "format": fmt}).encode()
+def _predict_remote(url: str, ion: str, inputs: Inputs, timeout: float) -> dict[str, Any]:
+    body = json.dumps({"ion": ion, **inputs.fields()}).encode()
     request = urllib.request.Request(
         url.rstrip("/") + "/predict",
         data=body,
@@ -125,6 +161,8 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     if result.get("reference_voltage") is not None:
         rows.append(("snapshot voltage", f"{result['reference_voltage']:.3f} V"))
+    if result.get("physics_voltage") is not None:
+        rows.append(("physics voltage", f"{result['physics_voltage']:.3f} V (CHGNet)"))
     rows += [("warning", w) for w in result.get("warnings", [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -145,22 +183,23 @@ def predict(
         str | None, typer.Option("--tracking-uri", help="MLflow store (local mode)")
     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for --url")] = 60.0,
+    discharged: Annotated[
+        Path | None,
+        typer.Option(help="discharged end of the same host: also the CHGNet physics voltage"),
+    ] = None,
+    discharged_fmt: Annotated[
+        str | None, typer.Option("--discharged-format", help="default: from the name")
+    ] = None,
 ) -> None:
     """Predict the average voltage of one structure with the ion's champion model."""
-    try:
-        text = structure.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"cannot read {structure}: {exc}", EXIT_BAD_INPUT) from None
-    fmt = (fmt or guess_format(structure) or "").lower()
-    if fmt not in ("cif", "poscar", "json"):
-        raise _fail(
-            f"cannot tell the format of {structure.name}; pass --format cif|poscar|json",
-            EXIT_BAD_INPUT,
-        )
+    text, fmt = _read_input(structure, fmt, "structure")
+    inputs = Inputs(text, fmt)
+    if discharged is not None:
+        inputs = Inputs(text, fmt, *_read_input(discharged, discharged_fmt, "discharged structure"))
     if url:
-        result = _predict_remote(url, ion, text, fmt, timeout)
+        result = _predict_remote(url, ion, inputs, timeout)
     else:
-        result = _predict_local(ion, text, fmt, tracking_uri)
+        result = _predict_local(ion, inputs, tracking_uri)
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

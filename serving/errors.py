@@ -23,6 +23,7 @@ CLIENT_KINDS = frozenset(
         "nan_coordinates",
         "overlapping_atoms",
         "empty",
+        "physics",
     }
 )
 UNAVAILABLE_KINDS = frozenset({"no_champion"})

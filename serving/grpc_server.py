@@ -41,6 +41,8 @@ def _request(msg: voltage_pb2.PredictRequest) -> PredictRequest:
         format=msg.format or None,
         material_id=msg.material_id or None,
         explain=msg.explain,
+        discharged_structure=msg.discharged_structure or None,
+        discharged_format=msg.discharged_format or None,
     )
 
 
@@ -60,6 +62,8 @@ def prediction_message(r: PredictResult) -> voltage_pb2.Prediction:
     )
     if r.reference_voltage is not None:
         msg.reference_voltage = r.reference_voltage
+    if r.physics_voltage is not None:
+        msg.physics_voltage = r.physics_voltage
     for site in r.local_voltages or ():
         msg.local_voltages.add(
             site=site["site"], element=site["element"], local_voltage=site["local_voltage"]
@@ -107,7 +111,7 @@ class VoltageServicer(voltage_pb2_grpc.VoltageServiceServicer):
     ) -> voltage_pb2.PredictBatchResponse:
         t0 = time.perf_counter()
         config = self.predictor.config
-        size = sum(len(item.structure) for item in request.items)
+        size = sum(len(item.structure) + len(item.discharged_structure) for item in request.items)
         problem = None
         if len(request.items) > config.max_batch_items:
             problem = f"batch has {len(request.items)} items; the limit is {config.max_batch_items}"

@@ -61,7 +61,7 @@ class ServiceMetrics:
         self.stage_duration = Histogram(
             "voltage_stage_duration_seconds",
             "Time per stage: parse (text to structure), graph (neighbour lists), inference "
-            "(collate + forward of one micro-batch)",
+            "(collate + forward of one micro-batch), physics (CHGNet cross-check)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -6,6 +6,8 @@ import here), so the three answer identically. A request goes through:
 1. ion check (configured, not disabled, has a model) -> ``unknown_ion`` / ``no_champion``;
 2. parse + checks (:mod:`serving.inputs`) -> the structure kinds of ``training.structure_io``;
 3. graph with the converter stored in *that* model's checkpoint (never current settings);
+   with a ``discharged_structure``, also its CHGNet physics voltage
+   (:mod:`training.model.physics`) -> ``physics`` when the pair is refused;
 4. inference in the process-wide :class:`~serving.batching.MicroBatcher`.
 
 Model swaps are atomic: :meth:`Predictor.set_model` replaces the ion's immutable
@@ -52,24 +54,27 @@ class PredictRequest:
     format: str | None = None
     material_id: str | None = None
     explain: bool = False
+    discharged_structure: str | dict[str, Any] | None = None
+    discharged_format: str | None = None
 
     @classmethod
     def from_mapping(cls, data: Any) -> PredictRequest:
         """From a JSON object; wrong field types become a ``parse`` error naming the field."""
         if not isinstance(data, dict):
             raise ServingError("parse", "each item must be a JSON object")
-        for key in ("ion", "format", "material_id"):
+        for key in ("ion", "format", "material_id", "discharged_format"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ServingError("parse", f"'{key}' must be a string")
-        structure = data.get("structure")
-        if structure is not None and not isinstance(structure, str | dict):
-            raise ServingError("parse", "'structure' must be a string (or a JSON object)")
+        for key in ("structure", "discharged_structure"):
+            if data.get(key) is not None and not isinstance(data[key], str | dict):
+                raise ServingError("parse", f"'{key}' must be a string (or a JSON object)")
         explain = data.get("explain")
         if explain is not None and not isinstance(explain, bool):
             raise ServingError("parse", "'explain' must be true or false")
         return cls(
-            data.get("ion"), structure, data.get("format"), data.get("material_id"), bool(explain)
-        )
+            data.get("ion"), data.get("structure"), data.get("format"), data.get("material_id"),
+            bool(explain), data.get("discharged_structure"), data.get("discharged_format"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class PredictResult:
     material_id: str | None = None
     reference_voltage: float | None = None
     local_voltages: tuple[dict[str, Any], ...] | None = None
+    physics_voltage: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -108,6 +114,7 @@ class PredictResult:
             "reference_voltage": self.reference_voltage,
         }
         out["local_voltages"] = None if self.local_voltages is None else list(self.local_voltages)
+        out["physics_voltage"] = self.physics_voltage
         return out
 
 
@@ -123,6 +130,7 @@ class _Prepared:
     material_id: str | None
     timings: dict[str, float] = field(default_factory=dict)
     explain: bool = False
+    physics_voltage: float | None = None
 
 
 class Predictor:
@@ -175,7 +183,7 @@ class Predictor:
             for fmt, text in (("cif", str(CifWriter(s))), ("poscar", s.to(fmt="poscar"))):
                 to_structure(text, fmt, self.config.max_sites)
             self._parsers_warm = True
-        served.model.predict_graphs([served.model.converter.convert(s)])
+        served.model.predict_graphs([served.model.prepare(s)])
         self._local_head(served)
 
     def set_model(self, ion: str, served: ServedModel | None) -> None:
@@ -280,13 +288,37 @@ class Predictor:
         t0 = time.perf_counter()
         parsed = to_structure(structure, fmt, self.config.max_sites)
         t1 = time.perf_counter()
-        graph = served.model.converter.convert(parsed)
+        graph = served.model.prepare(parsed)  # CGCNN graph, and CHGNet's when served
         t2 = time.perf_counter()
         self.metrics.observe_stage("parse", t1 - t0)
         self.metrics.observe_stage("graph", t2 - t1)
-        return _Prepared(
-            ion, served, parsed, graph, material_id, {"parse": t1 - t0}, explain=req.explain
-        )
+        physics = self._physics_voltage(ion, parsed, req)
+        return _Prepared(ion, served, parsed, graph, material_id, {"parse": t1 - t0},
+                         explain=req.explain, physics_voltage=physics)  # fmt: skip
+
+    def _physics_voltage(self, ion: str, charged: Any, req: PredictRequest) -> float | None:
+        """The CHGNet voltage of charged -> ``discharged_structure`` when one is given (format
+        defaults like ``format``); a refused pair is a ``physics`` error naming the problem."""
+        text = req.discharged_structure
+        if text is None or (isinstance(text, str) and not text.strip()):
+            return None
+        if isinstance(text, str) and len(text) > self.config.max_body_bytes:
+            raise ServingError("too_large", f"discharged structure text is {len(text)} bytes; "
+                               f"the limit is {self.config.max_body_bytes}")  # fmt: skip
+        try:
+            discharged = to_structure(text, req.discharged_format or req.format,
+                                      self.config.max_sites)  # fmt: skip
+        except ServingError as exc:
+            raise ServingError(exc.kind, f"discharged structure: {exc.message}") from None
+        from training.model.physics import PhysicsError, physics_voltage
+
+        t0 = time.perf_counter()
+        try:
+            voltage = physics_voltage(charged, discharged, ion).voltage
+        except PhysicsError as exc:
+            raise ServingError("physics", str(exc)) from None
+        self.metrics.observe_stage("physics", time.perf_counter() - t0)
+        return voltage
 
     def _infer(self, served: ServedModel, graphs: Sequence[Any]) -> tuple[Any, Any]:
         return served.model.predict_graphs(graphs)
@@ -326,6 +358,7 @@ class Predictor:
             material_id=prep.material_id,
             reference_voltage=ref,
             local_voltages=local,
+            physics_voltage=prep.physics_voltage,
         )
 
     def _local_head(self, served: ServedModel) -> Any:
@@ -349,7 +382,10 @@ class Predictor:
         head = self._local_head(prep.served)
         if isinstance(head, str):
             return None, f"local voltages unavailable: {head}"
-        return tuple(explain_graph(prep.served.model, prep.structure, prep.graph, head)), None
+        graph = prep.served.model.cgcnn_graph(prep.graph)
+        if graph is None:
+            return None, "local voltages unavailable: this model serves a CHGNet head alone"
+        return tuple(explain_graph(prep.served.model, prep.structure, graph, head)), None
 
     def _observe_drift(self, prep: _Prepared, voltage: float) -> None:
         if self.drift is None:

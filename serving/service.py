@@ -59,6 +59,16 @@ FormatField = _loose({"type": "string", "enum": ["cif", "poscar", "json"], "defa
 MaterialField = _loose(
     {"type": "string", "example": "mp-10033", "description": "snapshot id instead of structure"}
 )
+DischargedField = _loose(
+    {
+        "description": "optional discharged (ion-rich) end of the same host, same formats as "
+        "`structure`: the answer then adds `physics_voltage` (CHGNet energies)",
+        "anyOf": [{"type": "string"}, {"type": "object"}],
+    }
+)
+DischargedFormatField = _loose(
+    {"type": "string", "enum": ["cif", "poscar", "json"], "description": "default: `format`"}
+)
 
 
 class PredictItem(BaseModel):
@@ -69,6 +79,10 @@ class PredictItem(BaseModel):
     format: str | None = Field(None, json_schema_extra={"enum": ["cif", "poscar", "json"]})
     material_id: str | None = None
     explain: bool = False
+    discharged_structure: str | dict[str, Any] | None = None
+    discharged_format: str | None = Field(
+        None, json_schema_extra={"enum": ["cif", "poscar", "json"]}
+    )
 
 
 BatchItem = _loose(PredictItem.model_json_schema())
@@ -95,6 +109,11 @@ class PredictionOut(BaseModel):
     reference_voltage: float | None = Field(None, description="snapshot DFT voltage, if known")
     local_voltages: list[dict[str, Any]] | None = Field(
         None, description='with "explain": true, per-site local voltages (site, element, V)'
+    )
+    physics_voltage: float | None = Field(
+        None,
+        description="with a discharged_structure: the step's voltage from CHGNet energies (V), "
+        "a cross-check of `voltage`",
     )
 
 
@@ -264,10 +283,13 @@ class VoltageService:
         format: FormatField = None,
         material_id: MaterialField = None,
         explain: bool = False,
+        discharged_structure: DischargedField = None,
+        discharged_format: DischargedFormatField = None,
         *,
         ctx: bentoml.Context,
     ) -> PredictionOut:
-        """Predict the average voltage (V) and its uncertainty for one structure."""
+        """Predict the average voltage (V) and its uncertainty for one structure (and, given
+        its discharged end, the step's CHGNet physics voltage as a cross-check)."""
         _mark(ctx)
         try:
             req = PredictRequest.from_mapping(
@@ -277,6 +299,8 @@ class VoltageService:
                     "format": format,
                     "material_id": material_id,
                     "explain": explain,
+                    "discharged_structure": discharged_structure,
+                    "discharged_format": discharged_format,
                 }
             )
         except ServingError as e:

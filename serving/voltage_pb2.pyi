@@ -8,18 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("ion", "structure", "format", "material_id", "explain")
+    __slots__ = ("ion", "structure", "format", "material_id", "explain", "discharged_structure", "discharged_format")
     ION_FIELD_NUMBER: _ClassVar[int]
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MATERIAL_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    DISCHARGED_STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    DISCHARGED_FORMAT_FIELD_NUMBER: _ClassVar[int]
     ion: str
     structure: str
     format: str
     material_id: str
     explain: bool
-    def __init__(self, ion: _Optional[str] = ..., structure: _Optional[str] = ..., format: _Optional[str] = ..., material_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
+    discharged_structure: str
+    discharged_format: str
+    def __init__(self, ion: _Optional[str] = ..., structure: _Optional[str] = ..., format: _Optional[str] = ..., material_id: _Optional[str] = ..., explain: _Optional[bool] = ..., discharged_structure: _Optional[str] = ..., discharged_format: _Optional[str] = ...) -> None: ...
 
 class LocalVoltage(_message.Message):
     __slots__ = ("site", "element", "local_voltage")
@@ -42,7 +46,7 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("ion", "voltage", "uncertainty", "model", "formula", "n_sites", "unseen_elements", "warnings", "material_id", "reference_voltage", "local_voltages")
+    __slots__ = ("ion", "voltage", "uncertainty", "model", "formula", "n_sites", "unseen_elements", "warnings", "material_id", "reference_voltage", "local_voltages", "physics_voltage")
     ION_FIELD_NUMBER: _ClassVar[int]
     VOLTAGE_FIELD_NUMBER: _ClassVar[int]
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +58,7 @@ class Prediction(_message.Message):
     MATERIAL_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_VOLTAGE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_VOLTAGES_FIELD_NUMBER: _ClassVar[int]
+    PHYSICS_VOLTAGE_FIELD_NUMBER: _ClassVar[int]
     ion: str
     voltage: float
     uncertainty: float
@@ -65,7 +70,8 @@ class Prediction(_message.Message):
     material_id: str
     reference_voltage: float
     local_voltages: _containers.RepeatedCompositeFieldContainer[LocalVoltage]
-    def __init__(self, ion: _Optional[str] = ..., voltage: _Optional[float] = ..., uncertainty: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., formula: _Optional[str] = ..., n_sites: _Optional[int] = ..., unseen_elements: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., material_id: _Optional[str] = ..., reference_voltage: _Optional[float] = ..., local_voltages: _Optional[_Iterable[_Union[LocalVoltage, _Mapping]]] = ...) -> None: ...
+    physics_voltage: float
+    def __init__(self, ion: _Optional[str] = ..., voltage: _Optional[float] = ..., uncertainty: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., formula: _Optional[str] = ..., n_sites: _Optional[int] = ..., unseen_elements: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., material_id: _Optional[str] = ..., reference_voltage: _Optional[float] = ..., local_voltages: _Optional[_Iterable[_Union[LocalVoltage, _Mapping]]] = ..., physics_voltage: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("kind", "message", "http_status")

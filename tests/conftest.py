@@ -131,6 +131,16 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def chgnet_features(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Real CHGNet features of every host of the mini snapshot (the ``chgnet_features`` stage)."""
+    from training.chgnet_stage import load, run_chgnet_features
+
+    tmp = tmp_path_factory.mktemp("chgnet")
+    run_chgnet_features(tiny_data["records"], tmp / "chgnet.npz", tmp / "chgnet.json")
+    return load(tmp / "chgnet.npz")
+
+
+@pytest.fixture(scope="session")
 def source(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small trained Li ensemble (2 members x 2 heads) as the transfer source."""
     import mlflow

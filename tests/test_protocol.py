@@ -47,14 +47,16 @@ def _same(a: Any, b: Any, path: str = "") -> None:
         assert a == b, path
 
 
-DECISIONS = ("head", "bn_mode", "descriptor_weights", "pool_ions", "pool_selection")
+DECISIONS = ("head", "bn_mode", "descriptor_weights", "pool_ions", "pool_selection",
+             "served_variant", "variant_selection")  # fmt: skip
 
 
 def test_no_decision_or_served_artifact_reads_test_labels(source, tiny_data, transfer_cfg,
-                                                          tmp_path):  # fmt: skip
+                                                          chgnet_features, tmp_path):  # fmt: skip
     """Scrambling the ion's test targets (and its partner's val/test targets) changes no
-    decision of the ion_model stage and not one byte of meaning in the served checkpoint; the
-    test figure itself does change, so the scrambling reached the stage."""
+    decision of the ion_model stage (CGCNN heads, pooling, and the CGCNN / CHGNet / average
+    choice) and not one byte of meaning in the served checkpoint; the test figure itself does
+    change, so the scrambling reached the stage."""
     mg, na, li = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i)
                   for i in ("Mg", "Na", "Li"))  # fmt: skip
     store = GraphStore.load(tiny_data["graphs"])
@@ -62,9 +64,10 @@ def test_no_decision_or_served_artifact_reads_test_labels(source, tiny_data, tra
     runs = {}
     for name, (ion, partner) in {"real": (mg, na), "scrambled": (
             _scrambled(mg, ("test",)), _scrambled(na, ("val", "test"), seed=1))}.items():
-        report, final = evaluate_target(ion, store, source, transfer_cfg, [partner], hosts)
+        report, final, part = evaluate_target(ion, store, source, transfer_cfg, [partner], hosts,
+                                              chgnet_features)  # fmt: skip
         ckpt = tmp_path / f"{name}.pt"
-        save_transfer_checkpoint(ckpt, final, source, ion, report, run_id="run")
+        save_transfer_checkpoint(ckpt, final, source, ion, report, run_id="run", chgnet=part)
         runs[name] = (report, torch.load(ckpt, weights_only=True))
     (real, real_ckpt), (scr, scr_ckpt) = runs["real"], runs["scrambled"]
     assert real["test_mae"] != pytest.approx(scr["test_mae"])
@@ -72,6 +75,8 @@ def test_no_decision_or_served_artifact_reads_test_labels(source, tiny_data, tra
         assert json.dumps(real[key], sort_keys=True) == json.dumps(scr[key], sort_keys=True), key
     assert real["uncertainty"]["std_scale"] == scr["uncertainty"]["std_scale"]
     assert real["pool_selection"]["n_scored"] <= real["pool_selection"]["n"]
+    assert set(real["variant_selection"]["cv_mae"]) == {"cgcnn", "chgnet", "average"}
+    assert "chgnet_gp" in real["methods"] and "served" in real["methods"]
     _same(real_ckpt, scr_ckpt)
 
 

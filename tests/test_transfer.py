@@ -115,7 +115,7 @@ def test_comparison_offset_and_uncertainty(source, tiny_data, cfg):
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
     na = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Na")
     store = GraphStore.load(tiny_data["graphs"])
-    report, final = evaluate_target(data, store, source, cfg, partners=[na])
+    report, final, _ = evaluate_target(data, store, source, cfg, partners=[na])
     src = load_checkpoint(source)
     unchanged, _ = source_predictions(src, data, store)
     offset = np.mean(data.targets("train") - unchanged["train"])

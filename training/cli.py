@@ -32,6 +32,15 @@ SplitsOpt = Annotated[Path, typer.Option(help="splits file")]
 GraphsOpt = Annotated[Path, typer.Option(help="graph cache")]
 SourceCheckpointOpt = Annotated[Path, typer.Option(help="the source ion's checkpoint")]
 MetricsDirOpt = Annotated[Path, typer.Option(help="folder with ion_<ion>.json reports")]
+ChgnetFeaturesOpt = Annotated[
+    Path | None, typer.Option(help="CHGNet features (.npz, stage chgnet_features); none: no CHGNet")
+]
+RecordsAllOpt = Annotated[
+    Path | None, typer.Option(help="ingested records before cleaning (with --splits-all)")
+]
+SplitsAllOpt = Annotated[
+    Path | None, typer.Option(help="split of every ingested row: also score uncleaned test")
+]
 
 
 class UsageError(Exception):
@@ -126,6 +135,20 @@ def graphs(
     typer.echo(f"{res['structures']} graphs in {res['seconds']} s, {len(res['skipped'])} skipped")
 
 
+@app.command("chgnet-features")
+@_user_errors
+def chgnet_features(
+    records: Annotated[Path, typer.Option(help="records of every ion (all hosts)")],
+    out: Annotated[Path, typer.Option(help="features (.npz)")],
+    report: Annotated[Path, typer.Option(help="stage report (JSON)")],
+) -> None:
+    """Frozen CHGNet features of every distinct charged host, once per pipeline."""
+    from training.chgnet_stage import run_chgnet_features
+
+    res = run_chgnet_features(records, out, report)
+    typer.echo(f"{res['hosts']} hosts in {res['seconds']} s, {len(res['failed'])} failed")
+
+
 @app.command()
 @_user_errors
 def baselines(
@@ -139,11 +162,20 @@ def baselines(
         Path | None,
         typer.Option(help="validation predictions CSV out (default: <predictions>_val.csv)"),
     ] = None,
+    records_all: RecordsAllOpt = None,
+    splits_all: SplitsAllOpt = None,
+    uncleaned_predictions: Annotated[
+        Path | None,
+        typer.Option(
+            help="uncleaned test predictions CSV out, with --records-all and --splits-all "
+            "(default: <predictions>_uncleaned.csv)"
+        ),
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Mean, SVR, KRR, random forest and a GP on composition features (plus pooled variants
     for ions with pool partners), tuned per ion by grouped CV on train+val, same splits as the
-    CGCNN."""
+    CGCNN; optionally also predicting the test rows before cleaning (nothing refitted)."""
     from training.baselines.models import BaselineConfig
     from training.baselines.stage import run_baseline_stage
     from training.datasets import load_ion_data
@@ -160,6 +192,8 @@ def baselines(
         predictions,
         val_predictions,
         partners=_pool_partners(p, ion, records, splits),
+        uncleaned=_uncleaned(records_all, splits_all, ion),
+        uncleaned_predictions_out=uncleaned_predictions,
     )
     for name, per_split in res.items():
         typer.echo(f"{ion} {name}: test MAE {per_split['test']['mae']:.3f} V")
@@ -266,12 +300,13 @@ def ion_model(
     checkpoint: Annotated[Path, typer.Option(help="this ion's model checkpoint out")],
     metrics: Annotated[Path, typer.Option(help="comparison metrics JSON out")],
     predictions: Annotated[Path, typer.Option(help="test predictions CSV out")],
-    records_all: Annotated[
-        Path | None, typer.Option(help="ingested records before cleaning (with --splits-all)")
+    records_all: RecordsAllOpt = None,
+    splits_all: SplitsAllOpt = None,
+    baselines_uncleaned: Annotated[
+        Path | None,
+        typer.Option(help="baselines' uncleaned test predictions CSV (with --splits-all)"),
     ] = None,
-    splits_all: Annotated[
-        Path | None, typer.Option(help="split of every ingested row: also score uncleaned test")
-    ] = None,
+    chgnet_features: ChgnetFeaturesOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Transfer learning (or, for the source ion, evaluation) and the comparison for one ion."""
@@ -282,6 +317,8 @@ def ion_model(
     from training.transfer_stage import run_ion_stage
 
     p = _require_ion(load_params(params), ion)
+    if baselines_uncleaned is not None and splits_all is None:
+        raise UsageError("--baselines-uncleaned needs --records-all and --splits-all")
     report = run_ion_stage(
         load_ion_data(records, splits, ion),
         GraphStore.load(graphs),
@@ -295,13 +332,54 @@ def ion_model(
         predictions,
         _pool_partners(p, ion, records, splits),
         _source_train_hosts(p, records, splits),
-        None if records_all is None or splits_all is None
-        else load_ion_data(records_all, splits_all, ion),
+        _uncleaned(records_all, splits_all, ion),
+        baselines_uncleaned,
+        _chgnet(chgnet_features),
     )  # fmt: skip
     for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test_mae_mean"]):
         typer.echo(
             f"{ion} {name:20s} test MAE {m['test_mae_mean']:.3f} +- {m['test_mae_std']:.3f} V"
         )
+
+
+@app.command("chemsys-split")
+@_user_errors
+def chemsys_split(
+    ion: Annotated[str, typer.Option(help="working ion (the source ion)")],
+    records: RecordsOpt,
+    graphs: GraphsOpt,
+    out: Annotated[Path, typer.Option(help="report JSON out")],
+    predictions: Annotated[Path, typer.Option(help="test predictions CSV out")],
+    best_params: Annotated[
+        Path | None, typer.Option(help="tuned parameters (JSON) overriding params.yaml")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """One CGCNN and the composition baselines on a split grouped by chemical system, scored
+    once on its test part."""
+    import json
+    from dataclasses import replace
+
+    from training.baselines.models import BaselineConfig
+    from training.chemsys_split import ion_records, run_chemsys_split
+    from training.graphs.store import GraphStore
+    from training.train.stage import TrainSettings
+
+    p = _require_ion(load_params(params), ion)
+    best = json.loads(best_params.read_text()) if best_params else None
+    settings = TrainSettings.from_sections(p.section("model"), p.section("train"), {}, best)
+    if p.chemsys_split.epochs is not None:
+        settings = replace(settings, train=replace(settings.train, epochs=p.chemsys_split.epochs))
+    report = run_chemsys_split(
+        ion, ion_records(records, ion), GraphStore.load(graphs), p.split, settings,
+        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
+        out, predictions,
+    )  # fmt: skip
+    typer.echo(f"{ion}: {report['n']} crystals in {report['n_chemsys']} chemical systems")
+    for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test"]["mae"]):
+        typer.echo(f"{ion} {name:8s} test MAE {m['test']['mae']:.3f} V")
+    d = report["cgcnn_minus_best_baseline"]
+    typer.echo(f"cgcnn - {report['best_baseline']}: {d['diff']:+.3f} +- {d['se']:.3f} V")
 
 
 @app.command("cv")
@@ -324,6 +402,7 @@ def cv(
     baseline_metrics: Annotated[
         Path | None, typer.Option(help="baselines report: the best baseline by inner CV")
     ] = None,
+    chgnet_features: ChgnetFeaturesOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Leak-free grouped CV (by host and by chemical system) over the ion's whole data: GP
@@ -345,7 +424,7 @@ def cv(
         transfer_cfg.gp, int(p.section("cv")["folds"]), out,
         _pool_partners(p, ion, records, splits), _source_train_hosts(p, records, splits),
         rows_out, plot, *_served_and_best(ion_metrics, baseline_metrics),
-        p.section("cv").get("backbones"),
+        p.section("cv").get("backbones"), _chgnet(chgnet_features), transfer_cfg.chgnet.gp,
     )  # fmt: skip
     if "groupings" not in report:
         typer.echo(f"{ion}: {report['not_applicable']}")
@@ -406,6 +485,41 @@ def docs(
     for path, text in render(root, reports).items():
         path.write_text(text)
         typer.echo(f"wrote {path}")
+
+
+@app.command("pair-voltage")
+@_user_errors
+def pair_voltage(
+    out: Annotated[Path, typer.Option(help="per-pair CSV out")],
+    summary: Annotated[Path, typer.Option(help="summary JSON out (per ion and overall)")],
+    features: Annotated[
+        Path | None,
+        typer.Option(help="chgnet_features npz: its charged-structure energies are reused"),
+    ] = None,
+    snapshot_dir: Annotated[
+        Path | None, typer.Option(help="snapshot folder (default: data.snapshot_dir)")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option(min=1, help="only this many random pairs (timing, smoke runs)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of --sample")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Physics cross-check: CHGNet voltage of every charged/discharged snapshot pair of the
+    configured ions, scored against pair_voltage and battery_avg_voltage."""
+    from training.physics_stage import run_pair_voltage
+
+    p = load_params(params)
+    report = run_pair_voltage(
+        snapshot_dir or p.data.snapshot_dir, p.ion_names, out, summary, features, sample, seed,
+        progress,
+    )  # fmt: skip
+    for ion, s in [*report["per_ion"].items(), ("all", report["overall"])]:
+        mae_p, mae_a = s["mae_vs_pair_voltage"], s["mae_vs_battery_avg_voltage"]
+        typer.echo(f"{ion}: {s['n_scored']} of {s['n']} scored, MAE vs pair_voltage {mae_p} V, "
+                   f"vs battery_avg_voltage {mae_a} V")  # fmt: skip
+    typer.echo(f"{report['seconds']} s ({report['seconds_per_pair']} s per pair)")
 
 
 @app.command()
@@ -515,6 +629,7 @@ def drift_reference(
     predictions_json: Annotated[
         Path | None, typer.Option(help="or: {ion: {battery_id: volts}} on the training split")
     ] = None,
+    chgnet_features: ChgnetFeaturesOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Per-ion training-data statistics the service compares live traffic against (drift)."""
@@ -526,7 +641,8 @@ def drift_reference(
             raise UsageError("--models-dir needs --graphs")
         ions = [i for i in load_params(params).ion_names if (models_dir / f"{i}.pt").is_file()]
         checkpoints = {i: models_dir / f"{i}.pt" for i in ions}
-        predictions = model_predictions(records, splits, graphs, checkpoints)
+        predictions = model_predictions(records, splits, graphs, checkpoints,
+                                        _chgnet(chgnet_features))  # fmt: skip
     stats = build_from_files(records, splits, predictions)
     write_reference(out, stats)
     for ion, entry in stats.items():
@@ -641,19 +757,33 @@ def _pool_partners(p: Params, ion: str, records: Path, splits: Path) -> list[Ion
     return [load_ion_data(records, splits, other) for other in p.pool_partners(ion)]
 
 
-def _served_and_best(ion_metrics: Path | None, baseline_metrics: Path | None) -> tuple[str, str]:
-    """The GP variant the ion_model stage serves and the baselines stage's best baseline by
-    inner CV (defaults without the reports: the pooled GP, KRR)."""
+def _served_and_best(
+    ion_metrics: Path | None, baseline_metrics: Path | None
+) -> tuple[tuple[str, str, bool], str]:
+    """The CV columns of what the ion_model stage serves (served, CGCNN GP, whether the CHGNet
+    head pools) and the baselines stage's best baseline by inner CV (defaults without the
+    reports: the pooled CGCNN GP, KRR)."""
     import json
 
-    from training.protocol import SERVED_CV_COLUMN, best_baseline
+    from training.protocol import best_baseline, served_cv_columns
 
-    served, best = "transfer_gp", "krr"
+    served, best = ("transfer_gp", "transfer_gp", False), "krr"
     if ion_metrics is not None and ion_metrics.is_file():
-        served = SERVED_CV_COLUMN.get(json.loads(ion_metrics.read_text()).get("head"), served)
+        served = served_cv_columns(json.loads(ion_metrics.read_text()))
     if baseline_metrics is not None and baseline_metrics.is_file():
         best = best_baseline(json.loads(baseline_metrics.read_text()))[0]
     return served, best
+
+
+def _uncleaned(records_all: Path | None, splits_all: Path | None, ion: str) -> IonData | None:
+    """The ion's rows before cleaning, split as the cleaned ones (None without both files)."""
+    from training.datasets import load_ion_data
+
+    if (records_all is None) != (splits_all is None):
+        raise UsageError("--records-all and --splits-all go together")
+    if records_all is None or splits_all is None:
+        return None
+    return load_ion_data(records_all, splits_all, ion)
 
 
 def _source_train_hosts(p: Params, records: Path, splits: Path) -> frozenset[str]:
@@ -661,6 +791,17 @@ def _source_train_hosts(p: Params, records: Path, splits: Path) -> frozenset[str
     from training.datasets import load_ion_data
 
     return frozenset(load_ion_data(records, splits, p.source_ion).host_ids("train"))
+
+
+def _chgnet(path: Path | None) -> Any:
+    """The CHGNet features of the ``chgnet_features`` stage (None: not given)."""
+    if path is None:
+        return None
+    from training.chgnet_stage import load
+
+    if not path.is_file():
+        raise UsageError(f"CHGNet features not found: {path} (run the chgnet_features stage)")
+    return load(path)
 
 
 def _require_ion(p: Params, ion: str) -> Params:

@@ -25,7 +25,7 @@ METHOD_ORDER = [
     "source_offset_per_seed", "cgcnn_scratch", "cgcnn", "cgcnn_per_seed", "transfer",
     "transfer_per_seed", "transfer_gp_bn_adapt", "transfer_gp_bn_frozen",
     "transfer_gp_alone_bn_adapt", "transfer_gp_alone_bn_frozen", "transfer_fc_bn_adapt",
-    "transfer_fc_bn_frozen",
+    "transfer_fc_bn_frozen", "chgnet_gp", "chgnet_gp_alone", "chgnet_gp_pooled", "served",
 ]  # fmt: skip
 
 
@@ -56,8 +56,11 @@ def _read_csv(path: Path) -> dict[str, dict[str, str]]:
 
 
 def _served_column(rows: dict[str, dict[str, str]]) -> str:
-    """The served model's column: ``transfer`` for a transferred ion, ``cgcnn`` for the source."""
-    return "transfer" if "transfer" in next(iter(rows.values())) else "cgcnn"
+    """The served model's column: ``served`` (the variant the ion serves: CGCNN, CHGNet head or
+    their average); in reports without it, ``transfer`` for a transferred ion, ``cgcnn`` for the
+    source."""
+    first = next(iter(rows.values()))
+    return next(c for c in ("served", "transfer", "cgcnn") if c in first)
 
 
 def paired_vs_baselines(model_csv: Path, baselines_csv: Path) -> dict[str, dict[str, float]]:

@@ -74,6 +74,14 @@ class GraphSettings(_Strict):
     gaussian_width: float = Field(default=0.2, gt=0)
 
 
+class ChemsysSplitSettings(_Strict):
+    """The source ion's chemical-system-grouped split check (stage ``chemsys_split``)."""
+
+    epochs: int | None = Field(
+        default=None, ge=1, description="CGCNN epochs; None: train.epochs, as the train stage"
+    )
+
+
 class Params(BaseModel):
     """The whole ``params.yaml``. Sections owned by later stages are validated by their stage."""
 
@@ -84,6 +92,7 @@ class Params(BaseModel):
     data: DataSettings = DataSettings()
     split: SplitSettings = SplitSettings()
     graph: GraphSettings = GraphSettings()
+    chemsys_split: ChemsysSplitSettings = ChemsysSplitSettings()
 
     @model_validator(mode="after")
     def _source_ion_enabled(self) -> Params:

@@ -42,19 +42,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from training.baselines.features import composition_features, featurize_cached
 from training.baselines.models import BASELINE_METHODS, OWN_METHODS, BaselineConfig
 from training.baselines.tuning import PartnerRows, fit_tuned
+from training.chgnet_stage import ChgnetFeatures
 from training.datasets import IonData
 from training.gp_cv import (
     SPLITS,
+    CVBackbone,
     Partners,
     chemsys_keys,
     gp_fold,
     group_folds,
     host_descriptors,
     load_partners,
+    mixture,
     pooled_by_backbone,
     rows_of,
     unseen_by_source,
@@ -94,14 +98,17 @@ class IonRows:
     partners: Partners | None
     partner_rows: PartnerRows | None
     partner_chemsys: np.ndarray | None
+    chgnet: CVBackbone | None = None  # CHGNet features of the rows and partners, its GP
 
 
 def load_rows(
     data: IonData, store: GraphStore, source: LoadedModel, features_cache: Path, gp: GPConfig,
     partners: Sequence[IonData], source_train_hosts: set[str], backbones: int | None = None,
+    chg: ChgnetFeatures | None = None, chgnet_gp: GPConfig | None = None,
 ) -> IonRows:  # fmt: skip
     """The ion's crystals of every split with their features (pooled vectors of the first
-    ``backbones`` source backbones; None: all), and its partners' crystals."""
+    ``backbones`` source backbones; None: all; CHGNet features when ``chg`` is given), and its
+    partners' crystals."""
     hosts, y = rows_of(data, SPLITS)
     x, _ = featurize_cached([f for s in SPLITS for f in data.formulas(s)], features_cache)
     pool = load_partners(partners, store, source, gp, SPLITS, backbones)
@@ -117,7 +124,21 @@ def load_rows(
         scored=unseen_by_source(hosts, source_train_hosts), chemsys=chemsys_keys(data, SPLITS),
         partners=pool, partner_rows=partner_rows,
         partner_chemsys=None if pool is None else pool.chemsys,
+        chgnet=None if chg is None else _chgnet_rows(chg, chgnet_gp or gp, store, hosts, partners),
     )  # fmt: skip
+
+
+def _chgnet_rows(
+    chg: ChgnetFeatures, gp: GPConfig, store: GraphStore, hosts: list[str],
+    partners: Sequence[IonData],
+) -> CVBackbone:  # fmt: skip
+    """CHGNet features of the ion's crystals and of its partners' (every split: the folds drop
+    held-out groups), with the CHGNet GP's settings."""
+    def feats(h: list[str]) -> list[Any]:
+        return [torch.from_numpy(chg.rows(h))]
+
+    pool = load_partners(partners, store, None, gp, SPLITS, features=feats)
+    return CVBackbone(feats(hosts), host_descriptors(store, hosts, gp), pool, gp)
 
 
 def _partners_for(rows: IonRows, grouping: str) -> tuple[Partners | None, PartnerRows | None]:
@@ -131,11 +152,41 @@ def _partners_for(rows: IonRows, grouping: str) -> tuple[Partners | None, Partne
             replace(rows.partner_rows, hosts=np.asarray(keys)))  # fmt: skip
 
 
+def _chgnet_partners(rows: IonRows, grouping: str) -> Partners | None:
+    """The CHGNet partner rows keyed like ``_partners_for`` keys the CGCNN ones."""
+    if rows.chgnet is None or rows.chgnet.partners is None:
+        return None
+    keys = None if grouping == "host" else rows.partner_chemsys
+    return replace(rows.chgnet.partners, keys=keys)
+
+
+def _gp_runs(
+    rows: IonRows, grouping: str, gp: GPConfig, pool: Partners | None, chgnet_pool: bool
+) -> dict[str, tuple[list[Any], Any, GPConfig, Partners | None]]:
+    """Every GP method of the CV: (features, descriptors, settings, partners). ``chgnet_gp``
+    pools as the served CHGNet head does (``chgnet_pool``); ``chgnet_gp_alone`` never pools."""
+    backbone_only = replace(gp, descriptor_weights=(0.0,))
+    desc = rows.desc if gp.uses_descriptors else None
+    runs = {
+        "transfer_gp": (rows.feats, desc, gp, pool),
+        "transfer_gp_alone": (rows.feats, desc, gp, None),
+        "transfer_gp_backbone_only": (rows.feats, None, backbone_only, None),
+    }
+    if rows.chgnet is not None:
+        c = rows.chgnet
+        cpool = _chgnet_partners(rows, grouping)
+        runs["chgnet_gp"] = (c.feats, c.desc, c.gp, cpool if chgnet_pool else None)
+        runs["chgnet_gp_alone"] = (c.feats, c.desc, c.gp, None)
+    return runs
+
+
 def run_grouping(
     rows: IonRows, grouping: str, folds: int, gp: GPConfig, baselines: BaselineConfig,
-    gp_methods: Sequence[str], baseline_methods: Sequence[str],
+    gp_methods: Sequence[str], baseline_methods: Sequence[str], chgnet_pool: bool = False,
+    average_of: tuple[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Out-of-fold predictions (and GP stds) of the given methods under one grouping."""
+    """Out-of-fold predictions (and GP stds) of the given methods under one grouping;
+    ``average_of``: the (CGCNN, CHGNet) GP columns whose mixture is the ``average`` method."""
     keys = rows.hosts if grouping == "host" else rows.chemsys
     pool, prows = _partners_for(rows, grouping)
     n = len(rows.y)
@@ -143,20 +194,14 @@ def run_grouping(
     pred = {m: np.zeros(n) for m in names}
     std = {m: np.zeros(n) for m in names}
     fold_of = np.zeros(n, dtype=int)
-    backbone_only = replace(gp, descriptor_weights=(0.0,))
+    gp_runs = _gp_runs(rows, grouping, gp, pool, chgnet_pool)
     splits = group_folds(keys, folds)
     for k, (tr, te) in enumerate(splits):
         fold_of[te] = k
         held_out = {keys[i] for i in te}
-        gp_runs = {
-            "transfer_gp": (gp, pool),
-            "transfer_gp_alone": (gp, None),
-            "transfer_gp_backbone_only": (backbone_only, None),
-        }
         for m in gp_methods:
-            cfg, partners = gp_runs[m]
-            desc = rows.desc if cfg.uses_descriptors else None
-            pred[m][te], std[m][te] = gp_fold(rows.feats, desc, rows.y, tr, te, cfg, partners,
+            feats, desc, cfg, partners = gp_runs[m]
+            pred[m][te], std[m][te] = gp_fold(feats, desc, rows.y, tr, te, cfg, partners,
                                               held_out)  # fmt: skip
         fold_partners = None if prows is None else prows.without_hosts(held_out)
         inner_groups = [keys[i] for i in tr]
@@ -169,6 +214,10 @@ def run_grouping(
             if s is not None:
                 std[m][te] = s
         log.info("%s CV fold %d/%d done", grouping, k + 1, len(splits))
+    if average_of is not None:
+        a, b = average_of
+        pred["average"], std["average"] = mixture(pred[a], std[a], pred[b], std[b])
+        names.append("average")
     has_std = [m for m in names if std[m].any()]
     return {"pred": pred, "std": {m: std[m] for m in has_std}, "fold": fold_of,
             "folds": len(splits)}  # fmt: skip
@@ -209,29 +258,42 @@ def summarise(
 def cross_validate(
     data: IonData, store: GraphStore, source: LoadedModel, features_cache: Path,
     baselines: BaselineConfig, gp: GPConfig, folds: int, partners: Sequence[IonData] = (),
-    source_train_hosts: set[str] = frozenset(), served: str = "transfer_gp",
+    source_train_hosts: set[str] = frozenset(),
+    served: tuple[str, str, bool] = ("transfer_gp", "transfer_gp", False),
     best_baseline: str = "krr", backbones: int | None = None,
+    chg: ChgnetFeatures | None = None, chgnet_gp: GPConfig | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], IonRows]:  # fmt: skip
-    """Both groupings: (report, out-of-fold results per grouping, rows). ``served``: the GP
-    variant the ion_model stage serves; ``best_baseline``: the baselines stage's inner-CV pick
-    (the chemsys grouping runs these two only); ``backbones``: how many source backbones the
-    GP heads use (None: all)."""
+    """Both groupings: (report, out-of-fold results per grouping, rows). ``served``: the CV
+    columns of what the ion_model stage serves (served, its CGCNN GP, whether the CHGNet head
+    pools: ``protocol.served_cv_columns``); ``best_baseline``: the baselines stage's inner-CV
+    pick (the chemsys grouping runs the served model and this one only); ``backbones``: how
+    many source backbones the CGCNN GP heads use (None: all); ``chg``: CHGNet features, which
+    add the CHGNet GP and its average with the CGCNN GP."""
+    column, cgcnn_col, chgnet_pool = served
     rows = load_rows(data, store, source, features_cache, gp, partners, set(source_train_hosts),
-                     backbones)  # fmt: skip
+                     backbones, chg, chgnet_gp)  # fmt: skip
     gp_methods = ["transfer_gp", "transfer_gp_backbone_only"]
     if partners:
         gp_methods.insert(1, "transfer_gp_alone")
+    average_of = None
+    if rows.chgnet is not None:
+        gp_methods += ["chgnet_gp", *(["chgnet_gp_alone"] if partners and chgnet_pool else [])]
+        average_of = (cgcnn_col, "chgnet_gp")
+    served_parts = [cgcnn_col, "chgnet_gp"] if column == "average" else [column]
     plan = {"host": (gp_methods, list(cv_methods(bool(partners)))),
-            "chemsys": ([served], [best_baseline])}  # fmt: skip
-    report: dict[str, Any] = {"groupings": {}, "served": served, "best_baseline": best_baseline,
+            "chemsys": (served_parts, [best_baseline])}  # fmt: skip
+    report: dict[str, Any] = {"groupings": {}, "served": column, "best_baseline": best_baseline,
                               "backbones": len(rows.feats)}  # fmt: skip
     results = {}
     for grouping in GROUPINGS:
         gps, bases = plan[grouping]
-        res = run_grouping(rows, grouping, folds, gp, _cv_baselines(baselines), gps, bases)
+        avg = average_of if average_of and set(average_of) <= set(gps) else None
+        res = run_grouping(rows, grouping, folds, gp, _cv_baselines(baselines), gps, bases,
+                           chgnet_pool, avg)  # fmt: skip
         results[grouping] = res
-        refs = [m for m in ("transfer_gp", "transfer_gp_alone") if m in gps]
-        report["groupings"][grouping] = summarise(rows.y, rows.scored, res, refs)
+        refs = [m for m in ("transfer_gp", "transfer_gp_alone", column) if m in res["pred"]]
+        report["groupings"][grouping] = summarise(rows.y, rows.scored, res,
+                                                  list(dict.fromkeys(refs)))  # fmt: skip
     return report, results, rows
 
 
@@ -312,8 +374,10 @@ def run_cv_stage(
     data: IonData, store: GraphStore, source_ion: str, source: LoadedModel,
     features_cache: Path, baselines: BaselineConfig, gp: GPConfig, folds: int, out: Path,
     partners: Sequence[IonData] = (), source_train_hosts: set[str] = frozenset(),
-    rows_out: Path | None = None, plot_out: Path | None = None, served: str = "transfer_gp",
+    rows_out: Path | None = None, plot_out: Path | None = None,
+    served: tuple[str, str, bool] = ("transfer_gp", "transfer_gp", False),
     best_baseline: str = "krr", backbones: int | None = None,
+    chg: ChgnetFeatures | None = None, chgnet_gp: GPConfig | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     if data.ion == source_ion:
         report: dict[str, Any] = {
@@ -323,7 +387,8 @@ def run_cv_stage(
     else:
         report, results, rows = cross_validate(data, store, source, features_cache, baselines,
                                                gp, folds, partners, source_train_hosts, served,
-                                               best_baseline, backbones)  # fmt: skip
+                                               best_baseline, backbones, chg,
+                                               chgnet_gp)  # fmt: skip
         report["pool_ions"] = [p.ion for p in partners]
         report["scored"] = "crystals on hosts the source backbones never trained on"
         if rows_out is not None:

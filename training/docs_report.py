@@ -39,14 +39,44 @@ def _cv(reports: Path, ion: str) -> dict[str, Any] | None:
 
 
 def _served_cv(ion_report: Mapping[str, Any]) -> str:
-    return "transfer_gp_alone" if ion_report.get("head") == "gp_alone" else "transfer_gp"
+    """The CV check's column of the ion's served model."""
+    from training.protocol import served_cv_columns
+
+    return served_cv_columns(ion_report)[0]
+
+
+VARIANT_NAMES = {"cgcnn": "CGCNN hybrid", "chgnet": "CHGNet GP", "average": "average"}
+
+
+def variant_table(reports: Path) -> str:
+    """The served variant per ion (CGCNN transfer, CHGNet head, their average): the decision's
+    figures (grouped CV on train+val; Li: validation) beside every variant's test MAE."""
+    lines = ["| ion | chosen on | CGCNN | CHGNet | average | served | CHGNet − CGCNN, paired | "
+             "test: CGCNN | test: CHGNet | test: served |", "|---|" + "---|" * 9]  # fmt: skip
+    for ion in _ions(reports):
+        rep = _load(reports / "metrics" / f"ion_{ion}.json")
+        sel = rep.get("variant_selection")
+        if not sel:
+            continue
+        by = sel.get("cv_mae") or sel.get("val_mae") or {}
+        where = "grouped CV" if "cv_mae" in sel else "validation"
+        pair = (sel.get("paired_vs_cgcnn") or {}).get("chgnet")
+        pair_cell = f"{pair['diff']:+.3f} ± {pair['se']:.3f} ({pair['n']})" if pair else "–"
+        cells = [f"{by[v]:.3f}" if v in by else "–" for v in ("cgcnn", "chgnet", "average")]
+        m = rep["methods"]
+        cgcnn_test = m.get("transfer", m.get("cgcnn", {})).get("test_mae_mean", float("nan"))
+        lines.append(f"| {ion} | {where} | " + " | ".join(cells)
+                     + f" | **{VARIANT_NAMES[sel['choice']]}** | {pair_cell} | "
+                     f"{cgcnn_test:.3f} | {m['chgnet_gp']['test_mae_mean']:.3f} | "
+                     f"{rep['test_mae']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def split_table(reports: Path) -> str:
     """Fixed grouped test split: served model, best baseline (chosen on inner CV), the Li model
     applied unchanged, uncleaned test rows, paper."""
     proto = _load(reports / "protocol.json")["ions"]
-    lines = ["| ion | n test | served (hybrid: backbone + composition) | best baseline "
+    lines = ["| ion | n test | served (variant chosen on train+val) | best baseline "
              "(chosen on train+val CV) | served − baseline, paired | Li model unchanged | "
              "served, uncleaned test rows (n) | paper TL (val) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -58,11 +88,76 @@ def split_table(reports: Path) -> str:
         unc_cell = f"{unc['served']['mae']:.3f} ({unc['n']})" if unc else "–"
         unchanged = rep["methods"].get("source_unchanged", {}).get("test_mae_mean")
         lines.append(
-            f"| {ion} | {rep['n']['test']} | {rep['test_mae']:.3f} | {row['best_baseline']} "
+            f"| {ion} | {rep['n']['test']} | {rep['test_mae']:.3f} "
+            f"({VARIANT_NAMES[rep.get('served_variant', 'cgcnn')]}) | {row['best_baseline']} "
             f"{base.get('test_mae_mean', float('nan')):.3f} | {t['diff']:+.3f} ± {t['se']:.3f} | "
             f"{'–' if unchanged is None or ion == 'Li' else f'{unchanged:.3f}'} | {unc_cell} | "
             f"{PAPER_TL_MAE.get(ion, '–')} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+UNCLEANED_BASELINES = ("svr", "krr", "rf", "gp_comp", "krr_pooled", "rf_pooled", "gp_comp_pooled")
+
+
+def uncleaned_table(reports: Path) -> str:
+    """Every test row before cleaning: the served model, the training mean and every baseline
+    (all fitted on the cleaned training rows; a forest's MAE is its mean over seeds), so that
+    dropping the test rows outside the training-row thresholds flatters no method unseen."""
+    found = {ion: _load(reports / "metrics" / f"ion_{ion}.json").get("test_uncleaned")
+             for ion in _ions(reports)}  # fmt: skip
+    rows = {ion: u for ion, u in found.items() if u}
+    names = [m for m in UNCLEANED_BASELINES
+             if any(m in u.get("baselines", {}) for u in rows.values())]  # fmt: skip
+    lines = ["| ion | test rows, cleaned | test rows, uncleaned | served | mean | "
+             + "".join(f"{m} | " for m in names),
+             "|---|---|---|---|---|" + "---|" * len(names)]  # fmt: skip
+    for ion, u in rows.items():
+        base = u.get("baselines", {})
+        cells = [f"{base[m]['mae']:.3f}" if m in base else "–" for m in names]
+        lines.append(f"| {ion} | {u['n_cleaned']} | {u['n']} | {u['served']['mae']:.3f} | "
+                     f"{u['mean']['mae']:.3f} | " + "".join(f"{c} | " for c in cells))  # fmt: skip
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def chemsys_split_text(reports: Path) -> str:
+    """The source ion retrained and scored on a split grouped by chemical system, beside the
+    same methods on the host-grouped split (one CGCNN member, first forest seed, as there)."""
+    paths = sorted((reports / "chemsys_split").glob("*.json"))
+    if not paths:
+        return "No report yet (stage `chemsys_split`).\n"
+    return "\n".join(_chemsys_one(reports, _load(p)) for p in paths)
+
+
+def _host_split_mae(reports: Path, ion: str, method: str) -> str:
+    """The method's test MAE on the pipeline's host-grouped split ("–" without a report)."""
+    if method == "cgcnn":
+        path = reports / "metrics" / f"cgcnn_{ion}.json"
+        mae = _load(path)["single_model"]["test"]["mae"] if path.is_file() else None
+    else:
+        path = reports / "metrics" / f"baselines_{ion}.json"
+        mae = _load(path)["models"].get(method, {}).get("test", {}).get("mae") \
+            if path.is_file() else None  # fmt: skip
+    return "–" if mae is None else f"{mae:.3f}"
+
+
+def _chemsys_one(reports: Path, rep: dict[str, Any]) -> str:
+    ion, n, k, leak = rep["ion"], rep["n"], rep["n_chemsys"], rep["leak_check"]
+    d, best = rep["cgcnn_minus_best_baseline"], rep["best_baseline"]
+    lines = [f"{ion}: {n['train']}/{n['val']}/{n['test']} crystals in {k['train']}/{k['val']}/"
+             f"{k['test']} chemical systems (train/val/test); test reduced formulas among the "
+             f"training rows: {len(leak['test_reduced_formulas_in_train'])}, without {ion}: "
+             f"{len(leak['test_frameworks_in_train'])}. CGCNN − {best} (best baseline by inner "
+             f"CV on train+val), paired over the test crystals: {d['diff']:+.3f} ± {d['se']:.3f} "
+             "V.", "",
+             "| method | val MAE | test MAE | test RMSE | test R² | CGCNN − this, paired | "
+             "host-grouped split, test MAE |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, m in rep["methods"].items():
+        pair = rep["cgcnn_minus_baseline"].get(name)
+        diff = "–" if pair is None else f"{pair['diff']:+.3f} ± {pair['se']:.3f}"
+        t, host = m["test"], _host_split_mae(reports, ion, name)
+        lines.append(f"| {name} | {m['val']['mae']:.3f} | {t['mae']:.3f} | {t['rmse']:.3f} | "
+                     f"{t['r2']:.2f} | {diff} | {host} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -81,8 +176,9 @@ def li_table(reports: Path) -> str:
 
 def cv_table(reports: Path, grouping: str) -> str:
     """Leak-free grouped CV MAE per method (scored crystals only)."""
-    methods = ["transfer_gp", "transfer_gp_alone", "transfer_gp_backbone_only", "gp_comp",
-               "gp_comp_pooled", "krr", "krr_pooled", "rf", "rf_pooled", "svr", "mean"]
+    methods = ["transfer_gp", "transfer_gp_alone", "transfer_gp_backbone_only", "chgnet_gp",
+               "chgnet_gp_alone", "average", "gp_comp", "gp_comp_pooled", "krr", "krr_pooled",
+               "rf", "rf_pooled", "svr", "mean"]  # fmt: skip
     ions = [i for i in _ions(reports) if _cv(reports, i)]
     lines = ["| method | " + " | ".join(ions) + " |", "|---|" + "---|" * len(ions)]
     for m in methods:
@@ -152,7 +248,7 @@ def cleaning_table(reports: Path) -> str:
         by = st.get("removed_by_split", {})
         lines.append(f"| {ion} | {st['k'] if st['k'] is not None else 'all kept'} | "
                      f"{st['mean_V']:.2f} | {st['sigma_V']:.2f} | {st['kept']} | "
-                     f"{by.get('train', 0)}/{by.get('val', 0)}/{by.get('test', 0)} |")
+                     f"{by.get('train', 0)}/{by.get('val', 0)}/{by.get('test', 0)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -173,7 +269,12 @@ def results_doc(reports: Path) -> str:
         "the protocol behind every table is [protocol.md](protocol.md).\n\n"
         + BEGIN + "\n\n## Primary comparison\n\n" + (reports / "protocol.md").read_text()
         + "\n## Fixed grouped test split (MAE, V)\n\n" + split_table(reports)
+        + "\n## Served variant: CGCNN transfer, CHGNet head or their average (MAE, V)\n\n"
+        + variant_table(reports)
+        + "\n## Every test row, before cleaning (MAE, V)\n\n" + uncleaned_table(reports)
         + "\n## The Li source model\n\n" + li_table(reports)
+        + "\n## The source ion on a split grouped by chemical system (V, scored once)\n\n"
+        + chemsys_split_text(reports)
         + "\n## Leak-free CV, grouped by host (MAE ± SE, V)\n\n" + cv_table(reports, "host")
         + "\n## Leak-free CV, grouped by chemical system (MAE ± SE, V)\n\n"
         + cv_table(reports, "chemsys")
@@ -184,7 +285,7 @@ def results_doc(reports: Path) -> str:
         + "\n## Cleaning (thresholds from training rows)\n\n" + cleaning_table(reports)
         + "\nFull methods × ions table: [reports/comparison.md](../reports/comparison.md).\n"
         + END + "\n"
-    )
+    )  # fmt: skip
 
 
 def splice(text: str, block: str) -> str:
@@ -224,7 +325,7 @@ def problems(root: Path, reports: Path) -> list[str]:
     for path in docs:
         out += [f"{path.relative_to(root)}: hand-typed figure {f!r}"
                 for f in hand_typed_figures(path.read_text())]  # fmt: skip
-    comments = "\n".join(line.split("#", 1)[1] for line in
-                         (root / "params.yaml").read_text().splitlines() if "#" in line)
+    lines = (root / "params.yaml").read_text().splitlines()
+    comments = "\n".join(line.split("#", 1)[1] for line in lines if "#" in line)
     out += [f"params.yaml comment: hand-typed figure {f!r}" for f in FIGURE.findall(comments)]
     return out

@@ -171,18 +171,20 @@ def build_from_files(
 
 
 def model_predictions(
-    records_path: Path, splits_path: Path, graphs_path: Path, checkpoints: Mapping[str, Path]
+    records_path: Path, splits_path: Path, graphs_path: Path, checkpoints: Mapping[str, Path],
+    chgnet: Any = None,
 ) -> dict[str, dict[str, float]]:
-    """Each ion's own model on its training split: the reference for the served predictions."""
+    """Each ion's own model on its training split, as served (a CHGNet head reads ``chgnet``,
+    the ``chgnet_features`` stage's features): the reference for the served predictions."""
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.inference import VoltageModel
+    from training.model.artifact import load_checkpoint
+    from training.transfer_stage import served_mean_std
 
     store = GraphStore.load(graphs_path)
     out: dict[str, dict[str, float]] = {}
     for ion, ckpt in checkpoints.items():
         data = load_ion_data(records_path, splits_path, ion)
-        model = VoltageModel.from_checkpoint(ckpt)
-        mean, _ = model.predict_graphs([store.get(h) for h in data.host_ids("train")])
+        mean, _ = served_mean_std(load_checkpoint(ckpt), store, data, "train", chgnet)
         out[ion] = dict(zip(data.ids("train"), mean.tolist(), strict=True))
     return out

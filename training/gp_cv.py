@@ -26,7 +26,7 @@ among the fold's training rows for that ion (leave-chemical-system-out).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,14 +90,25 @@ class Partners:
         )  # fmt: skip
 
 
+Featurise = Callable[[list[str]], list[torch.Tensor]]
+
+
 def load_partners(
-    partners: Sequence[IonData], store: GraphStore, source: LoadedModel, gp: GPConfig,
+    partners: Sequence[IonData], store: GraphStore, source: LoadedModel | None, gp: GPConfig,
     splits: Sequence[str] = SPLITS, n_backbones: int | None = None,
+    features: Featurise | None = None,
 ) -> Partners | None:  # fmt: skip
     """Pooled vectors and descriptors of the partners' crystals in ``splits`` (None without
-    partners)."""
+    partners). ``features``: hosts -> one matrix per backbone, instead of the source's pooled
+    vectors (e.g. CHGNet features)."""
     if not partners:
         return None
+    if features is None:
+        assert source is not None, "load_partners needs a source model or a featuriser"
+
+        def features(hosts: list[str]) -> list[torch.Tensor]:
+            return pooled_by_backbone(source, store, hosts, n_backbones)
+
     rows = [(i + 1, h, t, k) for i, p in enumerate(partners) for s in splits
             for h, t, k in zip(p.host_ids(s), p.targets(s), chemsys_keys(p, (s,)),
                                strict=True)]  # fmt: skip
@@ -105,7 +116,7 @@ def load_partners(
     return Partners(
         hosts=np.array(hosts), y=np.array([t for _, _, t, _ in rows]),
         ion_index=np.array([i for i, *_ in rows]),
-        feats=pooled_by_backbone(source, store, hosts, n_backbones),
+        feats=features(hosts),
         desc=host_descriptors(store, hosts, gp), n_ions=len(partners) + 1,
         chemsys=np.array([k for *_, k in rows]),
     )  # fmt: skip
@@ -201,4 +212,126 @@ def choose_pooling(
     log.info("%s pooling CV (train+val, %d folds, %d of %d scored): alone %.3f V, pooled %.3f V "
              "-> %s", data.ion, len(splits), n, len(y), report["alone_mae"],
              report["pooled_mae"], "pool" if report["pool"] else "own crystals")  # fmt: skip
+    return report
+
+
+# ============================================================ backbone variant choice (issue 16)
+VARIANTS = ("cgcnn", "chgnet", "average")
+
+
+def mixture(
+    mean_a: np.ndarray, std_a: np.ndarray, mean_b: np.ndarray, std_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the equal-weight mixture of two predictive distributions: what the
+    ``average`` variant serves (the spread between the two adds to their own variances)."""
+    mean = (mean_a + mean_b) / 2
+    var = (std_a**2 + std_b**2) / 2 + ((mean_a - mean_b) / 2) ** 2
+    return mean, np.sqrt(var)
+
+
+@dataclass
+class CVBackbone:
+    """One backbone family's inputs to a CV: features of the ion's rows (one matrix per member),
+    descriptors when its GP reads them, the partners' rows, and its GP settings."""
+
+    feats: list[torch.Tensor]
+    desc: torch.Tensor | None
+    partners: Partners | None
+    gp: GPConfig
+
+
+def out_of_fold(
+    bb: CVBackbone, y: np.ndarray, hosts: list[str], splits: list[tuple[np.ndarray, np.ndarray]],
+    pooled: bool,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Out-of-fold (mean, std) in volts of ``bb``'s GP, pooling the partners or not."""
+    mean, std = np.zeros(len(y)), np.zeros(len(y))
+    for tr, te in splits:
+        held_out = {hosts[i] for i in te}
+        partners = bb.partners if pooled else None
+        mean[te], std[te] = gp_fold(bb.feats, bb.desc, y, tr, te, bb.gp, partners, held_out)
+    return mean, std
+
+
+def _paired(err_a: np.ndarray, err_b: np.ndarray) -> dict[str, float]:
+    d = err_a - err_b
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"diff": float(d.mean()), "se": se, "n": len(d)}
+
+
+def _pool_report(err: dict[str, np.ndarray], scored: np.ndarray, folds: int,
+                 partners: Sequence[IonData]) -> dict[str, Any]:  # fmt: skip
+    """``choose_pooling``'s report from out-of-fold errors of the alone and pooled GP."""
+    diff = (err["pooled"] - err["alone"])[scored]
+    n = int(scored.sum())
+    return {
+        "folds": folds, "n": len(scored), "n_scored": n,
+        "scored": "crystals on hosts the source backbones never trained on",
+        "partners": [p.ion for p in partners],
+        "alone_mae": float(err["alone"][scored].mean()),
+        "pooled_mae": float(err["pooled"][scored].mean()),
+        "pooled_minus_alone": float(diff.mean()),
+        "pooled_minus_alone_se": float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "pool": bool(diff.mean() < 0),
+        "rule": "lower grouped-CV MAE on train+val",
+    }  # fmt: skip
+
+
+def _backbone_oof(
+    name: str, bb: CVBackbone, y: np.ndarray, hosts: list[str],
+    splits: list[tuple[np.ndarray, np.ndarray]], scored: np.ndarray, partners: Sequence[IonData],
+) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any] | None]:  # fmt: skip
+    """The backbone's out-of-fold predictions, pooled when its own CV says so, and that
+    pooling report (None without partners)."""
+    alone = out_of_fold(bb, y, hosts, splits, pooled=False)
+    if bb.partners is None:
+        return alone, None
+    pooled = out_of_fold(bb, y, hosts, splits, pooled=True)
+    err = {"alone": np.abs(alone[0] - y), "pooled": np.abs(pooled[0] - y)}
+    report = _pool_report(err, scored, len(splits), partners)
+    log.info("%s pooling CV: alone %.3f V, pooled %.3f V", name, report["alone_mae"],
+             report["pooled_mae"])  # fmt: skip
+    return (pooled if report["pool"] else alone), report
+
+
+def choose_variant(
+    data: IonData, backbones: dict[str, CVBackbone], folds: int,
+    partners: Sequence[IonData] = (), source_train_hosts: set[str] = frozenset(),
+    candidates: Sequence[str] = VARIANTS,
+) -> dict[str, Any]:  # fmt: skip
+    """Which model an ion serves: the GP over the CGCNN backbone, over CHGNet features, or
+    their average (``mixture``), by grouped CV over the ion's train+val crystals (test never
+    read). Each backbone first decides its own pooling by the same CV (``choose_pooling``'s
+    rule). Scored: crystals on hosts the Li backbones never trained on (the same rows for
+    every variant, so the CGCNN is not flattered by its training fit). Lowest CV MAE wins; ties
+    keep the earlier of ``VARIANTS``. The std scale that makes the chosen variant's 90%
+    interval cover 90% of these out-of-fold crystals is returned for the served artifact.
+    """
+    from training.train.uncertainty import fit_std_scale, interval_metrics
+
+    hosts, y = rows_of(data, ("train", "val"))
+    scored = unseen_by_source(hosts, set(source_train_hosts))
+    splits = group_folds(hosts, folds)
+    preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pooling: dict[str, Any] = {}
+    for name, bb in backbones.items():
+        preds[name], pooling[name] = _backbone_oof(name, bb, y, hosts, splits, scored, partners)
+    if {"cgcnn", "chgnet"} <= set(preds):
+        preds["average"] = mixture(*preds["cgcnn"], *preds["chgnet"])
+    err = {k: np.abs(m - y)[scored] for k, (m, _) in preds.items()}
+    cv_mae = {k: float(e.mean()) for k, e in err.items()}
+    choice = min((k for k in VARIANTS if k in cv_mae and k in candidates),
+                 key=lambda k: cv_mae[k])  # fmt: skip
+    mean, std = preds[choice]
+    scale = fit_std_scale(y[scored], mean[scored], std[scored])
+    report = {
+        "folds": len(splits), "n": len(y), "n_scored": int(scored.sum()),
+        "cv_mae": cv_mae, "candidates": list(candidates), "choice": choice, "pooling": pooling,
+        "paired_vs_cgcnn": {k: _paired(err[k], err["cgcnn"]) for k in err if k != "cgcnn"},
+        "rule": "lowest grouped-CV MAE on train+val (scored: hosts the Li backbones never saw)",
+        "std_scale": scale, "std_scale_from": "out-of-fold predictions of the chosen variant",
+        "oof_uncertainty": interval_metrics(y[scored], mean[scored], std[scored] * scale),
+    }  # fmt: skip
+    log.info("%s variant CV (%d of %d scored): %s -> %s", data.ion, report["n_scored"], len(y),
+             ", ".join(f"{k} {v:.3f}" for k, v in cv_mae.items()), choice)  # fmt: skip
     return report

@@ -23,6 +23,16 @@ from training.model.artifact import CheckpointError, LoadedModel, load_checkpoin
 
 
 @dataclass(frozen=True)
+class ModelInput:
+    """What one crystal becomes before the model runs: its CGCNN graph (None when the model
+    serves a CHGNet head alone) and CHGNet's graph (None when no CHGNet head is served). Built
+    per request (CPU, parallel); the batched forward passes run in ``predict_graphs``."""
+
+    graph: CrystalGraph | None
+    chgnet_graph: Any = None
+
+
+@dataclass(frozen=True)
 class Prediction:
     voltage: float
     uncertainty: float
@@ -58,16 +68,53 @@ class VoltageModel:
     def info(self) -> dict[str, Any]:
         return dict(self.loaded.extra)
 
-    def graphs(self, structures: Sequence[Structure]) -> list[CrystalGraph]:
-        return [self.converter.convert(s) for s in structures]
+    @property
+    def backbone(self) -> str:
+        """What the served prediction runs on: ``cgcnn``, ``chgnet`` or ``cgcnn+chgnet``."""
+        if self.loaded.chgnet is None:
+            return "cgcnn"
+        return "chgnet" if not self.loaded.needs_graphs else "cgcnn+chgnet"
 
-    def predict_graphs(self, graphs: Sequence[CrystalGraph]) -> tuple[np.ndarray, np.ndarray]:
-        """(voltage, uncertainty) arrays in volts for already-built graphs."""
+    def prepare(self, structure: Structure) -> CrystalGraph | ModelInput:
+        """One crystal's model input: the CGCNN graph for a CGCNN-only model (as before), else
+        a ``ModelInput`` with CHGNet's graph too (CHGNet only for models that need it)."""
+        if not self.loaded.needs_chgnet:
+            return self.converter.convert(structure)
+        from training.model.chgnet_backbone import to_graph
+
+        graph = self.converter.convert(structure) if self.loaded.needs_graphs else None
+        return ModelInput(graph, to_graph(structure))
+
+    @staticmethod
+    def cgcnn_graph(item: CrystalGraph | ModelInput) -> CrystalGraph | None:
+        """The CGCNN graph of a prepared input (None for a CHGNet-only model's input)."""
+        return item.graph if isinstance(item, ModelInput) else item
+
+    def graphs(self, structures: Sequence[Structure]) -> list[CrystalGraph | ModelInput]:
+        return [self.prepare(s) for s in structures]
+
+    def predict_graphs(
+        self, graphs: Sequence[CrystalGraph | ModelInput]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(voltage, uncertainty) arrays in volts for prepared inputs (``prepare``), one batched
+        forward per backbone."""
         if not graphs:
             return np.empty(0), np.empty(0)
-        batch = collate(list(graphs), self.converter, self.encoding)
+        batch = None
+        if self.loaded.needs_graphs:
+            cg = [self.cgcnn_graph(g) for g in graphs]
+            if any(g is None for g in cg):
+                raise ValueError("this model needs CGCNN graphs; prepare inputs with prepare()")
+            batch = collate(cg, self.converter, self.encoding)
+        feats = None
+        if self.loaded.needs_chgnet:
+            if not all(isinstance(g, ModelInput) and g.chgnet_graph is not None for g in graphs):
+                raise ValueError("this model serves a CHGNet head: prepare inputs with prepare()")
+            from training.model.chgnet_backbone import graph_features
+
+            feats = torch.from_numpy(graph_features([g.chgnet_graph for g in graphs]))
         with torch.inference_mode():
-            mean, std = self.loaded.predict_with_std(batch)
+            mean, std = self.loaded.predict_served(batch, feats)
         return mean.double().numpy(), std.double().numpy() * self.std_scale
 
     def unseen(self, structure: Structure) -> tuple[str, ...]:

@@ -23,6 +23,17 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 SERVED_CV_COLUMN = {"gp": "transfer_gp", "gp_alone": "transfer_gp_alone"}
+#: The CV check's column of each served variant (``cgcnn``: the CGCNN GP head's column).
+VARIANT_CV_COLUMN = {"chgnet": "chgnet_gp", "average": "average"}
+
+
+def served_cv_columns(ion_report: Mapping[str, Any]) -> tuple[str, str, bool]:
+    """(served column, the CGCNN GP column, whether the CHGNet head pools) of a transferred
+    ion's ``ion_model`` report, as the CV check names its methods."""
+    cgcnn = SERVED_CV_COLUMN.get(ion_report.get("head", "gp"), "transfer_gp")
+    variant = ion_report.get("served_variant", "cgcnn")
+    pooling = ((ion_report.get("variant_selection") or {}).get("pooling") or {}).get("chgnet")
+    return VARIANT_CV_COLUMN.get(variant, cgcnn), cgcnn, bool((pooling or {}).get("pool"))
 ALPHA = 0.05
 
 
@@ -100,7 +111,7 @@ def primary_table(
         if ion == source_ion:
             row["served"] = "cgcnn ensemble (MLP + GP heads on pooled vector and composition)"
         else:
-            served = SERVED_CV_COLUMN[ion_report["head"]]
+            served = served_cv_columns(ion_report)[0]
             row["served"] = served
             for grouping in ("host", "chemsys"):
                 row[f"cv_{grouping}"] = cv_comparison(cv_dir / f"{ion}.csv", grouping, served,

@@ -65,6 +65,19 @@ GP_KINDS = ("gp", "gp_alone")
 VOLTS = Normalizer(mean=0.0, std=1.0)  # member predictions are already in volts
 
 
+class ChgnetSettings(BaseModel):
+    """params.yaml ``transfer.chgnet``: GP heads over frozen CHGNet features (issue 16) and the
+    served variants grouped CV may choose from (``gp_cv.choose_variant``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = True
+    gp: GPConfig = GPConfig()
+    variants: list[Literal["cgcnn", "chgnet", "average"]] = Field(
+        default=["cgcnn", "chgnet", "average"], min_length=1
+    )
+    cv_folds: int = Field(default=5, ge=2)
+
+
 class TransferSettings(BaseModel):
     """params.yaml ``transfer``: heads fine-tuning, the comparison's seeds and scratch training."""
 
@@ -76,6 +89,7 @@ class TransferSettings(BaseModel):
     # Grouped CV folds over train+val deciding whether an ion with pool partners pools them
     # (``training.gp_cv.choose_pooling``); 0 always pools.
     pool_cv_folds: int = Field(default=5, ge=0)
+    chgnet: ChgnetSettings = ChgnetSettings()
     n_heads: int = 3
     epochs: int = 600
     lr: float = 3e-3

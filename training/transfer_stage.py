@@ -17,11 +17,26 @@ import torch
 from pymatgen.io.cif import CifWriter
 
 from training.baselines.models import base_name
+from training.chgnet_heads import (
+    ChgnetFit,
+    cv_backbones,
+    fit_chgnet_head,
+    served_part,
+    variant_predictions,
+    variant_report,
+)
+from training.chgnet_stage import ChgnetFeatures
 from training.datasets import IonData
-from training.gp_cv import choose_pooling
+from training.gp_cv import choose_pooling, choose_variant
 from training.graphs.encoding import encoding_fingerprint
 from training.graphs.store import GraphStore
-from training.model.artifact import LoadedModel, load_checkpoint, save_checkpoint
+from training.model.artifact import (
+    SCHEMA_VERSION,
+    ChgnetPart,
+    LoadedModel,
+    load_checkpoint,
+    save_checkpoint,
+)
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.metrics import regression_metrics
 from training.train.stage import train_elements
@@ -59,20 +74,26 @@ def _summary(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
 def baseline_rows(data: IonData, baseline_csv: Path) -> dict[str, dict[str, Any]]:
     """SVR/KRR/RF/mean test predictions from the baselines stage, on the very same test ids.
     A seeded baseline has a column per seed (``rf``, ``rf@1``, ...): one row, mean +- std."""
-    rows = {r["battery_id"]: r for r in csv.DictReader(baseline_csv.read_text().splitlines())}
-    ids = data.ids("test")
+    by_name = _csv_metrics(baseline_csv, data.ids("test"), data.targets("test"))
+    return {name: _test_summary(per_seed) for name, per_seed in by_name.items()}
+
+
+def _csv_metrics(
+    path: Path, ids: Sequence[str], y: np.ndarray
+) -> dict[str, list[dict[str, float]]]:
+    """Metrics of every prediction column of a baselines CSV on the rows ``ids`` (targets
+    ``y``), grouped by baseline: one entry per seed column (``rf``, ``rf@1``, ...)."""
+    rows = {r["battery_id"]: r for r in csv.DictReader(path.read_text().splitlines())}
     missing = [b for b in ids if b not in rows]
     if missing:
-        raise ValueError(f"baseline predictions lack {len(missing)} test ids: {missing[:3]}")
+        raise ValueError(f"{path} lacks {len(missing)} test ids: {missing[:3]}")
     by_name: dict[str, list[dict[str, float]]] = {}
     for col in next(iter(rows.values())):
         if col in ("battery_id", "target"):
             continue
         pred = np.array([float(rows[b][col]) for b in ids])
-        by_name.setdefault(base_name(col), []).append(
-            regression_metrics(data.targets("test"), pred)
-        )
-    return {name: _test_summary(per_seed) for name, per_seed in by_name.items()}
+        by_name.setdefault(base_name(col), []).append(regression_metrics(y, pred))
+    return by_name
 
 
 def _test_summary(per_seed: list[dict[str, float]]) -> dict[str, Any]:
@@ -107,7 +128,12 @@ def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[
 def evaluate_target(
     data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings,
     partners: Sequence[IonData] = (), source_train_hosts: frozenset[str] = frozenset(),
-) -> tuple[dict[str, Any], TransferResult]:  # fmt: skip
+    chg: ChgnetFeatures | None = None,
+) -> tuple[dict[str, Any], TransferResult, ChgnetPart | None]:  # fmt: skip
+    """Every comparison row of a transferred ion and the model it serves: the CGCNN transfer
+    variant chosen on validation among ``select_heads`` (pooling by CV), the CHGNet head (when
+    ``chg`` is given), and which of CGCNN / CHGNet / their average is served, by grouped CV on
+    train+val (``gp_cv.choose_variant``)."""
     src = load_checkpoint(checkpoint)
     methods: dict[str, Any] = {}
     y_train = data.targets("train")
@@ -123,7 +149,11 @@ def evaluate_target(
     scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
     methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
 
-    pool_selection = _pool_selection(data, store, src, cfg, partners, source_train_hosts)
+    variant = _variant_selection(data, store, src, cfg, partners, source_train_hosts, chg)
+    if variant is not None and partners:
+        pool_selection = variant["pooling"]["cgcnn"]
+    else:
+        pool_selection = _pool_selection(data, store, src, cfg, partners, source_train_hosts)
     runs = transfer_variants(src, data, store, cfg, partners)
     per_variant = {
         name: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
@@ -138,6 +168,12 @@ def evaluate_target(
     methods["transfer_per_seed"] = _per_seed(data, member_predictions(final))
     for name, summ in per_variant.items():
         methods[name] = summ
+    cgcnn_preds = {s: final.mean_std(s) for s in data.parts}
+    chgnet, served = _chgnet_rows(data, store, cfg, partners, chg, variant, methods)
+    choice = "cgcnn" if variant is None else variant["choice"]
+    served_preds = variant_predictions(choice, cgcnn_preds, chgnet)
+    methods["served"] = _summary([metrics_by_split(data, {s: m for s, (m, _) in
+                                                          served_preds.items()})])  # fmt: skip
     report = {
         "methods": methods,
         "head": final.head_kind,
@@ -147,16 +183,70 @@ def evaluate_target(
         "bn_mode": final.bn_mode,
         "bn_selected_on": "validation MAE (mean over seeds)",
         "offset_V": offset,
+        "served_variant": choice,
+        "variant_selection": None if variant is None else variant_report(variant),
         "test_predictions": {
+            "served": served_preds["test"][0],
             "transfer": final.mean_std("test")[0],
+            **({} if chgnet is None else {"chgnet_gp": chgnet.preds["test"][0]}),
             "source_unchanged": unchanged["test"],
             "cgcnn_scratch": scratch[0]["test"],
         },
-        "val_predictions": final.mean_std("val")[0],
-        "test_mae": regression_metrics(data.targets("test"), final.mean_std("test")[0])["mae"],
-        "uncertainty": uncertainty_report(data, final),
+        "val_predictions": served_preds["val"][0],
+        "test_mae": regression_metrics(data.targets("test"), served_preds["test"][0])["mae"],
+        "uncertainty": _served_uncertainty(data, final, served_preds, variant),
     }
-    return report, final
+    return report, final, served
+
+
+def _variant_selection(
+    data: IonData, store: GraphStore, src: LoadedModel, cfg: TransferSettings,
+    partners: Sequence[IonData], source_train_hosts: frozenset[str], chg: ChgnetFeatures | None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """The train+val grouped CV choosing CGCNN / CHGNet / average (None: no CHGNet features or
+    CHGNet disabled, or no GP head may be served)."""
+    if chg is None or not cfg.chgnet.enabled or "gp" not in cfg.select_heads:
+        return None
+    backbones = cv_backbones(data, store, src, chg, cfg.gp, cfg.chgnet.gp, partners)
+    return choose_variant(data, backbones, cfg.chgnet.cv_folds, partners, source_train_hosts,
+                          cfg.chgnet.variants)  # fmt: skip
+
+
+def _chgnet_rows(
+    data: IonData, store: GraphStore, cfg: TransferSettings, partners: Sequence[IonData],
+    chg: ChgnetFeatures | None, variant: dict[str, Any] | None, methods: dict[str, Any],
+) -> tuple[ChgnetFit | None, ChgnetPart | None]:  # fmt: skip
+    """The CHGNet heads' comparison rows (``chgnet_gp``: as the variant CV pools it;
+    ``chgnet_gp_alone``/``chgnet_gp_pooled`` both for ions with partners), the fit the served
+    model would use and the artifact's CHGNet section for the chosen variant."""
+    if variant is None or chg is None:
+        return None, None
+    fits = {"alone": fit_chgnet_head(data, store, chg, cfg.chgnet.gp)}
+    if partners:
+        fits["pooled"] = fit_chgnet_head(data, store, chg, cfg.chgnet.gp, partners)
+    pool = bool((variant["pooling"].get("chgnet") or {}).get("pool", False))
+    chosen = fits["pooled" if pool and "pooled" in fits else "alone"]
+    for name, fit in fits.items():
+        if partners:
+            methods[f"chgnet_gp_{name}"] = _summary([metrics_by_split(data, fit.means())])
+    methods["chgnet_gp"] = _summary([metrics_by_split(data, chosen.means())])
+    return chosen, served_part(variant["choice"], chosen)
+
+
+def _served_uncertainty(
+    data: IonData, final: TransferResult, served: dict[str, tuple[np.ndarray, np.ndarray]],
+    variant: dict[str, Any] | None,
+) -> dict[str, float]:  # fmt: skip
+    """Test calibration of the served variant with the std scale it serves: fitted on the
+    variant CV's out-of-fold predictions (train+val, hundreds of crystals) when there was one,
+    else the CGCNN rule (``uncertainty_report``)."""
+    if variant is None:
+        return uncertainty_report(data, final)
+    scale = float(variant["std_scale"])
+    (vm, vs), (tm, ts) = served["val"], served["test"]
+    return {"std_scale": scale, "std_scale_from": variant["std_scale_from"],
+            "val_coverage_90": calibration(data.targets("val"), vm, vs * scale)["coverage_90"],
+            **calibration(data.targets("test"), tm, ts * scale)}  # fmt: skip
 
 
 def _offset(
@@ -215,8 +305,11 @@ def transfer_variants(
 
 
 def save_transfer_checkpoint(
-    path: Path, result: TransferResult, src_path: Path, data: IonData, report: dict, run_id: str
+    path: Path, result: TransferResult, src_path: Path, data: IonData, report: dict, run_id: str,
+    chgnet: ChgnetPart | None = None,
 ) -> None:
+    """The served artifact: the CGCNN transfer model, plus the CHGNet head when the served
+    variant uses one (``chgnet``, with its share of the prediction)."""
     src = load_checkpoint(src_path)
     first, *rest = result.members
     extra = {
@@ -229,44 +322,138 @@ def save_transfer_checkpoint(
         "train_elements": train_elements(data),
         "encoding_fingerprint": encoding_fingerprint(),
         "mlflow_run_id": run_id,  # no test figure: artifacts must not depend on test labels
+        "served_variant": report.get("served_variant", "cgcnn"),
+        "chgnet_pool_ions": _chgnet_pool_ions(report),
     }
     save_checkpoint(
         path, first.model, src.model_config, src.converter_dict, result.normalizer, extra,
-        heads=first.heads, members=[(m.model, m.heads) for m in rest],
+        heads=first.heads, members=[(m.model, m.heads) for m in rest], chgnet=chgnet,
     )  # fmt: skip
+
+
+def _chgnet_pool_ions(report: dict[str, Any]) -> list[str]:
+    """The partner ions the served CHGNet head pooled (empty: its own crystals, or no head)."""
+    pooling = ((report.get("variant_selection") or {}).get("pooling") or {}).get("chgnet") or {}
+    return list(pooling.get("partners", [])) if pooling.get("pool") else []
+
+
+def served_mean_std(
+    model: LoadedModel, store: GraphStore, data: IonData, split: str,
+    chg: ChgnetFeatures | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(mean, std) in volts of a loaded artifact as served (CGCNN, CHGNet head or both), on a
+    split's cached graphs and CHGNet features; std before the artifact's ``std_scale``."""
+    from training.train.core import split_loader
+
+    feats = None
+    if model.needs_chgnet:
+        if chg is None:
+            raise ValueError(f"{data.ion}: the artifact serves a CHGNet head; pass its features")
+        feats = torch.from_numpy(chg.rows(data.host_ids(split)))
+    means, stds, start = [], [], 0
+    with torch.no_grad():
+        for b in split_loader(store, data, split):
+            f = None if feats is None else feats[start : start + b.n_crystals]
+            start += b.n_crystals
+            m, sd = model.predict_served(b, f)
+            means.append(m.double().numpy())
+            stds.append(sd.double().numpy())
+    return np.concatenate(means), np.concatenate(stds)
 
 
 def source_uncertainty(data: IonData, store: GraphStore, checkpoint: Path) -> dict[str, float]:
     src = load_checkpoint(checkpoint)
-    from training.train.core import split_loader
-
-    def mean_std(split: str) -> tuple[np.ndarray, np.ndarray]:
-        outs = [src.predict_with_std(b) for b in split_loader(store, data, split)]
-        return (np.concatenate([o[0].double().numpy() for o in outs]),
-                np.concatenate([o[1].double().numpy() for o in outs]))  # fmt: skip
-
-    vm, vs = mean_std("val")
-    tm, ts = mean_std("test")
+    vm, vs = served_mean_std(src, store, data, "val")
+    tm, ts = served_mean_std(src, store, data, "test")
     scale = float(src.extra.get("std_scale", fit_std_scale(data.targets("val"), vm, vs)))
     return {"std_scale": scale, **calibration(data.targets("test"), tm, ts * scale)}
 
 
+def source_variant(
+    report: dict[str, Any], data: IonData, store: GraphStore, checkpoint: Path,
+    cfg: TransferSettings, chg: ChgnetFeatures | None,
+) -> ChgnetPart | None:  # fmt: skip
+    """The source ion's served variant: its CGCNN ensemble, a CHGNet GP head fitted on its
+    training split, or their average, chosen on the validation split (grouped CV is no option
+    here: the Li backbones trained on every train crystal, so their out-of-fold figures would be
+    training fits). Adds the CHGNet rows, the decision and the served predictions to
+    ``report``; returns the artifact's CHGNet section (None: the CGCNN alone)."""
+    if chg is None or not cfg.chgnet.enabled:
+        return None
+    src = load_checkpoint(checkpoint)
+    cgcnn = {s: served_mean_std(src, store, data, s) for s in ("train", "val", "test")}
+    fit = fit_chgnet_head(data, store, chg, cfg.chgnet.gp)
+    report["methods"]["chgnet_gp"] = _summary([metrics_by_split(data, fit.means())])
+    preds = {v: variant_predictions(v, cgcnn, fit) for v in cfg.chgnet.variants}
+    y_val = data.targets("val")
+    val_mae = {v: float(np.mean(np.abs(p["val"][0] - y_val))) for v, p in preds.items()}
+    choice = min((v for v in ("cgcnn", "chgnet", "average") if v in preds),
+                 key=lambda v: val_mae[v])  # fmt: skip
+    served = preds[choice]
+    scale = fit_std_scale(y_val, *served["val"])
+    report["methods"]["served"] = _summary([metrics_by_split(
+        data, {s: m for s, (m, _) in served.items()})])  # fmt: skip
+    report["served_variant"] = choice
+    report["variant_selection"] = {
+        "val_mae": val_mae, "candidates": list(cfg.chgnet.variants), "choice": choice,
+        "rule": "lowest validation MAE (the Li backbones trained on every train crystal)",
+        "std_scale": scale, "std_scale_from": "validation predictions of the chosen variant",
+    }  # fmt: skip
+    report["test_predictions"] = {"served": served["test"][0], **report["test_predictions"],
+                                  "chgnet_gp": fit.preds["test"][0]}  # fmt: skip
+    report["val_predictions"] = served["val"][0]
+    report["test_mae"] = regression_metrics(data.targets("test"), served["test"][0])["mae"]
+    test_mean, test_std = served["test"]
+    report["uncertainty"] = {"std_scale": scale,
+                             **calibration(data.targets("test"), test_mean, test_std * scale)}
+    return served_part(choice, fit)
+
+
+def copy_source_artifact(
+    source: Path, out: Path, chgnet: ChgnetPart | None, report: dict[str, Any]
+) -> None:
+    """The source ion's served artifact: its checkpoint as trained, plus the CHGNet section and
+    the served std scale when the validation choice took a CHGNet variant."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if chgnet is None and "served_variant" not in report:
+        shutil.copyfile(source, out)
+        return
+    payload = torch.load(source, map_location="cpu", weights_only=True)
+    payload["schema_version"] = SCHEMA_VERSION
+    payload["chgnet"] = None if chgnet is None else chgnet.to_payload()
+    payload["extra"] = {**payload.get("extra", {}), "served_variant": report["served_variant"],
+                        "std_scale": float(report["uncertainty"]["std_scale"])}  # fmt: skip
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+
+
 def uncleaned_test(
-    checkpoint: Path, store: GraphStore, cleaned: IonData, uncleaned: IonData
-) -> dict[str, Any]:
+    checkpoint: Path, store: GraphStore, cleaned: IonData, uncleaned: IonData,
+    baseline_csv: Path | None = None, chg: ChgnetFeatures | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """The served model on every test row of the ion before cleaning, beside the cleaned ones:
     the cleaning rule's thresholds come from training rows, and this says what dropping the
-    test rows outside them does to the reported figure."""
-    from training.train.core import split_loader
-
-    model = load_checkpoint(checkpoint)
-    with torch.no_grad():
-        pred = np.concatenate([model.predict_with_std(b)[0].double().numpy()
-                               for b in split_loader(store, uncleaned, "test")])  # fmt: skip
+    test rows outside them does to the reported figure. ``baseline_csv``: the baselines stage's
+    predictions of the same rows (its models fitted on the cleaned training rows), scored as
+    ``baselines.<name>`` so every method faces the dropped rows alike."""
+    pred = served_mean_std(load_checkpoint(checkpoint), store, uncleaned, "test", chg)[0]
     y = uncleaned.targets("test")
     mean = np.full(len(y), cleaned.targets("train").mean())
-    return {"n": len(y), "n_cleaned": len(cleaned.parts["test"]),
-            "served": regression_metrics(y, pred), "mean": regression_metrics(y, mean)}
+    out = {"n": len(y), "n_cleaned": len(cleaned.parts["test"]),
+           "served": regression_metrics(y, pred), "mean": regression_metrics(y, mean)}  # fmt: skip
+    if baseline_csv is not None:
+        by_name = _csv_metrics(baseline_csv, uncleaned.ids("test"), y)
+        out["baselines"] = {name: _seed_mean(per_seed) for name, per_seed in by_name.items()}
+    return out
+
+
+def _seed_mean(per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    """mae/rmse/r2 averaged over a baseline's seed columns, with the MAE's std over seeds."""
+    mae = np.array([m["mae"] for m in per_seed])
+    return {"mae": float(mae.mean()), "rmse": float(np.mean([m["rmse"] for m in per_seed])),
+            "r2": float(np.mean([m["r2"] for m in per_seed])), "mae_std": float(mae.std()),
+            "n_seeds": len(per_seed)}  # fmt: skip
 
 
 def run_ion_stage(
@@ -283,10 +470,13 @@ def run_ion_stage(
     partners: Sequence[IonData] = (),
     source_train_hosts: frozenset[str] = frozenset(),
     uncleaned: IonData | None = None,
+    uncleaned_baseline_csv: Path | None = None,
+    chg: ChgnetFeatures | None = None,
 ) -> dict[str, Any]:
     """One ion's model and comparison. ``source_train_hosts``: the hosts the source backbones
     trained on (the pooling CV scores no crystal on one); ``uncleaned``: the ion's rows before
-    cleaning, to report the served model on every test row too."""
+    cleaning, to report the served model on every test row too, and the baselines as well when
+    ``uncleaned_baseline_csv`` holds their predictions of those rows."""
     import mlflow
 
     from training.train.logging import log_pyfunc
@@ -300,17 +490,18 @@ def run_ion_stage(
         if is_source:
             report = evaluate_source(data, store, source_checkpoint)
             report["uncertainty"] = source_uncertainty(data, store, source_checkpoint)
-            checkpoint_out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source_checkpoint, checkpoint_out)
+            part = source_variant(report, data, store, source_checkpoint, cfg, chg)
+            copy_source_artifact(source_checkpoint, checkpoint_out, part, report)
         else:
-            report, final = evaluate_target(data, store, source_checkpoint, cfg, partners,
-                                            source_train_hosts)  # fmt: skip
+            report, final, part = evaluate_target(data, store, source_checkpoint, cfg, partners,
+                                                  source_train_hosts, chg)  # fmt: skip
             save_transfer_checkpoint(
-                checkpoint_out, final, source_checkpoint, data, report, run.info.run_id
+                checkpoint_out, final, source_checkpoint, data, report, run.info.run_id, part
             )
         report["methods"].update(baseline_rows(data, baseline_csv))
         if uncleaned is not None:
-            report["test_uncleaned"] = uncleaned_test(checkpoint_out, store, data, uncleaned)
+            report["test_uncleaned"] = uncleaned_test(checkpoint_out, store, data, uncleaned,
+                                                      uncleaned_baseline_csv, chg)  # fmt: skip
         preds = report.pop("test_predictions")
         _write_predictions(predictions_out, data, preds)
         _log_val_predictions(predictions_out, data, report.pop("val_predictions"))
@@ -318,7 +509,8 @@ def run_ion_stage(
                        "n": {s: len(v) for s, v in data.parts.items()}})  # fmt: skip
         for name, summ in report["methods"].items():
             mlflow.log_metric(f"{name}_test_mae", summ["test_mae_mean"])
-        mlflow.log_metrics({f"unc_{k}": v for k, v in report["uncertainty"].items()})
+        mlflow.log_metrics({f"unc_{k}": v for k, v in report["uncertainty"].items()
+                            if isinstance(v, int | float)})  # fmt: skip
         example = str(CifWriter(data.parts["test"][0].structure()))
         info = log_pyfunc(checkpoint_out, example)
         report["model_uri"] = info.model_uri

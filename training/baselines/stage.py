@@ -3,6 +3,9 @@
 Outputs: the metrics JSON (per method: train/val/test metrics, the inner-CV search and the chosen
 point's ``cv_mae``, which is what may pick "the best baseline" of an ion; never test), the test
 predictions CSV (one column per method, read by the comparison) and the same for validation.
+Optionally, the same fitted models' predictions of every test row before cleaning (the
+``ion_model`` stage reports them beside the served model's, so that dropping test rows outside
+the training-row thresholds cannot flatter one method more than another).
 """
 
 from __future__ import annotations
@@ -55,12 +58,15 @@ def partner_rows(partners: Sequence[IonData], features_cache: Path) -> PartnerRo
 def run_baseline_stage(
     data: IonData, cfg: BaselineConfig, mlflow_settings: MlflowSettings, features_cache: Path,
     metrics_out: Path, predictions_out: Path, val_predictions_out: Path | None = None,
-    partners: Sequence[IonData] = (),
+    partners: Sequence[IonData] = (), uncleaned: IonData | None = None,
+    uncleaned_predictions_out: Path | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
     """Tune every baseline by grouped CV on train+val, fit on train, score val and test; log all.
 
     ``partners``: the pool partner ions (``Params.pool_partners``), for the pooled variants.
     ``val_predictions_out`` defaults to ``<predictions stem>_val.csv`` beside the test CSV.
+    ``uncleaned``: the ion's rows before cleaning; the fitted models then also predict its test
+    rows into ``uncleaned_predictions_out`` (default ``<predictions stem>_uncleaned.csv``).
     """
     xs = {}
     for split in SPLITS:
@@ -77,8 +83,48 @@ def run_baseline_stage(
     val_out = val_predictions_out or predictions_out.with_name(f"{predictions_out.stem}_val.csv")
     _write_predictions(predictions_out, data, results, "test")
     _write_predictions(val_out, data, results, "val")
-    _log_mlflow(data, cfg, mlflow_settings, results, (metrics_out, predictions_out, val_out))
+    artifacts = [metrics_out, predictions_out, val_out]
+    if uncleaned is not None:
+        unc_out = uncleaned_predictions_out or predictions_out.with_name(
+            f"{predictions_out.stem}_uncleaned.csv"
+        )
+        write_uncleaned_predictions(unc_out, data, uncleaned, results, features_cache)
+        artifacts.append(unc_out)
+    _log_mlflow(data, cfg, mlflow_settings, results, artifacts)
     return report["models"]
+
+
+def uncleaned_test_rows(
+    cleaned: IonData, uncleaned: IonData
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """(ids, targets, formulas) of the ion's test rows before cleaning. Cleaning only drops rows,
+    so every cleaned test id must be among them: anything else means mismatched input files."""
+    if cleaned.ion != uncleaned.ion:
+        raise ValueError(f"uncleaned rows are {uncleaned.ion}'s, not {cleaned.ion}'s")
+    ids = uncleaned.ids("test")
+    stray = sorted(set(cleaned.ids("test")) - set(ids))
+    if stray:
+        raise ValueError(f"{len(stray)} cleaned test ids are not uncleaned test ids: {stray[:3]}")
+    return ids, uncleaned.targets("test"), uncleaned.formulas("test")
+
+
+def write_uncleaned_predictions(
+    path: Path, cleaned: IonData, uncleaned: IonData, results: dict[str, BaselineResult],
+    features_cache: Path,
+) -> None:  # fmt: skip
+    """Every fitted baseline's predictions of the uncleaned test rows, in the test CSV's format.
+
+    Prediction only: the models are the ones fitted on the cleaned training rows (``results``),
+    nothing is refitted or chosen here, and these targets are only written out for reporting.
+    """
+    ids, y, formulas = uncleaned_test_rows(cleaned, uncleaned)
+    X, _ = featurize_cached(formulas, features_cache)
+    columns = {}
+    for name, res in results.items():
+        if res.fitted is None:
+            raise ValueError(f"baseline {name} kept no fitted model to predict uncleaned rows")
+        columns[name] = res.fitted.predict(X)
+    _write_rows(path, ids, y, columns)
 
 
 def _report(data: IonData, cfg: BaselineConfig, results: dict[str, BaselineResult],
@@ -158,11 +204,19 @@ def _write_predictions(
 ) -> None:
     """One split's predictions of every baseline, one row per battery id:
     ``battery_id,target,<method columns>`` (the comparison turns each column into a row)."""
+    ids = data.ids(split)
+    columns = {n: np.array([r.predictions[split][b] for b in ids]) for n, r in results.items()}
+    _write_rows(path, ids, data.targets(split), columns)
+
+
+def _write_rows(
+    path: Path, ids: Sequence[str], targets: np.ndarray, columns: dict[str, np.ndarray]
+) -> None:
+    """``battery_id,target,<one column per method>``, one row per id, volts to 4 decimals."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(results)
+    names = list(columns)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["battery_id", "target", *names])
-        for bid, y in zip(data.ids(split), data.targets(split), strict=True):
-            preds = (f"{results[n].predictions[split][bid]:.4f}" for n in names)
-            w.writerow([bid, f"{y:.4f}", *preds])
+        for i, (bid, y) in enumerate(zip(ids, targets, strict=True)):
+            w.writerow([bid, f"{y:.4f}", *(f"{columns[n][i]:.4f}" for n in names)])

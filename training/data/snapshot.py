@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from training.data.ingest import DataSourceError, RawRow
@@ -85,6 +86,46 @@ def snapshot_rows(snapshot_dir: Path, ions: list[str] | None = None) -> Iterator
             yield RawRow(fields=row, structure_error=f"charged CIF {rel} not found in the archives")
         else:
             yield RawRow(fields=row, structure_cif=cifs[rel])
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """One electrode's first voltage pair: the CSV row and both ends' CIF texts, or why not."""
+
+    fields: dict[str, str]
+    charged_cif: str | None = None
+    discharged_cif: str | None = None
+    error: str | None = None
+
+
+def snapshot_pairs(snapshot_dir: Path, ions: list[str]) -> list[PairRow]:
+    """Every row of the given ions with its charged and discharged CIF texts (the physics
+    cross-check needs both ends; ingest reads the charged end only)."""
+    snapshot_dir = Path(snapshot_dir)
+    if not snapshot_dir.is_dir():
+        raise DataSourceError(
+            f"snapshot directory not found: {snapshot_dir} (set data.snapshot_dir in params.yaml)"
+        )
+    rows = [r for r in _read_csv(snapshot_dir / CSV_NAME) if r.get("working_ion") in set(ions)]
+    if rows and "discharged_cif" not in rows[0]:
+        raise DataSourceError(f"{snapshot_dir / CSV_NAME} lacks the discharged_cif column")
+    ends = ("charged_cif", "discharged_cif")
+    wanted = {(r.get(end) or "").strip() for r in rows for end in ends} - {""}
+    cifs = _read_cifs(snapshot_dir, wanted)
+    return [_pair(row, cifs) for row in rows]
+
+
+def _pair(row: dict[str, str], cifs: dict[str, str]) -> PairRow:
+    texts: dict[str, str] = {}
+    for end in ("charged_cif", "discharged_cif"):
+        rel = (row.get(end) or "").strip()
+        side = end.removesuffix("_cif")
+        if not rel:
+            return PairRow(row, error=f"{side} structure missing (no {end})")
+        if rel not in cifs:
+            return PairRow(row, error=f"{side} CIF {rel} not found in the archives")
+        texts[end] = cifs[rel]
+    return PairRow(row, **texts)
 
 
 def _other_elements(wanted: set[str]) -> set[str]:

@@ -27,6 +27,12 @@ variance to the spread across heads (law of total variance).
 Schema 4 lets a GP head also read composition descriptors of the crystal
 (``training.model.descriptors``, computed from the graph's atomic numbers); such a checkpoint's
 ``extra["descriptor_version"]`` names the featuriser, which loading checks.
+Schema 5 adds an optional ``chgnet`` section: a GP head over frozen CHGNet features
+(``training.model.chgnet_backbone``) with its own normaliser, the CHGNet it was fitted on
+(``spec``, checked at load) and ``weight``, its share of the served prediction (1: the CHGNet head
+alone; 0.5: the equal mixture with the CGCNN ensemble)::
+
+      "chgnet": None | {"spec": {...}, "weight": float, "normalizer": {...}, "head": {GP state}}
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ from training.model.gp_head import GPHead, head_mean_var, is_gp_state, needs_des
 from training.train.normalizer import Normalizer
 
 CHECKPOINT_FORMAT = "electrode-voltage-cgcnn"
-SCHEMA_VERSION = 4
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4})
+SCHEMA_VERSION = 5
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4, 5})
 
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -118,6 +124,7 @@ def checkpoint_payload(
     *,
     heads: Sequence[AnyHead | Mapping[str, Tensor]] | None = None,
     members: Sequence[tuple[CGCNN, Sequence[AnyHead] | None]] = (),
+    chgnet: ChgnetPart | None = None,
 ) -> dict[str, Any]:
     """The dict ``save_checkpoint`` writes (also handy for in-memory round trips)."""
     if not isinstance(converter_dict, Mapping) and hasattr(converter_dict, "to_dict"):
@@ -138,6 +145,7 @@ def checkpoint_payload(
             {"state_dict": _tensors(m.state_dict()), "heads": _head_states(h)} for m, h in members
         ],
         "extra": to_plain(extra, "extra"),
+        "chgnet": None if chgnet is None else chgnet.to_payload(),
         "torch_version": str(torch.__version__),
     }
 
@@ -152,10 +160,12 @@ def save_checkpoint(
     *,
     heads: Sequence[AnyHead | Mapping[str, Tensor]] | None = None,
     members: Sequence[tuple[CGCNN, Sequence[AnyHead] | None]] = (),
+    chgnet: ChgnetPart | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temp file + rename) and return its path."""
     payload = checkpoint_payload(
-        model, model_config, converter_dict, normalizer, extra, heads=heads, members=members
+        model, model_config, converter_dict, normalizer, extra, heads=heads, members=members,
+        chgnet=chgnet,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +173,60 @@ def save_checkpoint(
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+@dataclass
+class ChgnetPart:
+    """A GP head over frozen CHGNet features, its normaliser, the CHGNet spec it was fitted on,
+    and its share ``weight`` (0 < weight <= 1) of the served prediction."""
+
+    head: GPHead
+    normalizer: Normalizer
+    spec: dict[str, str]
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.weight <= 1.0:
+            raise ValueError(f"CHGNet share must be in (0, 1], got {self.weight}")
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"spec": to_plain(dict(self.spec), "chgnet.spec"), "weight": float(self.weight),
+                "normalizer": self.normalizer.to_dict(),
+                "head": _tensors(self.head.state_dict())}  # fmt: skip
+
+    @classmethod
+    def from_payload(cls, payload: Any, where: str) -> ChgnetPart:
+        if not isinstance(payload, dict):
+            raise CheckpointError(f"{where}: chgnet section must be a dict")
+        try:
+            head = GPHead.from_state(_require(payload, "head", dict)).eval()
+            norm = Normalizer.from_dict(_require(payload, "normalizer", dict))
+            spec = dict(_require(payload, "spec", dict))
+            return cls(head, norm, spec, float(payload.get("weight", 1.0)))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{where}: chgnet section: {exc}") from exc
+
+    def mean_std(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) in volts of the CHGNet head on (n, FEATURE_DIM) features."""
+        mean, var = head_mean_var(self.head, feats.to(torch.float64))
+        return ensemble_volts(self.normalizer, [mean], [var])
+
+
+def blend(
+    cgcnn: tuple[Tensor, Tensor] | None, chgnet: tuple[Tensor, Tensor] | None, weight: float
+) -> tuple[Tensor, Tensor]:
+    """The served mean and std: the mixture of the CGCNN ensemble's and the CHGNet head's
+    predictive distributions, CHGNet's share ``weight`` (1: CHGNet alone; no CHGNet: CGCNN)."""
+    if chgnet is None or weight <= 0.0:
+        assert cgcnn is not None
+        return cgcnn
+    if cgcnn is None or weight >= 1.0:
+        return chgnet
+    (ma, sa), (mb, sb) = (tuple(t.to(torch.float64) for t in p) for p in (cgcnn, chgnet))
+    w = float(weight)
+    mean = (1 - w) * ma + w * mb
+    var = (1 - w) * sa**2 + w * sb**2 + (1 - w) * w * (ma - mb) ** 2
+    return mean, var.sqrt()
 
 
 @dataclass
@@ -177,6 +241,17 @@ class LoadedModel:
     ensemble: EnsembleHead | None = None
     schema_version: int = SCHEMA_VERSION
     members: list[tuple[CGCNN, list[AnyHead]]] = field(default_factory=list)
+    chgnet: ChgnetPart | None = None
+
+    @property
+    def needs_chgnet(self) -> bool:
+        """Whether predictions need CHGNet features of the crystals."""
+        return self.chgnet is not None
+
+    @property
+    def needs_graphs(self) -> bool:
+        """Whether predictions need the CGCNN graphs (not for a CHGNet head served alone)."""
+        return self.chgnet is None or self.chgnet.weight < 1.0
 
     def backbones(self) -> list[tuple[CGCNN, list[AnyHead]]]:
         """Every whole model with its heads (member 0 first): what transfer learning adapts."""
@@ -203,6 +278,20 @@ class LoadedModel:
             raise ValueError("this model reads composition descriptors: the batch needs "
                              "atomic_numbers (collate and GraphLoader provide them)")  # fmt: skip
         return batch_descriptors(z, batch.crystal_idx, batch.n_crystals)
+
+    @torch.inference_mode()
+    def predict_served(
+        self, batch: GraphBatchLike | None, chgnet_feats: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(mean, std) in volts as served: the CGCNN ensemble, the CHGNet head, or their
+        mixture (``blend``). ``batch`` may be None when only the CHGNet head is served."""
+        cgcnn = self.predict_with_std(batch) if self.needs_graphs else None
+        if self.chgnet is None:
+            assert cgcnn is not None
+            return cgcnn
+        if chgnet_feats is None:
+            raise ValueError("this model serves a CHGNet head: CHGNet features are needed")
+        return blend(cgcnn, self.chgnet.mean_std(chgnet_feats), self.chgnet.weight)
 
     @torch.inference_mode()
     def predict_with_std(self, batch: GraphBatchLike) -> tuple[Tensor, Tensor]:
@@ -286,9 +375,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ensemble=ensemble,
         schema_version=int(version),
         members=members,
+        chgnet=_load_chgnet(payload.get("chgnet"), path),
     )
     _check_descriptors(loaded, path)
     return loaded
+
+
+def _load_chgnet(section: Any, path: Path) -> ChgnetPart | None:
+    """The CHGNet section, refused when the installed CHGNet differs from the recorded one."""
+    if section is None:
+        return None
+    part = ChgnetPart.from_payload(section, str(path))
+    from training.model.chgnet_backbone import ChgnetMismatch, check_spec
+
+    try:
+        check_spec(part.spec, str(path))
+    except ChgnetMismatch as exc:
+        raise CheckpointError(str(exc)) from exc
+    return part
 
 
 def _check_descriptors(loaded: LoadedModel, path: Path) -> None:
