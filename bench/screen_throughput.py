@@ -5,6 +5,8 @@ Usage::
     python bench/screen_throughput.py                         # every CIF of cifs_r.tar.gz
     python bench/screen_throughput.py --limit 2000 --workers 1,2
     python bench/screen_throughput.py --checkpoint models/ions/Li.pt --ions Li,Na
+    python bench/screen_throughput.py --checkpoint models/ions/Mg.pt --ions Mg --chgnet-ion Mg \
+        --limit 2000 --rescore-top 200 --rescore-uncertain 100 --workers 2 --no-breakdown
 
 It calls ``training.screen.run_screen`` on the snapshot's ``cifs_r.tar.gz`` itself (members are read
 straight from the archive, nothing unpacked), so the figure includes archive reading, CIF
@@ -16,6 +18,12 @@ reports CPU seconds (this process + its workers) and the rate per CPU-second, wh
 depend on contention, and the 1-minute load average before each run; the 2-core figure without
 contention is bounded by ``2 x per-CPU-second rate`` when workers scale.  A single-process stage
 breakdown (read / parse+graph / inference) shows where the time goes.
+
+Two tiers (``--chgnet-ion``): the checkpoint gets a CHGNet GP head fitted on that ion's training
+crystals (``bench/chgnet_artifact.py``, share ``--chgnet-weight``), so its champion serves CHGNet;
+the screen then runs twice on one output: tier 1 alone (``--rescore-top 0``), then a resume that
+only re-scores (tier 2). Each tier's wall and CPU rates, and the arithmetic for 100,000
+structures with the command's defaults, are printed.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import torch  # noqa: E402
 
 from training.inference import VoltageModel  # noqa: E402
 from training.screen import (  # noqa: E402
+    Rescore,
     _init_worker,
     _Predictor,
     iter_contents,
@@ -137,6 +146,45 @@ def breakdown(archive: Path, models: dict, ions: list[str], args) -> None:
         print(f"    {name:14s} {sec:6.2f} s  {n / sec:8.1f} structures/s")
 
 
+def _timed_screen(archive: Path, models: dict, out: Path, workers: int, rescore: Rescore,
+                  args: argparse.Namespace) -> tuple[dict, float, float]:  # fmt: skip
+    """(summary, wall s, CPU s) of one ``run_screen`` call on ``out`` (resuming it)."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    summary = run_screen(
+        archive, list(models), models, out, out.with_suffix(".json"), batch_size=args.batch_size,
+        workers=workers, limit=args.limit, progress=False, rescore=rescore,
+    )  # fmt: skip
+    return summary, time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def two_tier(archive: Path, models: dict, workers: int, args: argparse.Namespace) -> None:
+    """Tier 1 alone, then tier 2 alone (a resume), with their rates and the 100k arithmetic."""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "screen.csv"
+        s1, w1, c1 = _timed_screen(archive, models, out, workers, Rescore(0, 0), args)
+        rescore = Rescore(args.rescore_top, args.rescore_uncertain)
+        s2, w2, c2 = _timed_screen(archive, models, out, workers, rescore, args)
+    n1, n2 = s1["tiers"]["tier1"]["structures"], s2["tiers"]["tier2"]["structures"]
+    print(f"two tiers, workers={workers}, load avg before {load:.2f}:")
+    for name, n, wall, cpu in (("tier 1", n1, w1, c1), ("tier 2", n2, w2, c2)):
+        print(
+            f"    {name}: {n} structures, {wall:7.2f} s wall -> {n / wall:7.1f} structures/s | "
+            f"CPU {cpu:7.2f} s -> {n / cpu:7.1f} per CPU-second ({1000 * cpu / n:.1f} ms each)"
+        )
+    for ion, s in s2["per_ion"].items():
+        failed = s["n_tier2_failed"]
+        print(f"    {ion} ({s['backbone']}): {s['n_tier2']} re-scored, {failed} failed")
+    defaults = Rescore()
+    k = defaults.top + defaults.uncertain
+    t1, t2 = 100_000 / (n1 / w1), k / (n2 / w2)
+    print(
+        f"    100,000 structures, defaults (top {defaults.top} + uncertain "
+        f"{defaults.uncertain} <= {k} per CHGNet-serving ion, shared across ions): "
+        f"tier 1 {t1 / 60:.1f} min + tier 2 <= {t2 / 60:.1f} min per ion at these wall rates"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--archive", type=Path, default=snapshot_dir() / "cifs_r.tar.gz")
@@ -147,6 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--members", type=int, default=0, help="time a synthetic N-backbone ensemble")
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--chgnet-ion", default=None, help="add this ion's CHGNet head: two tiers")
+    p.add_argument("--chgnet-weight", type=float, default=0.5, help="its share (1: alone)")
+    p.add_argument("--rescore-top", type=int, default=200)
+    p.add_argument("--rescore-uncertain", type=int, default=100)
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -154,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory()
     if args.members > 1:
         ckpt = with_members(ckpt, args.members, Path(tmp.name))
+    if args.chgnet_ion:
+        from chgnet_artifact import build
+
+        ckpt = build(ckpt, args.chgnet_ion, args.chgnet_weight, Path(tmp.name) / "chgnet.pt")
     ions = [i.strip() for i in args.ions.split(",") if i.strip()]
     model = VoltageModel.from_checkpoint(ckpt)
     models = dict.fromkeys(ions, model)
@@ -163,7 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_breakdown:
         breakdown(args.archive, models, ions, args)
     for workers in (int(w) for w in args.workers.split(",")):
-        end_to_end(args.archive, models, ions, workers, args)
+        if args.chgnet_ion:
+            two_tier(args.archive, models, workers, args)
+        else:
+            end_to_end(args.archive, models, ions, workers, args)
 
 
 if __name__ == "__main__":

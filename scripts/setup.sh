@@ -12,7 +12,14 @@ fi
 stamp=.venv/.lock-installed
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  # torch==2.13.0 resolves to the local CPU wheel; the lock pins every other package exactly.
+  # The CPU build of torch (the lock's torch==...+cpu) lives on PyTorch's own index, not on PyPI.
+  # It is installed first and alone with that index, so setup needs no machine-wide pip config;
+  # only this one lookup goes there. Offline, or behind a mirror, pip warns that the index is
+  # unreachable (2 quick retries) and takes the wheel from the machine's own pip sources.
+  torch_pin=$(grep -E '^torch==' requirements.lock)
+  .venv/bin/pip install -q --no-deps --retries 2 --timeout 30 \
+    --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" "$torch_pin"
+  # Every other package, pinned exactly (torch is already satisfied: no further index lookups).
   .venv/bin/pip install -q -r requirements.lock
   .venv/bin/pip install -q --no-deps -e .
   echo "$want" > "$stamp"

@@ -1,6 +1,6 @@
 """``voltage-serve``: predict from the command line, and package champions for ``bentoml build``.
 
-    voltage-serve predict cathode.cif --ion Mg                 # local: registry champion
+    voltage-serve predict cathode.cif --ion Mg                 # local: champion, else release
     voltage-serve predict POSCAR --ion Li --url http://127.0.0.1:3000 --json
     voltage-serve predict CoO2.cif --ion Li --discharged LiCoO2.cif   # + CHGNet physics voltage
     voltage-serve export-models                                # champions -> BentoML store
@@ -8,13 +8,22 @@
 Exit status: 0 answered; 2 bad input (unreadable file, unknown format or ion, a structure the
 service refuses; the message names the problem); 3 no answer (no champion, service unreachable
 or failing). Local mode goes through the same predictor as the service, so answers are equal.
+
+Local mode answers in seconds from a cold start: the structure is parsed and checked (and the ion
+named) before torch, MLflow or a model is imported, so bad input fails at once; the model is the
+registry's champion when the registry has one, else the pretrained release (``release/``,
+``voltage release``), and a local sqlite registry is asked with sqlite3 itself, so MLflow is
+imported only when a champion is actually downloaded. Heavy modules are imported inside the
+commands: ``--help`` imports none of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -27,6 +36,7 @@ app = typer.Typer(help="Electrode voltage service tools.", no_args_is_help=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
+SOURCES = ("auto", "registry", "release")
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -48,6 +58,9 @@ def guess_format(path: Path) -> str | None:
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    # Idle OpenMP threads sleep instead of spinning, unless the user chose: two spinning torch
+    # processes on a shared CPU slow each other 10-25x. Set here, before a command imports torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -88,10 +101,62 @@ def _read_input(path: Path, fmt: str | None, what: str) -> tuple[str, str]:
     return text, fmt
 
 
-def _predict_local(ion: str, inputs: Inputs, tracking_uri: str | None) -> dict[str, Any]:
+def check_inputs(inputs: Inputs) -> None:
+    """Parse and check the structure(s) exactly as the service will, before anything imports
+    torch or loads a model: bad input exits 2 in well under a second, naming the problem."""
+    from serving.config import max_sites
+    from serving.errors import ServingError
+    from serving.inputs import to_structure
+
+    try:
+        limit = max_sites()
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    parts = [("", inputs.text, inputs.fmt)]
+    if inputs.discharged is not None:
+        parts.append(("discharged structure: ", inputs.discharged, inputs.discharged_fmt))
+    for what, text, fmt in parts:
+        try:
+            to_structure(text, fmt, limit)
+        except ServingError as e:
+            raise _fail(f"{e.kind}: {what}{e.message}", EXIT_BAD_INPUT) from None
+
+
+def choose_source(source: str, tracking_uri: str, name: str) -> str:
+    """The predictor's model source for one ion: ``auto`` asks a local sqlite registry for a
+    champion without MLflow (none: the release, and MLflow is never imported); any other store
+    is left to the service's own ``auto`` (registry, else release)."""
+    if source != "auto":
+        return source
+    from serving.models import champion_in_store
+
+    return "release" if champion_in_store(tracking_uri, name) is False else "auto"
+
+
+def _predict_local(
+    ion: str, inputs: Inputs, tracking_uri: str | None, source: str = "auto"
+) -> dict[str, Any]:
+    from serving.config import ServingConfig, quiet_mlflow_defaults
+
+    try:
+        config = ServingConfig.from_env()
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    known = {i.lower(): i for i in config.ions}
+    if ion.lower() not in known:
+        raise _fail(f"unknown ion {ion!r}; use one of {', '.join(config.ions)}", EXIT_BAD_INPUT)
+    name = known[ion.lower()]
+    uri = tracking_uri or config.tracking_uri
+    config = dataclasses.replace(
+        config,
+        ions=(name,),
+        disabled_ions=frozenset(),
+        model_source=choose_source(source, uri, config.model_name(name)),
+        tracking_uri=uri,
+        drift_reference=None,
+    )
     import torch
 
-    from serving.config import ServingConfig, quiet_mlflow_defaults
     from serving.errors import ServingError
     from serving.predictor import PredictRequest
     from serving.runtime import ServingRuntime
@@ -100,27 +165,22 @@ def _predict_local(ion: str, inputs: Inputs, tracking_uri: str | None) -> dict[s
     flush_subnormals()  # before the first torch op creates worker threads
     torch.set_num_threads(1)
     quiet_mlflow_defaults()
-    config = ServingConfig.from_env()
-    known = {i.lower(): i for i in config.ions}
-    if ion.lower() not in known:
-        raise _fail(f"unknown ion {ion!r}; use one of {', '.join(config.ions)}", EXIT_BAD_INPUT)
-    name = known[ion.lower()]
-    config = dataclasses.replace(
-        config,
-        ions=(name,),
-        disabled_ions=frozenset(),
-        model_source="registry",
-        tracking_uri=tracking_uri or config.tracking_uri,
-        drift_reference=None,
-    )
-    runtime = ServingRuntime(config).start(watch=False)
+    # Libraries print while loading (CHGNet announces itself on stdout): keep stdout for the
+    # answer alone, so that --json output parses.
+    with contextlib.redirect_stdout(sys.stderr):
+        runtime = ServingRuntime(config, warm=False).start(watch=False)
     try:
-        result = runtime.predictor.predict_sync(
-            PredictRequest.from_mapping({"ion": name, **inputs.fields()})
-        )
+        with contextlib.redirect_stdout(sys.stderr):
+            result = runtime.predictor.predict_sync(
+                PredictRequest.from_mapping({"ion": name, **inputs.fields()})
+            )
     except ServingError as e:
         code = EXIT_BAD_INPUT if e.http_status == 400 else EXIT_UNAVAILABLE
-        raise _fail(f"{e.kind}: {e.message}", code) from None
+        hint = ""
+        if e.kind == "no_champion" and config.model_source != "registry":
+            hint = (f" and the release at {config.release_dir} has no loadable {name} model "
+                    "(run with -v for why; `voltage release` writes one)")  # fmt: skip
+        raise _fail(f"{e.kind}: {e.message}{hint}", code) from None
     finally:
         runtime.stop()
     return result.to_dict()
@@ -190,8 +250,17 @@ def predict(
     discharged_fmt: Annotated[
         str | None, typer.Option("--discharged-format", help="default: from the name")
     ] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="local mode: auto (the registry champion, else the release), registry, release"
+        ),
+    ] = "auto",
 ) -> None:
-    """Predict the average voltage of one structure with the ion's champion model."""
+    """Predict the average voltage of one structure with the ion's champion model (or, without
+    one, the pretrained release); the answer names the model and its source."""
+    if source not in SOURCES:
+        raise _fail(f"--source must be one of {', '.join(SOURCES)}", EXIT_BAD_INPUT)
     text, fmt = _read_input(structure, fmt, "structure")
     inputs = Inputs(text, fmt)
     if discharged is not None:
@@ -199,7 +268,8 @@ def predict(
     if url:
         result = _predict_remote(url, ion, inputs, timeout)
     else:
-        result = _predict_local(ion, inputs, tracking_uri)
+        check_inputs(inputs)
+        result = _predict_local(ion, inputs, tracking_uri, source)
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

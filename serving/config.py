@@ -18,7 +18,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DEFAULT_IONS = ("Li", "Na", "K", "Mg", "Ca", "Zn", "Al")
-MODEL_SOURCES = ("auto", "registry", "bento")
+MODEL_SOURCES = ("auto", "registry", "bento", "release")
+#: The pretrained release of the checkout this package runs from (``voltage release``): found
+#: whatever the working directory, as ``voltage-serve predict`` may run from anywhere.
+DEFAULT_RELEASE_DIR = Path(__file__).resolve().parents[1] / "release"
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -43,6 +46,12 @@ def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.
     if value < minimum:
         raise ValueError(f"{key} must be >= {minimum}, got {value}")
     return value
+
+
+def max_sites(env: Mapping[str, str] | None = None) -> int:
+    """``VOLTAGE_MAX_SITES`` (500): the command line checks a structure against it before it
+    reads any other setting or loads a model."""
+    return _int(os.environ if env is None else env, "VOLTAGE_MAX_SITES", 500, 1)
 
 
 def _params_defaults(path: Path) -> dict[str, Any]:
@@ -102,6 +111,8 @@ class ServingConfig:
     drift_window: int = 1000
     records_path: Path | None = Path("data/clean/records.jsonl.gz")
     local_voltage_dir: Path | None = Path("models/local_voltage")
+    #: Where an ion without a registry champion (or packaged model) is served from; None: never.
+    release_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.ions:
@@ -133,6 +144,7 @@ class ServingConfig:
         drift = env.get("VOLTAGE_DRIFT_REFERENCE", "data/drift_reference.json")
         records = env.get("VOLTAGE_RECORDS", "data/clean/records.jsonl.gz")
         heads = env.get("VOLTAGE_LOCAL_VOLTAGE_DIR", "models/local_voltage")
+        release = env.get("VOLTAGE_RELEASE_DIR", str(DEFAULT_RELEASE_DIR))
         return cls(
             ions=ions,
             disabled_ions=frozenset(_split(env.get("VOLTAGE_DISABLED_IONS"))),
@@ -141,7 +153,7 @@ class ServingConfig:
             tracking_uri=tracking_uri,
             model_source=env.get("VOLTAGE_MODEL_SOURCE", "auto"),
             reload_interval_s=_float(env, "VOLTAGE_RELOAD_INTERVAL", 30.0, 0.1),
-            max_sites=_int(env, "VOLTAGE_MAX_SITES", 500, 1),
+            max_sites=max_sites(env),
             max_body_bytes=_int(env, "VOLTAGE_MAX_BODY_BYTES", 2 * 1024 * 1024, 1),
             max_batch_items=_int(env, "VOLTAGE_MAX_BATCH_ITEMS", 256, 1),
             batch_max_size=_int(env, "VOLTAGE_BATCH_MAX_SIZE", 64, 1),
@@ -153,4 +165,5 @@ class ServingConfig:
             drift_window=_int(env, "VOLTAGE_DRIFT_WINDOW", 1000, 1),
             records_path=Path(records) if records else None,
             local_voltage_dir=Path(heads) if heads else None,
+            release_dir=Path(release) if release else None,
         )

@@ -150,6 +150,7 @@ class VoltageServicer(voltage_pb2_grpc.VoltageServiceServicer):
                 )
                 st.run_id = m["run_id"] or ""
                 st.loaded_at = m["loaded_at"]
+                st.backbone = m.get("backbone", "cgcnn")
                 if m["test_mae"] is not None:
                     st.test_mae = m["test_mae"]
             statuses.append(st)

@@ -37,14 +37,14 @@ def sidecar_head(folder: Path | None, served: ServedModel) -> LocalVoltageHead:
 
 def registry_head(tracking_uri: str, served: ServedModel) -> LocalVoltageHead:
     """The head an ``interpret`` run logged for the served version's own training run."""
+    if served.source != "registry" or not served.run_id:  # before importing MLflow (seconds)
+        raise LookupError(f"{served.ion} v{served.version} has no training run to look up")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from serving.models import sqlite_path
     from training.interpret.local_voltage import LocalVoltageHead, mlflow_artifact_paths
 
-    if served.source != "registry" or not served.run_id:
-        raise LookupError(f"{served.ion} v{served.version} has no training run to look up")
     store = sqlite_path(tracking_uri)
     if store is not None and not store.is_file():  # MLflow would create an empty store there
         raise LookupError(f"no tracking store at {store}")

@@ -1,4 +1,5 @@
-"""Where served models come from: the MLflow registry (``champion`` alias) or a built Bento.
+"""Where served models come from: the MLflow registry (``champion`` alias), a built Bento, or the
+pretrained release in the repository (``release/``, written by ``voltage release``).
 
 Why the checkpoint and not ``mlflow.pyfunc.load_model``: the registered pyfunc is "models from
 code"; loading it would execute the logged ``mlflow_model.py`` and put the version's copy of the
@@ -10,23 +11,28 @@ from the registry is executed or unpickled.
 Registry errors are told apart from "no champion": :func:`champion_version` returns None only
 when the registry answered that the model or alias does not exist, and raises when the registry
 could not be asked (the watcher counts that as a failed reload and keeps the old model).
+
+Nothing heavy is imported here at module level (no torch, no MLflow): the command line imports
+this module on its way to a release model, and MLflow costs seconds it does not need there.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from training.inference import VoltageModel
-from training.mlflow_model import CHECKPOINT_KEY
 from training.registry import CHAMPION, VersionInfo
+
+if TYPE_CHECKING:
+    from training.inference import VoltageModel
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ class ServedModel:
     model: VoltageModel
     name: str
     version: int
-    source: str  # "registry" | "bento"
+    source: str  # "registry" | "bento" | "release"
     run_id: str | None = None
     test_mae: float | None = None
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -61,6 +67,7 @@ class ServedModel:
             "run_id": self.run_id,
             "test_mae": self.test_mae,
             "loaded_at": self.loaded_at.isoformat(timespec="seconds"),
+            "backbone": self.model.backbone,  # cgcnn, chgnet or cgcnn+chgnet (issue 16)
         }
 
 
@@ -82,6 +89,28 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     if tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri.removeprefix("sqlite:///"))
     return None
+
+
+def champion_in_store(tracking_uri: str, name: str, alias: str = CHAMPION) -> bool | None:
+    """Whether a local sqlite registry has ``alias`` on ``name``, read with sqlite3 directly
+    (milliseconds; importing MLflow to ask costs seconds). None when that cannot be told this
+    way (not a sqlite URI, or a schema this code does not know): then ask MLflow. A missing
+    store file has no champion (MLflow would create an empty store there)."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return None
+    if not path.is_file():
+        return False
+    try:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2) as db:
+            row = db.execute(
+                "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
+                (name, alias),
+            ).fetchone()
+    except sqlite3.Error as exc:
+        logger.debug("cannot read aliases from %s directly: %s", path, exc)
+        return None
+    return row is not None
 
 
 def registry_reachable(tracking_uri: str) -> bool:
@@ -118,6 +147,8 @@ def champion_version(tracking_uri: str, name: str, alias: str = CHAMPION) -> Ver
 
 
 def _checkpoint_relpath(mlmodel: Path) -> str:
+    from training.mlflow_model import CHECKPOINT_KEY
+
     doc = yaml.safe_load(mlmodel.read_text()) or {}
     artifacts = (doc.get("flavors", {}).get("python_function", {}) or {}).get("artifacts") or {}
     entry = artifacts.get(CHECKPOINT_KEY)
@@ -171,6 +202,8 @@ class _tracking:
 
 def load_registry_model(ion: str, tracking_uri: str, version: VersionInfo) -> ServedModel:
     """Download and load one registered version's checkpoint; raises ModelLoadError."""
+    from training.inference import VoltageModel
+
     tmp = Path(tempfile.mkdtemp(prefix=f"voltage-{ion}-"))
     try:
         ckpt = download_checkpoint(tracking_uri, version, tmp)
@@ -201,6 +234,8 @@ def _check_ion(model: VoltageModel, ion: str, where: str) -> None:
 # ---------------------------------------------------------------------------------- bento
 def load_bento_model(ion: str, path: Path, metadata: dict[str, Any]) -> ServedModel:
     """Load a model exported into the BentoML store (``serving/export_models.py``)."""
+    from training.inference import VoltageModel
+
     try:
         model = VoltageModel.from_checkpoint(path / BENTO_CHECKPOINT)
     except Exception as exc:
@@ -215,4 +250,30 @@ def load_bento_model(ion: str, path: Path, metadata: dict[str, Any]) -> ServedMo
         source="bento",
         run_id=metadata.get("run_id"),
         test_mae=float(raw_mae) if raw_mae is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------- release
+def load_release_model(ion: str, release_dir: Path) -> ServedModel:
+    """The pretrained release's model of ``ion`` (``training/release.py``): the file is checked
+    against the manifest's sha256 before it is read; raises ModelLoadError naming the problem.
+    Its name and version are the registered ones it was released from (version 0: never
+    registered), so an answer can be traced to the pipeline run either way."""
+    from training.model.artifact import CheckpointError
+    from training.release import ReleaseError, load_release
+
+    try:
+        model, entry = load_release(Path(release_dir), ion)
+    except (ReleaseError, CheckpointError, OSError) as exc:
+        raise ModelLoadError(f"release {release_dir}: {exc}") from exc
+    _check_ion(model, ion, f"release {release_dir}")
+    raw_mae = entry.get("test_mae")
+    return ServedModel(
+        ion=ion,
+        model=model,
+        name=str(entry.get("name") or ion),
+        version=int(entry.get("version") or 0),
+        source="release",
+        run_id=entry.get("mlflow_run_id"),
+        test_mae=float(raw_mae) if isinstance(raw_mae, int | float) else None,
     )

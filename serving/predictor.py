@@ -382,10 +382,7 @@ class Predictor:
         head = self._local_head(prep.served)
         if isinstance(head, str):
             return None, f"local voltages unavailable: {head}"
-        graph = prep.served.model.cgcnn_graph(prep.graph)
-        if graph is None:
-            return None, "local voltages unavailable: this model serves a CHGNet head alone"
-        return tuple(explain_graph(prep.served.model, prep.structure, graph, head)), None
+        return tuple(explain_graph(prep.served.model, prep.structure, prep.graph, head)), None
 
     def _observe_drift(self, prep: _Prepared, voltage: float) -> None:
         if self.drift is None:

@@ -44,12 +44,14 @@ class ServingRuntime:
         config: ServingConfig,
         registry: CollectorRegistry | None = None,
         packaged: Mapping[str, PackagedModel] | None = None,
+        warm: bool = True,
     ) -> None:
         self.config = config
         self.metrics = ServiceMetrics(registry, ions=config.ions)
         self.drift = load_drift(config)
         self.predictor = Predictor(config, self.metrics, self.drift)
-        self.manager = ModelManager(config, self.predictor, packaged)
+        # warm=False: no warm-up prediction per model (a one-shot command line answers once)
+        self.manager = ModelManager(config, self.predictor, packaged, warm=warm)
         self.started = False
 
     def start(self, watch: bool = True) -> ServingRuntime:

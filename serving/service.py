@@ -91,7 +91,10 @@ BatchItem = _loose(PredictItem.model_json_schema())
 class ModelRef(BaseModel):
     name: str
     version: int
-    source: str = Field(description="registry or bento")
+    source: str = Field(
+        description="registry (the MLflow champion), bento (packaged in a built Bento) or "
+        "release (the repository's pretrained release, for an ion without a champion)"
+    )
 
 
 class PredictionOut(BaseModel):
@@ -132,10 +135,11 @@ class IonModel(BaseModel):
     disabled: bool
     name: str | None = None
     version: int | None = None
-    source: str | None = None
+    source: str | None = Field(None, description="registry, bento or release")
     run_id: str | None = None
     test_mae: float | None = Field(None, description="test MAE recorded with the version (V)")
     loaded_at: str | None = Field(None, description="when this worker loaded it (UTC)")
+    backbone: str | None = Field(None, description="cgcnn, chgnet or cgcnn+chgnet")
 
 
 class ModelsOut(BaseModel):
@@ -205,13 +209,19 @@ def _with_packaged_models(cls: type) -> type:
     workers=_workers(),
     traffic={"timeout": 60},
     logging={"access": _access_log()},
-    envs=[{"name": "OMP_NUM_THREADS", "value": "1"}],
+    envs=[
+        {"name": "OMP_NUM_THREADS", "value": "1"},
+        {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"},
+    ],
 )
 @_with_packaged_models
 class VoltageService:
     """Average voltage of insertion electrodes, one CGCNN champion per working ion."""
 
     def __init__(self) -> None:
+        # Idle OpenMP threads sleep instead of spinning (unless the user chose): two spinning
+        # torch processes on a shared CPU slow each other 10-25x. Before torch loads OpenMP.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         from serving.config import ServingConfig, quiet_mlflow_defaults

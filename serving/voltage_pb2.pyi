@@ -110,7 +110,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("ion", "loaded", "disabled", "model", "run_id", "test_mae", "loaded_at")
+    __slots__ = ("ion", "loaded", "disabled", "model", "run_id", "test_mae", "loaded_at", "backbone")
     ION_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     DISABLED_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class ModelStatus(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TEST_MAE_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
     ion: str
     loaded: bool
     disabled: bool
@@ -125,7 +126,8 @@ class ModelStatus(_message.Message):
     run_id: str
     test_mae: float
     loaded_at: str
-    def __init__(self, ion: _Optional[str] = ..., loaded: _Optional[bool] = ..., disabled: _Optional[bool] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., run_id: _Optional[str] = ..., test_mae: _Optional[float] = ..., loaded_at: _Optional[str] = ...) -> None: ...
+    backbone: str
+    def __init__(self, ion: _Optional[str] = ..., loaded: _Optional[bool] = ..., disabled: _Optional[bool] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., run_id: _Optional[str] = ..., test_mae: _Optional[float] = ..., loaded_at: _Optional[str] = ..., backbone: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

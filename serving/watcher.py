@@ -11,7 +11,11 @@ Source of models (``VOLTAGE_MODEL_SOURCE``):
 
 * ``registry``: the registry only (an ion without champion is not served: 503);
 * ``bento``: the models packaged in the built Bento (``serving/export_models.py``), no watching;
-* ``auto`` (default): the registry when it answers at start, else the packaged models.
+* ``release``: the pretrained release in the repository (``VOLTAGE_RELEASE_DIR``, written by
+  ``voltage release``), no watching;
+* ``auto`` (default): the registry when it answers at start, else the packaged models; an ion
+  still without a model then is served from the release, and (registry mode) swapped for its
+  champion as soon as one is promoted. So a checkout with an empty registry serves at once.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from serving.models import (
     champion_version,
     load_bento_model,
     load_registry_model,
+    load_release_model,
     registry_reachable,
 )
 from serving.predictor import Predictor
@@ -55,8 +60,10 @@ class ModelManager:
         config: ServingConfig,
         predictor: Predictor,
         packaged: Mapping[str, PackagedModel] | None = None,
+        warm: bool = True,
     ) -> None:
         self.config = config
+        self.warm = warm  # False: no warm-up prediction (one-shot command line)
         self.predictor = predictor
         self.metrics = predictor.metrics
         self.packaged = dict(packaged or {})
@@ -72,37 +79,74 @@ class ModelManager:
         """Choose the model source and load every ion once; returns the mode used."""
         source = self.config.model_source
         uri = self.config.tracking_uri
-        if source == "bento" or (source == "auto" and not registry_reachable(uri)):
+        if source == "release":
+            self.mode = "release"
+        elif source == "bento" or (source == "auto" and not registry_reachable(uri)):
             self.mode = "bento"
             if source == "auto":
-                logger.warning("registry %s not reachable: serving the packaged models", uri)
-            self._load_packaged()
+                logger.warning("registry %s not reachable: serving the packaged models "
+                               "(else the release)", uri)  # fmt: skip
+            self._load_packaged(quiet=source == "auto")
         else:
             self.mode = "registry"
             self.poll_once()
+        if source in ("auto", "release"):
+            self._load_release(self.predictor.missing())
         logger.info(
             "models (%s): %s; missing: %s",
             self.mode,
-            {i: m.version for i, m in self.predictor.models().items()},
+            {i: f"{m.source} v{m.version}" for i, m in self.predictor.models().items()},
             self.predictor.missing() or "none",
         )
         return self.mode
 
-    def _load_packaged(self) -> None:
+    def _load_packaged(self, quiet: bool = False) -> None:
+        """Each ion's packaged model; ``quiet``: a missing one is not an error (the release
+        may stand in)."""
         for ion in self.config.enabled_ions:
             pkg = self.packaged.get(ion)
             if pkg is None:
-                logger.error("no packaged model for ion %s: it will answer 503", ion)
+                if not quiet:
+                    logger.error("no packaged model for ion %s: it will answer 503", ion)
                 continue
             try:
                 served = load_bento_model(ion, pkg.path, dict(pkg.metadata))
-                self.predictor.warm(served)
+                if self.warm:
+                    self.predictor.warm(served)
             except Exception as exc:
                 logger.error("ion %s: packaged model failed to load: %s", ion, exc)
                 self.metrics.record_reload(ion, False)
                 continue
             self.predictor.set_model(ion, served)
             self.metrics.record_reload(ion, True)
+
+    def _load_release(self, ions: list[str]) -> None:
+        """Serve ``ions`` from the pretrained release. No release at all, or none for an ion, is
+        a warning (nothing failed to load); a release file that does not load (changed since
+        written, unreadable) is a failed load, counted."""
+        from training.release import ReleaseError, release_entry
+
+        folder = self.config.release_dir
+        if folder is None or not ions:
+            return
+        for ion in ions:
+            try:
+                release_entry(folder, ion)
+            except ReleaseError as exc:
+                logger.warning("ion %s: no model and no release to fall back on: %s", ion, exc)
+                continue
+            try:
+                served = load_release_model(ion, folder)
+                if self.warm:
+                    self.predictor.warm(served)
+            except Exception as exc:
+                logger.error("ion %s: release model failed to load: %s", ion, exc)
+                self.metrics.record_reload(ion, False)
+                continue
+            self.predictor.set_model(ion, served)
+            self.metrics.record_reload(ion, True)
+            logger.info("ion %s: serving the release (%s v%d, %s)", ion, served.name,
+                        served.version, folder)  # fmt: skip
 
     # ------------------------------------------------------------------ follow
     def _warn_once(self, ion: str, what: str, msg: str, *args: Any) -> None:
@@ -126,6 +170,8 @@ class ModelManager:
             if version is None:
                 if current is None:
                     self._warn_once(ion, "none", "ion %s: %s has no champion", ion, name)
+                elif current.source != "registry":
+                    pass  # the release (or a packaged model) serves until a champion exists
                 else:
                     self._warn_once(
                         ion, "removed", "ion %s: champion alias removed; still serving v%s",
@@ -147,7 +193,8 @@ class ModelManager:
             t0 = time.perf_counter()
             try:
                 served = load_registry_model(ion, uri, version)
-                self.predictor.warm(served)  # before the swap: no slow first request
+                if self.warm:
+                    self.predictor.warm(served)  # before the swap: no slow first request
             except Exception as exc:
                 tries += 1
                 backoff = min(self.config.reload_interval_s * 2**tries, MAX_BACKOFF_S)

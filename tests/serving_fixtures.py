@@ -94,8 +94,11 @@ def build_checkpoint(
     test_mae: float = 0.5,
     train_elements: Sequence[str] = TRAIN_ELEMENTS,
     mean: float = 3.0,
+    chgnet_weight: float | None = None,
 ) -> Path:
-    """A randomly initialised CGCNN checkpoint with ``n_heads`` ensemble heads (seeded)."""
+    """A randomly initialised CGCNN checkpoint with ``n_heads`` ensemble heads (seeded);
+    ``chgnet_weight``: also a CHGNet GP head (fitted on the real CHGNet features of a few
+    sample structures against random voltages) with that share of the served prediction."""
     torch.manual_seed(seed)
     model = CGCNN(config).eval()
     heads = []
@@ -112,9 +115,23 @@ def build_checkpoint(
         "std_scale": 1.0,
         "seed": seed,
     }
+    chgnet = None if chgnet_weight is None else chgnet_part(seed, chgnet_weight)
     return save_checkpoint(
-        path, model, config, GraphConverter(), Normalizer(mean=mean, std=1.0), extra, heads=heads
+        path, model, config, GraphConverter(), Normalizer(mean=mean, std=1.0), extra, heads=heads,
+        chgnet=chgnet,
     )
+
+
+def chgnet_part(seed: int, weight: float) -> Any:
+    """A CHGNet GP head fitted on real CHGNet features of sample structures (random targets)."""
+    from training.model import chgnet_backbone
+    from training.model.artifact import ChgnetPart
+    from training.model.gp_head import GPConfig, fit_gp_head
+
+    x, _ = chgnet_backbone.featurise(sample_structures(12, seed=seed))
+    y = np.random.default_rng(seed).normal(size=len(x))
+    head = fit_gp_head(torch.from_numpy(x), y, GPConfig()).eval()
+    return ChgnetPart(head, Normalizer(mean=3.0, std=1.0), chgnet_backbone.spec(), weight)
 
 
 @dataclass(frozen=True)
@@ -307,6 +324,9 @@ def serve_env(home: Path, store: MlflowStore | None, **extra: str) -> dict[str, 
         OMP_NUM_THREADS="1",
         PYTHONPATH=str(REPO),
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # uvicorn for mlflow serve
+        # No fallback to the repository's pretrained release (release/): these servers must
+        # answer no_champion for an ion without a champion. Tests of the release set their own.
+        VOLTAGE_RELEASE_DIR="",
     )
     if store is not None:
         env.update(store.env)

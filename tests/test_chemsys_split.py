@@ -41,19 +41,23 @@ def _params(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stage(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``voltage chemsys-split`` as dvc.yaml calls it, tuned parameters overriding params."""
+def stage(tiny_data: dict, chgnet_features, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``voltage chemsys-split`` as dvc.yaml calls it, tuned parameters overriding params, with
+    the CHGNet features of the ``chgnet_features`` stage."""
     from typer.testing import CliRunner
 
+    from training.chgnet_stage import save
     from training.cli import app
 
     tmp = tmp_path_factory.mktemp("chemsys")
+    save(tmp / "chgnet.npz", chgnet_features)
     best = tmp / "best_params.json"
     best.write_text(json.dumps({"train": {"lr": 0.003}, "model": {"h_fea_len": 24}}))
     out, preds = tmp / "reports" / "chemsys_split" / "Li.json", tmp / "Li_predictions.csv"
     args = ["chemsys-split", "--ion", "Li", "--records", str(tiny_data["clean"]),
             "--graphs", str(tiny_data["graphs"]), "--best-params", str(best),
             "--out", str(out), "--predictions", str(preds),
+            "--chgnet-features", str(tmp / "chgnet.npz"),
             "--params", str(_params(tmp))]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -96,7 +100,8 @@ def test_report_has_every_method_and_the_split_it_was_scored_on(stage: dict):
     assert sum(k.values()) == len(set(row_chemsys("Li", stage["records"])))
     assert rep["leak_check"] == {"chemsys_in_two_parts": [], "test_reduced_formulas_in_train": [],
                                  "test_frameworks_in_train": [], "disjoint": True}  # fmt: skip
-    assert set(rep["methods"]) == {"cgcnn", *OWN_METHODS}  # one forest seed: no rf@1
+    assert set(rep["methods"]) == {"cgcnn", "chgnet_gp", "average", *OWN_METHODS}  # no rf@1
+    assert {"chgnet_gp_minus_best_baseline", "average_minus_best_baseline"} <= set(rep)
     for m in rep["methods"].values():
         assert set(m) == set(SPLITS) and all(set(m[s]) == {"mae", "rmse", "r2"} for s in SPLITS)
     assert set(rep["cv_mae"]) == set(OWN_METHODS)
@@ -114,7 +119,8 @@ def test_cgcnn_learned_on_its_training_rows(stage: dict):
 
 def test_predictions_are_the_test_part_and_give_the_paired_difference(stage: dict):
     rep, rows = stage["report"], stage["rows"]
-    assert list(rows[0]) == ["battery_id", "chemsys", "target", "cgcnn", *OWN_METHODS]
+    assert list(rows[0]) == ["battery_id", "chemsys", "target", "cgcnn", *OWN_METHODS, "chgnet_gp",
+                            "average"]
     data = chemsys_split("Li", stage["records"], SplitSettings())
     assert [r["battery_id"] for r in rows] == data.ids("test")
     assert {r["chemsys"] for r in rows} == set(row_chemsys("Li", data.parts["test"]))

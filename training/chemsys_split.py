@@ -39,12 +39,14 @@ import numpy as np
 from training.baselines.features import composition_features
 from training.baselines.models import OWN_METHODS, BaselineConfig
 from training.baselines.suite import BaselineResult, run_baselines
+from training.chgnet_stage import ChgnetFeatures
 from training.config import SplitSettings
 from training.data.records import Record, read_records
 from training.data.split import SPLITS, assign_groups
 from training.datasets import IonData
 from training.gp_cv import chemsys_keys
 from training.graphs.store import GraphStore
+from training.model.gp_head import GPConfig
 from training.train.core import Trained, model_predictor, score, train_from_scratch
 from training.train.stage import TrainSettings
 
@@ -189,13 +191,40 @@ def _write_predictions(path: Path, data: IonData, preds: dict[str, np.ndarray]) 
             w.writerow([bid, keys[i], f"{y:.4f}", *(f"{preds[n][i]:.4f}" for n in names)])
 
 
+def chgnet_rows(
+    data: IonData, store: GraphStore, chg: ChgnetFeatures, gp: GPConfig,
+    cgcnn: dict[str, dict[str, float]],
+) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
+    """The CHGNet GP (fitted on this split's training rows, as ``ion_model`` fits it) and its
+    average with the CGCNN (the mean of the two predictions: the CGCNN member here has an MLP
+    head and no std), per split, as arrays in the split's order."""
+    from training.chgnet_heads import fit_chgnet_head
+
+    fit = fit_chgnet_head(data, store, chg, gp)
+    out: dict[str, dict[str, np.ndarray]] = {"chgnet_gp": fit.means(), "average": {}}
+    for s in SPLITS:
+        mine = np.array([cgcnn[s][b] for b in data.ids(s)])
+        out["average"][s] = (mine + out["chgnet_gp"][s]) / 2
+    return out
+
+
+def _split_metrics(data: IonData, preds: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    from training.train.metrics import regression_metrics
+
+    keep = ("mae", "rmse", "r2")  # the CGCNN's and the baselines' keys
+    return {s: {k: v for k, v in regression_metrics(data.targets(s), preds[s]).items()
+                if k in keep} for s in SPLITS}  # fmt: skip
+
+
 def run_chemsys_split(
     ion: str, rows: Sequence[Record], store: GraphStore, split: SplitSettings,
     settings: TrainSettings, baselines: BaselineConfig, out: Path, predictions_out: Path,
+    chg: ChgnetFeatures | None = None, chgnet_gp: GPConfig | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Split, train the CGCNN, fit the baselines, score all once on test, write the report and
-    the test predictions. A split sharing a chemical system or a test formula with training is
-    refused (it cannot happen by construction)."""
+    """Split, train the CGCNN, fit the baselines (and, with ``chg``, the CHGNet GP and its
+    average with the CGCNN), score all once on test, write the report and the test
+    predictions. A split sharing a chemical system or a test formula with training is refused
+    (it cannot happen by construction)."""
     data = chemsys_split(ion, rows, split)
     check = leak_check(data)
     if not check["disjoint"]:
@@ -207,6 +236,13 @@ def run_chemsys_split(
     preds = _test_predictions(data, scored.predictions["test"], fitted)
     cgcnn = {s: {k: v for k, v in m.items() if k != "n"} for s, m in scored.metrics.items()}
     report = _report(data, split, settings, trained, cgcnn, fitted, preds, check)
+    if chg is not None:
+        y, best = data.targets("test"), report["best_baseline"]
+        for name, by_split in chgnet_rows(data, store, chg, chgnet_gp or GPConfig(),
+                                          scored.predictions).items():  # fmt: skip
+            report["methods"][name] = _split_metrics(data, by_split)
+            preds[name] = by_split["test"]
+            report[f"{name}_minus_best_baseline"] = paired(y, preds[name], preds[best])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     _write_predictions(predictions_out, data, preds)

@@ -125,5 +125,7 @@ def served_part(variant: str, chgnet: ChgnetFit | None) -> ChgnetPart | None:
 
 
 def variant_report(choice: dict[str, Any]) -> dict[str, Any]:
-    """The CV decision as recorded in the ion's metrics (``variant_selection``)."""
-    return {k: v for k, v in choice.items() if k != "pooling"}
+    """The CV decision as recorded in the ion's metrics (``variant_selection``): the CGCNN
+    head's pooling CV is ``pool_selection`` already; the CHGNet head's stays here."""
+    pooling = {k: v for k, v in (choice.get("pooling") or {}).items() if k != "cgcnn"}
+    return {**{k: v for k, v in choice.items() if k != "pooling"}, "pooling": pooling}

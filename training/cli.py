@@ -7,6 +7,7 @@ naming the problem; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -61,6 +62,9 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    # Idle OpenMP threads sleep instead of spinning, unless the user chose: two spinning torch
+    # processes on a shared CPU slow each other 10-25x. Before torch is imported (just below).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -353,10 +357,11 @@ def chemsys_split(
     best_params: Annotated[
         Path | None, typer.Option(help="tuned parameters (JSON) overriding params.yaml")
     ] = None,
+    chgnet_features: ChgnetFeaturesOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """One CGCNN and the composition baselines on a split grouped by chemical system, scored
-    once on its test part."""
+    """One CGCNN, the composition baselines (and the CHGNet GP and its average with the CGCNN)
+    on a split grouped by chemical system, scored once on its test part."""
     import json
     from dataclasses import replace
 
@@ -364,6 +369,7 @@ def chemsys_split(
     from training.chemsys_split import ion_records, run_chemsys_split
     from training.graphs.store import GraphStore
     from training.train.stage import TrainSettings
+    from training.transfer import TransferSettings
 
     p = _require_ion(load_params(params), ion)
     best = json.loads(best_params.read_text()) if best_params else None
@@ -373,7 +379,8 @@ def chemsys_split(
     report = run_chemsys_split(
         ion, ion_records(records, ion), GraphStore.load(graphs), p.split, settings,
         BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
-        out, predictions,
+        out, predictions, _chgnet(chgnet_features),
+        TransferSettings.model_validate(p.section("transfer")).chgnet.gp,
     )  # fmt: skip
     typer.echo(f"{ion}: {report['n']} crystals in {report['n_chemsys']} chemical systems")
     for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test"]["mae"]):
@@ -616,6 +623,73 @@ def promote(
     typer.echo(f"{info.name} v{info.version} is now champion ({reason})")
 
 
+@app.command()
+@_user_errors
+def release(
+    out: Annotated[Path, typer.Option(help="release folder (replaced whole)")] = Path("release"),
+    models_dir: Annotated[
+        Path, typer.Option(help="the served artifacts, <Ion>.pt")
+    ] = Path("models/ions"),
+    reports: Annotated[
+        Path, typer.Option(help="reports folder: metrics/, cv/, protocol.json, registry.json")
+    ] = Path("reports"),
+    records: RecordsOpt = Path("data/clean/records.jsonl.gz"),
+    splits: SplitsOpt = Path("data/splits.json"),
+    check: Annotated[
+        int, typer.Option(help="test crystals per ion predicted by release and source (0: none)")
+    ] = 16,
+    ions: Annotated[str, typer.Option(help="comma-separated (default: params.yaml)")] = "",
+    max_mb: Annotated[float, typer.Option(help="refuse a bigger release (MB)")] = 25.0,
+    float32_inputs: Annotated[bool | None, typer.Option(
+        "--float32-inputs/--exact-inputs",
+        help="round GP training inputs float32 cannot hold exactly (smaller; checked against "
+             "--tol), or never; default: exact, rounded only if exact exceeds --max-mb")] = None,
+    tol: Annotated[float | None, typer.Option(
+        help="largest difference in V allowed by the check (default 1e-6; 1e-4 with "
+             "--float32-inputs)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:  # fmt: skip
+    """Write the pretrained release (release/<Ion>.pt, manifest.json, MODEL_CARD.md) from the
+    served models and the reports. Run on purpose after a pipeline run; no DVC stage runs it."""
+    from training.release import ReleaseError, ReleaseInputs, ReleaseTooLarge, write_release
+    from training.tracking import MlflowSettings
+
+    p = load_params(params)
+    names = [i.strip() for i in ions.split(",") if i.strip()] or p.ion_names
+    for ion in names:
+        _require_ion(p, ion)
+    if check > 0:
+        for path in (records, splits):
+            if not path.is_file():
+                raise UsageError(f"{path} not found: the check predicts test crystals from it "
+                                 "(run the pipeline, or pass --check 0)")  # fmt: skip
+    prefix = MlflowSettings.model_validate(p.section("mlflow")).model_name_prefix
+    inputs = ReleaseInputs(models_dir, reports, records, splits)
+    def write(rounded: bool) -> dict[str, Any]:
+        limit = tol if tol is not None else (1e-4 if rounded else 1e-6)
+        return write_release(names, out, inputs, prefix, check_n=check, tol=limit,
+                             max_bytes=int(max_mb * 1e6), float32_inputs=rounded)  # fmt: skip
+
+    try:
+        try:
+            manifest = write(bool(float32_inputs))
+        except ReleaseTooLarge as exc:
+            if float32_inputs is not None:
+                raise
+            typer.echo(f"{exc}; writing it again with --float32-inputs", err=True)
+            manifest = write(True)
+    except ReleaseError as exc:
+        raise UsageError(str(exc)) from None
+    for ion, m in manifest["models"].items():
+        c = m["check"]
+        checked = (f"{c['n']} test crystals, max |dV| {c['max_abs_voltage_diff']:.1e} V, "
+                   f"max |dstd| {c['max_abs_std_diff']:.1e} V") if c["n"] else "not checked"
+        typer.echo(f"{ion}: {out / m['file']} {m['bytes'] / 1e6:.1f} MB "
+                   f"(source {m['source']['bytes'] / 1e6:.1f} MB); {checked}")  # fmt: skip
+    typer.echo(f"release: {manifest['total_bytes'] / 1e6:.1f} MB in {out} "
+               f"(manifest.json, MODEL_CARD.md); commit it with git")  # fmt: skip
+
+
 @app.command("drift-reference")
 @_user_errors
 def drift_reference(
@@ -661,6 +735,7 @@ def interpret(
     plots_dir: Annotated[Path, typer.Option(help="folder for the PNGs")],
     metrics: Annotated[Path, typer.Option(help="interpretation JSON out")],
     head: Annotated[Path, typer.Option(help="local-voltage head JSON out (for the service)")],
+    chgnet_features: ChgnetFeaturesOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """What the model learned (paper Fig. 3): embeddings, local voltages, environments, RF."""
@@ -672,7 +747,7 @@ def interpret(
         ion, checkpoint, records, splits, graphs, baselines_metrics,
         InterpretPaths(plots_dir, metrics, head),
         InterpretSettings.model_validate(p.section("interpret")),
-        MlflowSettings.model_validate(p.section("mlflow")),
+        MlflowSettings.model_validate(p.section("mlflow")), _chgnet(chgnet_features),
     )  # fmt: skip
     for name, claim in report["claims"].items():
         typer.echo(f"{ion} {name}: {'held' if claim['held'] else 'NOT held'}")
@@ -694,11 +769,29 @@ def screen(
     resume: Annotated[bool, typer.Option("--resume/--no-resume")] = True,
     workers: Annotated[int, typer.Option(help="processes (parse, graphs, inference)")] = 2,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    rescore_top: Annotated[int, typer.Option(
+        help="tier 2: per CHGNet-serving ion, re-score the K highest tier-1 voltages with the "
+             "champion as served (0: none)")] = 1000,
+    rescore_uncertain: Annotated[int, typer.Option(
+        help="tier 2: ... and the K most uncertain tier-1 figures (0: none)")] = 500,
     params: ParamsOpt = Path("params.yaml"),
-) -> None:
-    """Rank candidate structures by predicted voltage per ion (resumable, shardable)."""
-    from training.screen import champion_models, checkpoint_models, parse_shard, run_screen
+) -> None:  # fmt: skip
+    """Rank candidate structures by predicted voltage per ion (resumable, shardable); champions
+    serving a CHGNet head re-score their top and most uncertain candidates (tier 2)."""
+    from training.screen import (
+        Rescore,
+        champion_models,
+        checkpoint_models,
+        parse_shard,
+        report_lines,
+        run_screen,
+    )
     from training.tracking import MlflowSettings, setup_mlflow
+
+    try:
+        rescore = Rescore(rescore_top, rescore_uncertain)
+    except ValueError as exc:  # checked before any model is loaded
+        raise UsageError(str(exc).replace("rescore_", "--rescore-")) from None
 
     p = load_params(params)
     names = [i.strip() for i in ions.split(",") if i.strip()] or p.ion_names
@@ -720,13 +813,13 @@ def screen(
         res = run_screen(
             inputs, names, models, out, summary, threshold=threshold, batch_size=batch_size,
             shard=parse_shard(shard), resume=resume, workers=workers, progress=progress,
+            rescore=rescore,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     typer.echo(f"{res['n_predicted']} predicted, {res['n_errors']} unusable (see errors CSV)")
-    for ion, s in res["per_ion"].items():
-        share = 100 * (s["share_above"] or 0.0)
-        typer.echo(f"{ion}: {s['n_above']} of {s['n']} above {threshold} V ({share:.1f}%)")
+    for line in report_lines(res, threshold):
+        typer.echo(line)
 
 
 @app.command("screen-merge")
@@ -739,14 +832,14 @@ def screen_merge(
     allow_incomplete: Annotated[bool, typer.Option(help="merge unfinished shards too")] = False,
 ) -> None:
     """Merge the outputs of ``voltage screen --shard i/n`` for i = 0..n-1."""
-    from training.screen import merge_screen
+    from training.screen import merge_screen, report_lines
 
     try:
         res = merge_screen(parts, out, summary, threshold, not allow_incomplete)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    for ion, s in res["per_ion"].items():
-        typer.echo(f"{ion}: {s['n_above']} of {s['n']} above {threshold} V")
+    for line in report_lines(res, threshold):
+        typer.echo(line)
 
 
 def _pool_partners(p: Params, ion: str, records: Path, splits: Path) -> list[IonData]:

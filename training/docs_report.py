@@ -152,6 +152,10 @@ def _chemsys_one(reports: Path, rep: dict[str, Any]) -> str:
              "V.", "",
              "| method | val MAE | test MAE | test RMSE | test R² | CGCNN − this, paired | "
              "host-grouped split, test MAE |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    others = [f"{n} − {best} {d['diff']:+.3f} ± {d['se']:.3f} V" for n in ("chgnet_gp", "average")
+              if (d := rep.get(f"{n}_minus_best_baseline"))]  # fmt: skip
+    if others:
+        lines.insert(1, "Also paired over the test crystals: " + "; ".join(others) + ".")
     for name, m in rep["methods"].items():
         pair = rep["cgcnn_minus_baseline"].get(name)
         diff = "–" if pair is None else f"{pair['diff']:+.3f} ± {pair['se']:.3f}"
@@ -201,6 +205,9 @@ def cv_table(reports: Path, grouping: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+STD_KINDS = {"as_served": "GP std, unscaled", "cross_fitted": "scale fitted on other folds"}
+
+
 def calibration_table(reports: Path) -> str:
     """The served GP's std on the CV predictions: coverage, NLL, CRPS, as served and
     cross-fitted, both groupings."""
@@ -217,7 +224,7 @@ def calibration_table(reports: Path) -> str:
             for kind in ("as_served", "cross_fitted"):
                 u = g["uncertainty"][served][kind]
                 lines.append(
-                    f"| {ion} | {grouping} | {kind.replace('_', ' ')} | {u['coverage_50']:.2f} | "
+                    f"| {ion} | {grouping} | {STD_KINDS[kind]} | {u['coverage_50']:.2f} | "
                     f"{u['coverage_80']:.2f} | {u['coverage_90']:.2f} ({lo:.2f}-{hi:.2f}) | "
                     f"{u['coverage_95']:.2f} | {u['nll']:.2f} | {u['crps']:.3f} | "
                     f"{u['spearman_err_std']:+.2f} | {u['mean_std']:.3f} |"
@@ -278,7 +285,11 @@ def results_doc(reports: Path) -> str:
         + "\n## Leak-free CV, grouped by host (MAE ± SE, V)\n\n" + cv_table(reports, "host")
         + "\n## Leak-free CV, grouped by chemical system (MAE ± SE, V)\n\n"
         + cv_table(reports, "chemsys")
-        + "\n## Uncertainty of the served GP on the CV predictions\n\n"
+        + "\n## Uncertainty of the served model on the CV predictions\n\n"
+        + "The served std is the model's GP std (a mixture's std for the average) times one "
+        "scale per ion, fitted on train+val out-of-fold predictions (`variant_selection."
+        "std_scale`); the rows below score the unscaled std and a scale fitted on the other "
+        "folds (the honest estimate of a scaled std).\n\n"
         + calibration_table(reports)
         + "\n## Pooling decisions (leak-free grouped CV on train+val)\n\n"
         + pooling_table(reports)

@@ -15,6 +15,14 @@ a stride over the sorted list, means a file's shard depends on its own name only
 to the input never moves the others between shards, so every shard's partial file stays valid for
 ``resume``.  ``merge_screen`` checks the shards cover 0..n-1 exactly once and are complete.
 
+Two tiers (``training.screen_tiers``): the fast path below reproduces the CGCNN ensemble only.
+For an ion whose champion is CGCNN-only that is the champion's answer (tier 1, final). For an ion
+whose champion serves a CHGNet head (alone or blended), the fast path gives the CGCNN ensemble
+stored in the same artifact, labelled ``tier1_cgcnn_estimate``; after tier 1 the champion as
+served re-scores that ion's ``rescore_top`` highest and ``rescore_uncertain`` most uncertain
+structures (tier 2, appended to the partial file as ``{"id", "tier2": {ion: ...}}`` lines). Every
+row says which tier produced its figure and keeps the tier-1 figure beside it.
+
 Throughput: pymatgen's CIF parser costs ~10 ms per structure, more than graph building and
 inference together, so CIFs in the plain P1 layout that pymatgen and Materials Project write are
 read by a small exact-path parser (``fast_p1_cif``) that falls back to pymatgen for anything
@@ -43,18 +51,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from training import screen_tiers as tiers
 from training.graphs.converter import CrystalGraph, GraphConverter, validate_structure
 from training.graphs.encoding import MAX_Z, element_data
 from training.graphs.store import collate
 from training.inference import VoltageModel
 from training.model.artifact import ensemble_volts
 from training.model.gp_head import head_mean_var
-from training.structure_io import MIN_DISTANCE, StructureInputError, parse_structure
+from training.structure_io import (
+    MIN_DISTANCE,
+    StructureInputError,
+    check_structure,
+    parse_structure,
+)
 
 log = logging.getLogger(__name__)
 
 PARTIAL_FORMAT = "screen-partial-v1"
-CSV_COLUMNS = ("rank", "id", "formula", "ion", "voltage", "uncertainty", "warnings")
+CSV_COLUMNS = ("rank", "id", "formula", "ion", "voltage", "uncertainty", "tier", "figure",
+               "tier1_voltage", "tier1_uncertainty", "warnings")  # fmt: skip
 ERROR_COLUMNS = ("id", "kind", "message")
 SUFFIX_FORMATS = {".cif": "cif", ".json": "json", ".vasp": "poscar", ".poscar": "poscar"}
 POSCAR_NAMES = ("POSCAR", "CONTCAR")
@@ -296,6 +311,24 @@ def fast_p1_cif(text: str) -> tuple[list[str], np.ndarray, np.ndarray] | None:
     return sites[0], frac - np.floor(frac), Lattice.from_parameters(*cell).matrix
 
 
+def served_structure(text: str, fmt: str, max_sites: int) -> Any:
+    """The ``parse_structure`` result, ~5x cheaper for plain P1 CIFs: ``fast_p1_cif`` in
+    pymatgen's site order (``get_sorted_structure``, as its CIF parser ends), same checks.
+
+    Identical species order, coordinates and lattice to ``parse_structure`` on every CIF of the
+    snapshot (7,583, compared exactly); tier 2 (``screen_tiers``) reads files with it so that
+    its figures stay the service's answers at ~2 ms of parsing instead of ~12 ms."""
+    fast = fast_p1_cif(text) if fmt == "cif" else None
+    if fast is None:
+        return parse_structure(text, fmt, max_sites)
+    from pymatgen.core import Lattice, Structure
+
+    symbols, frac, lattice = fast
+    structure = Structure(Lattice(lattice), symbols, frac).get_sorted_structure()
+    check_structure(structure, max_sites)
+    return structure
+
+
 # =============================================================================== preparation
 @dataclass(frozen=True)
 class Prepared:
@@ -431,6 +464,13 @@ def model_ident(model: VoltageModel) -> str:
             for name, tensor in sorted(state.items()):
                 digest.update(f"{k}.{j}.{name}".encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if loaded.chgnet is not None:  # (absent: the digest of a CGCNN-only model is unchanged)
+        part = loaded.chgnet
+        digest.update(json.dumps([part.weight, part.spec, part.normalizer.to_dict()],
+                                 sort_keys=True).encode())  # fmt: skip
+        for name, tensor in sorted(part.head.state_dict().items()):
+            digest.update(f"chgnet.{name}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -558,7 +598,8 @@ def read_partial(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict], di
     """(header, records by id, last completion line) of a partial file, tolerating a torn tail.
 
     A crash can leave half a line at the end; it is cut off (the file is truncated to its last
-    newline) so appending goes on from a clean line boundary.
+    newline) so appending goes on from a clean line boundary. Tier-2 lines are merged into their
+    id's record under ``"tier2"`` (ion -> figure or error).
     """
     if not path.is_file():
         return None, {}, None
@@ -578,6 +619,9 @@ def read_partial(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict], di
             header = header or obj["_header"]
         elif "_done" in obj:
             done = obj["_done"]
+        elif "tier2" in obj:
+            if obj.get("id") in records:  # (always: tier 2 follows its id's tier-1 line)
+                records[obj["id"]].setdefault("tier2", {}).update(obj["tier2"])
         elif "id" in obj:
             records[obj["id"]] = obj
     return header, records, done
@@ -600,17 +644,23 @@ def _append(fh: io.TextIOBase, objs: Iterable[dict[str, Any]]) -> None:
 
 
 # =============================================================================== outputs
-def _rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def _two_tier(backbones: Mapping[str, str] | None, ion: str) -> bool:
+    """Whether ``ion``'s champion serves a CHGNet head (its tier-1 figure is an estimate)."""
+    return (backbones or {}).get(ion, "cgcnn") != "cgcnn"
+
+
+def ranked_rows(
+    records: Iterable[dict[str, Any]], backbones: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per (id, ion) with its final figure (``screen_tiers.final``: tier 2 where there
+    is one), ranked within the ion by that figure. ``backbones``: ion -> the champion's
+    ``VoltageModel.backbone`` (missing: ``cgcnn``)."""
     rows = []
     for rec in records:
-        for ion, p in rec.get("pred", {}).items():
-            rows.append(
-                {
-                    "id": rec["id"], "formula": rec["formula"], "ion": ion,
-                    "voltage": p["voltage"], "uncertainty": p["uncertainty"],
-                    "warnings": ";".join(p["warnings"]),
-                }
-            )  # fmt: skip
+        for ion in rec.get("pred", {}):
+            fig = tiers.final(rec, ion, _two_tier(backbones, ion))
+            rows.append({"id": rec["id"], "formula": rec["formula"], "ion": ion,
+                         **fig, "warnings": ";".join(fig["warnings"])})  # fmt: skip
     rows.sort(key=lambda r: (-r["voltage"], r["ion"], r["id"]))
     ranks: Counter[str] = Counter()
     for row in rows:
@@ -619,24 +669,42 @@ def _rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(
-    records: Mapping[str, dict[str, Any]], ions: Sequence[str], threshold: float
+def _ion_summary(
+    records: Mapping[str, dict[str, Any]], ion: str, threshold: float, two_tier: bool
 ) -> dict[str, Any]:
-    """Count and share of structures above ``threshold`` per ion, plus error counts."""
+    """One ion's counts on the final figures, and how many of them each tier produced."""
+    figs = [tiers.final(r, ion, two_tier) for r in records.values() if "pred" in r]
+    v = np.array([f["voltage"] for f in figs])
+    above = v > threshold
+    ood = sum(1 for r in records.values() if "pred" in r and r["pred"][ion]["warnings"])
+    n_above = int(above.sum())
+    return {
+        "n": int(v.size), "n_above": n_above,
+        "share_above": n_above / v.size if v.size else None,
+        "mean": float(v.mean()) if v.size else None,
+        "median": float(np.median(v)) if v.size else None,
+        "max": float(v.max()) if v.size else None,
+        "n_out_of_domain": ood,
+        "two_tier": two_tier,
+        "n_tier2": sum(f["tier"] == 2 for f in figs),
+        "n_tier2_failed": sum(any(w.startswith("tier2_failed") for w in f["warnings"])
+                              for f in figs),
+        "n_above_tier1_estimate": int(sum(a and f["figure"] == tiers.ESTIMATE
+                                          for a, f in zip(above, figs, strict=True))),
+    }  # fmt: skip
+
+
+def summarize(
+    records: Mapping[str, dict[str, Any]], ions: Sequence[str], threshold: float,
+    backbones: Mapping[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Count and share of structures above ``threshold`` per ion (final figures), plus errors."""
     errors = Counter(r["error"]["kind"] for r in records.values() if "error" in r)
-    per_ion = {}
-    for ion in ions:
-        v = np.array([r["pred"][ion]["voltage"] for r in records.values() if "pred" in r])
-        ood = sum(1 for r in records.values() if "pred" in r and r["pred"][ion]["warnings"])
-        n_above = int((v > threshold).sum())
-        per_ion[ion] = {
-            "n": int(v.size), "n_above": n_above,
-            "share_above": n_above / v.size if v.size else None,
-            "mean": float(v.mean()) if v.size else None,
-            "median": float(np.median(v)) if v.size else None,
-            "max": float(v.max()) if v.size else None,
-            "n_out_of_domain": ood,
-        }  # fmt: skip
+    per_ion = {
+        ion: {"backbone": (backbones or {}).get(ion, "cgcnn"),
+              **_ion_summary(records, ion, threshold, _two_tier(backbones, ion))}
+        for ion in ions
+    }  # fmt: skip
     return {
         "threshold": threshold,
         "n_inputs": len(records),
@@ -654,16 +722,18 @@ def write_outputs(
     summary_json: Path,
     threshold: float,
     extra: Mapping[str, Any] | None = None,
+    backbones: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Ranked CSV, errors CSV and summary JSON from the records (rewritten whole, atomically)."""
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    rows = _rows(records.values())
-    _write_csv(out_csv, CSV_COLUMNS, rows, {"voltage": "{:.4f}", "uncertainty": "{:.4f}"})
+    rows = ranked_rows(records.values(), backbones)
+    volts = ("voltage", "uncertainty", "tier1_voltage", "tier1_uncertainty")
+    _write_csv(out_csv, CSV_COLUMNS, rows, dict.fromkeys(volts, "{:.4f}"))
     errs = [
         {"id": r["id"], **r["error"]} for _, r in sorted(records.items()) if "error" in r
     ]  # fmt: skip
     _write_csv(errors_path(out_csv), ERROR_COLUMNS, errs, {})
-    summary = {**summarize(records, ions, threshold), **dict(extra or {})}
+    summary = {**summarize(records, ions, threshold, backbones), **dict(extra or {})}
     summary_json.parent.mkdir(parents=True, exist_ok=True)
     tmp = summary_json.with_name(summary_json.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -712,6 +782,80 @@ def _record_stream(
         yield from pool.imap(screen_chunk, chunks)
 
 
+def _rate(n: int, seconds: float) -> dict[str, Any]:
+    """A tier's structures, seconds and structures per second (wall clock)."""
+    per_s = round(n / seconds, 2) if seconds > 0 and n else None
+    return {"structures": n, "seconds": round(seconds, 3), "structures_per_second": per_s}
+
+
+def _tier1(
+    fh: io.TextIOBase, records: dict[str, dict], stream: Iterator[list[dict[str, Any]]],
+    total: int, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the fast path over ``stream`` into the partial file and ``records``."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="struct", disable=not progress, desc="tier 1") as bar:
+        for recs in stream:
+            _append(fh, recs)
+            records.update((r["id"], r) for r in recs)
+            bar.update(len(recs))
+    return _rate(total, time.perf_counter() - t0)
+
+
+def _tier2_jobs(
+    inputs: Path, todo: Mapping[str, tuple[str, ...]], formats: Mapping[str, str]
+) -> Iterator[list[tiers.Job]]:
+    """Tier-2 jobs in storage order, cut by ``tiers.chunk_sizes``."""
+    sizes = iter(tiers.chunk_sizes(len(todo)))
+    size, chunk = next(sizes, 0), []
+    for key, data in iter_contents(inputs, todo):
+        chunk.append(tiers.Job(key, formats[key], data, todo[key]))
+        if len(chunk) == size:
+            yield chunk
+            size, chunk = next(sizes, 0), []
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class Rescore:
+    """Tier-2 settings: per ion, re-score the ``top`` highest and ``uncertain`` most uncertain
+    tier-1 figures with the champion as served (0 and 0: no tier 2)."""
+
+    top: int = 1000
+    uncertain: int = 500
+
+    def __post_init__(self) -> None:
+        tiers.check_counts(self.top, self.uncertain)
+
+
+def _tier2(
+    fh: io.TextIOBase, records: dict[str, dict], kept: Mapping[str, dict], inputs: Path,
+    formats: Mapping[str, str], models: Mapping[str, VoltageModel], ions: Sequence[str],
+    rescore: Rescore, max_sites: int, workers: int, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Re-score the selection of every CHGNet-serving ion (ids already done are skipped)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    two_tier = [i for i in ions if tiers.needs_tier2(models[i])]
+    todo = tiers.plan(kept, two_tier, rescore.top, rescore.uncertain)
+    if todo:
+        rescorer = tiers.Rescorer({i: models[i] for i in two_tier}, max_sites, served_structure)
+        jobs = _tier2_jobs(inputs, todo, formats)
+        with tqdm(total=len(todo), unit="struct", disable=not progress, desc="tier 2") as bar:
+            for lines in tiers.stream(jobs, rescorer, workers):
+                _append(fh, lines)
+                for line in lines:
+                    records[line["id"]].setdefault("tier2", {}).update(line["tier2"])
+                bar.update(len(lines))
+    return {"ions": two_tier, "rescore_top": rescore.top, "rescore_uncertain": rescore.uncertain,
+            "pairs": sum(len(v) for v in todo.values()),
+            **_rate(len(todo), time.perf_counter() - t0)}  # fmt: skip
+
+
 def run_screen(
     inputs: Path,
     ions: Sequence[str],
@@ -726,18 +870,19 @@ def run_screen(
     max_sites: int = 500,
     limit: int | None = None,
     progress: bool = True,
+    rescore: Rescore | None = None,
 ) -> dict[str, Any]:
     """Screen ``inputs`` with one model per ion; returns the summary (see module docstring).
 
     ``workers`` > 1 runs parsing, graphs and inference in that many processes (one torch thread
-    each). ``batch_size`` is both the inference batch and the unit of work and of progress; 64 is
-    measured fastest on CPU (the (edges, 128) conv tensors of 64 crystals stay cache-sized; 256
-    ran ~1.5x slower per structure). ``limit`` keeps the first N ids of the shard (previews,
-    benchmarks). With ``resume`` the ids already in ``<out>.partial.jsonl`` are skipped; without
-    it that file starts afresh.
+    each), in both tiers. ``batch_size`` is both the tier-1 inference batch and the unit of work
+    and of progress; 64 is measured fastest on CPU (the (edges, 128) conv tensors of 64 crystals
+    stay cache-sized; 256 ran ~1.5x slower per structure). ``limit`` keeps the first N ids of
+    the shard (previews, benchmarks). With ``resume`` the ids already in
+    ``<out>.partial.jsonl`` are skipped (tier-2 figures too); without it that file starts
+    afresh. ``rescore`` (default ``Rescore()``) sets tier 2 (``training.screen_tiers``).
     """
-    from tqdm import tqdm
-
+    rescore = rescore or Rescore()
     missing = [i for i in ions if i not in models]
     if not ions or missing:
         raise ValueError(f"need a model for every ion; missing: {missing or 'no ions given'}")
@@ -751,6 +896,7 @@ def run_screen(
         "format": PARTIAL_FORMAT, "ions": list(ions),
         "models": {i: model_ident(models[i]) for i in ions},
         "shard": list(shard) if shard else None, "inputs": str(inputs),
+        "backbones": {i: models[i].backbone for i in ions},
     }  # fmt: skip
     part = partial_path(out_csv)
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -758,25 +904,25 @@ def run_screen(
     _check_header(found, header, part)
     todo = [k for k in selected if k not in records]
     chunks = _chunks(inputs, todo, formats, batch_size)
-    with part.open("a" if found else "w") as fh, tqdm(
-        total=len(todo), unit="struct", disable=not progress, desc="screen"
-    ) as bar:  # fmt: skip
+    with part.open("a" if found else "w") as fh:
         if not found:
             _append(fh, [{"_header": header}])
-        for recs in _record_stream(chunks, predictor, max_sites, workers):
-            _append(fh, recs)
-            records.update((r["id"], r) for r in recs)
-            bar.update(len(recs))
+        stream = _record_stream(chunks, predictor, max_sites, workers)
+        tier1 = _tier1(fh, records, stream, len(todo), progress)
+        kept = {k: records[k] for k in selected if k in records}
+        tier2 = _tier2(fh, records, kept, inputs, formats, models, ions, rescore, max_sites,
+                       workers, progress)  # fmt: skip
         seconds = time.perf_counter() - t0
-        done = {"n_selected": len(selected), "n_new": len(todo), "seconds": round(seconds, 3)}
+        done = {"n_selected": len(selected), "n_new": len(todo), "seconds": round(seconds, 3),
+                "tier1": tier1, "tier2": tier2}  # fmt: skip
         _append(fh, [{"_done": done}])
-    kept = {k: records[k] for k in selected if k in records}
     extra = {
         "shard": header["shard"], "ions": list(ions), "models": header["models"],
         "seconds": round(seconds, 3), "n_new": len(todo), "workers": workers,
         "structures_per_second": round(len(todo) / seconds, 1) if seconds > 0 else None,
+        "tiers": {"tier1": tier1, "tier2": tier2},
     }  # fmt: skip
-    return write_outputs(kept, ions, out_csv, summary_json, threshold, extra)
+    return write_outputs(kept, ions, out_csv, summary_json, threshold, extra, header["backbones"])
 
 
 # =============================================================================== merge
@@ -791,24 +937,26 @@ def merge_screen(
 
     Refuses shards of different screens (ions, models), a set of shards that is not exactly
     0..n-1, ids present in two shards, and (unless ``require_complete=False``) shards that did
-    not finish: a silently missing shard would understate every count in the summary.
+    not finish, tier 2 included: a silently missing shard would understate every count in the
+    summary. Each shard re-scored its own top-k, whose union contains the global top-k.
     """
     if not parts:
         raise ValueError("nothing to merge")
-    headers, merged = [], {}
+    headers, dones, merged = [], [], {}
     for p in parts:
         path = p if p.name.endswith(".partial.jsonl") else partial_path(p)
         header, records, done = read_partial(path)
         if header is None:
             raise ValueError(f"{path}: not a screening partial file (no header)")
-        if require_complete and (done is None or len(records) < done["n_selected"]):
-            raise ValueError(f"{path}: shard {header['shard']} is incomplete; rerun it (resume)")
+        if require_complete:
+            _check_complete(path, header, records, done)
         overlap = merged.keys() & records.keys()
         if overlap:
             raise ValueError(
                 f"{path}: {len(overlap)} ids also in another part, e.g. {min(overlap)}"
             )
         headers.append(header)
+        dones.append(done or {})
         merged.update(records)
     _check_shards(headers)
     ions = headers[0]["ions"]
@@ -817,8 +965,35 @@ def merge_screen(
         "merged_shards": len(parts),
         "ions": ions,
         "models": headers[0]["models"],
+        "tiers": _merged_tiers(dones),
     }
-    return write_outputs(merged, ions, out_csv, summary_json, threshold, extra)
+    backbones = headers[0].get("backbones")  # (absent in partial files from before tier 2)
+    return write_outputs(merged, ions, out_csv, summary_json, threshold, extra, backbones)
+
+
+def _check_complete(path: Path, header: dict, records: dict, done: dict | None) -> None:
+    """A shard is complete when every selected id has a record and, for the re-scoring its
+    completion line states, every selected (id, ion) pair has a tier-2 line."""
+    if done is None or len(records) < done["n_selected"]:
+        raise ValueError(f"{path}: shard {header['shard']} is incomplete; rerun it (resume)")
+    t2 = done.get("tier2")
+    if t2 and tiers.missing(records, t2["ions"], t2["rescore_top"], t2["rescore_uncertain"]):
+        raise ValueError(f"{path}: shard {header['shard']} has not finished tier 2; rerun it "
+                         "(resume)")  # fmt: skip
+
+
+def _merged_tiers(dones: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Both tiers' structures and seconds summed over the shards (the rate is per shard
+    process, i.e. per node, not of the whole array)."""
+    out: dict[str, Any] = {}
+    for tier in ("tier1", "tier2"):
+        found = [d[tier] for d in dones if d.get(tier)]
+        n = sum(t["structures"] for t in found)
+        out[tier] = _rate(n, sum(t["seconds"] for t in found))
+    settings = next((d["tier2"] for d in dones if d.get("tier2")), {})
+    out["tier2"].update({k: settings[k] for k in ("ions", "rescore_top", "rescore_uncertain")
+                         if k in settings})  # fmt: skip
+    return out
 
 
 def _check_shards(headers: Sequence[dict[str, Any]]) -> None:
@@ -842,3 +1017,26 @@ def _check_shards(headers: Sequence[dict[str, Any]]) -> None:
         raise ValueError(
             f"shards must be 0..{n - 1} once each: missing {missing}, repeated {dupes}"
         )
+
+
+# =============================================================================== report
+def report_lines(summary: Mapping[str, Any], threshold: float) -> list[str]:
+    """What ``voltage screen`` / ``screen-merge`` print: per ion counts (saying which figures are
+    tier-1 estimates) and both tiers' throughputs."""
+    lines = []
+    for ion, s in summary["per_ion"].items():
+        share = 100 * (s["share_above"] or 0.0)
+        line = f"{ion}: {s['n_above']} of {s['n']} above {threshold} V ({share:.1f}%)"
+        if s.get("two_tier"):
+            est = s["n_above_tier1_estimate"]
+            line += (f" [champion serves {s['backbone']}: {s['n_tier2']} re-scored by it, "
+                     f"{est} above are tier-1 CGCNN estimates]")  # fmt: skip
+        lines.append(line)
+    for name, what in (("tier1", "CGCNN fast path"), ("tier2", "champions as served")):
+        t = (summary.get("tiers") or {}).get(name) or {}
+        rate = t.get("structures_per_second")
+        shown = f"{rate} structures/s" if rate else "n/a"
+        ions = f": {', '.join(t['ions'])}" if t.get("ions") else ""
+        lines.append(f"{name.replace('tier', 'tier ')} ({what}{ions}): {t.get('structures', 0)} "
+                     f"structures in {t.get('seconds', 0)} s, {shown}")  # fmt: skip
+    return lines

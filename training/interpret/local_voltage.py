@@ -74,7 +74,44 @@ def backbone_fingerprint(loaded: LoadedModel) -> str:
     return digest.hexdigest()[:16]
 
 
-# =============================================================================== the head
+# =============================================================================== the heads
+#: Columns of the CHGNet feature vector holding the mean of the atom features over sites
+#: (``chgnet_backbone.RECIPE``: crystal feature, then atom mean, std, max, energy).
+CHGNET_MEAN_COLUMNS = slice(64, 128)
+
+
+@dataclass(frozen=True)
+class ChgnetLocalHead:
+    """``V_i = a_i . w + b`` on CHGNet's atom features ``a_i`` (frozen CHGNet ``spec``): the
+    local voltages of a model that serves a CHGNet head. Fitted like the CGCNN head, on the
+    per-crystal mean atom features, so the mean over sites is the head's crystal prediction."""
+
+    weights: tuple[float, ...]
+    bias: float
+    spec: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def local(self, atom_features: np.ndarray) -> np.ndarray:
+        return np.asarray(atom_features, dtype=np.float64) @ np.asarray(self.weights) + self.bias
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": [float(w) for w in self.weights], "bias": float(self.bias),
+                "spec": dict(self.spec), "info": json.loads(json.dumps(self.info))}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChgnetLocalHead:
+        return cls(tuple(float(w) for w in data["weights"]), float(data["bias"]),
+                   dict(data["spec"]), dict(data.get("info") or {}))  # fmt: skip
+
+    def check_matches(self, loaded: LoadedModel) -> None:
+        """Raise ValueError unless the served CHGNet is the one this head was fitted on."""
+        if loaded.chgnet is None:
+            raise ValueError("the model serves no CHGNet head")
+        if dict(loaded.chgnet.spec) != self.spec:
+            raise ValueError(f"CHGNet local head fitted on {self.spec}, the model serves "
+                             f"{loaded.chgnet.spec}: refit it")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class LocalVoltageHead:
     """One linear map per backbone from an atom vector to a local voltage (volts).
@@ -87,6 +124,7 @@ class LocalVoltageHead:
     biases: tuple[float, ...]
     backbone_fingerprint: str
     info: dict[str, Any] = field(default_factory=dict)
+    chgnet: ChgnetLocalHead | None = None  # for a model that serves a CHGNet head
 
     def __post_init__(self) -> None:
         if not self.weights or len(self.weights) != len(self.biases):
@@ -137,6 +175,7 @@ class LocalVoltageHead:
             "biases": [float(b) for b in self.biases],
             "backbone_fingerprint": self.backbone_fingerprint,
             "info": json.loads(json.dumps(self.info)),
+            **({} if self.chgnet is None else {"chgnet": self.chgnet.to_dict()}),
         }
 
     @classmethod
@@ -151,6 +190,7 @@ class LocalVoltageHead:
             biases=tuple(float(b) for b in data["biases"]),
             backbone_fingerprint=str(data["backbone_fingerprint"]),
             info=dict(data.get("info") or {}),
+            chgnet=_chgnet_head(data.get("chgnet")),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -173,7 +213,13 @@ class LocalVoltageHead:
         return None if data is None else cls.from_dict(data)
 
     def check_matches(self, loaded: LoadedModel) -> None:
-        """Raise ValueError unless this head was fitted on ``loaded``'s backbones."""
+        """Raise ValueError unless this head was fitted on ``loaded``'s backbones (and, for a
+        model serving a CHGNet head, on its CHGNet)."""
+        if loaded.needs_chgnet:
+            if self.chgnet is None:
+                raise ValueError("the model serves a CHGNet head; this local-voltage head has "
+                                 "no CHGNet part: refit it")  # fmt: skip
+            self.chgnet.check_matches(loaded)
         n = len(loaded.backbones())
         if n != self.n_members:
             raise ValueError(f"head has {self.n_members} backbone(s), the model has {n}")
@@ -183,6 +229,10 @@ class LocalVoltageHead:
                 "local-voltage head was fitted on other backbones "
                 f"(head {self.backbone_fingerprint}, model {found}): refit it for this model"
             )
+
+
+def _chgnet_head(data: Mapping[str, Any] | None) -> ChgnetLocalHead | None:
+    return None if data is None else ChgnetLocalHead.from_dict(data)
 
 
 # =============================================================================== fitting
@@ -259,10 +309,26 @@ def explain(
 
 
 def explain_graph(
-    voltage_model: VoltageModel, structure: Structure, graph: CrystalGraph, head: LocalVoltageHead
+    voltage_model: VoltageModel, structure: Structure, graph: Any, head: LocalVoltageHead
 ) -> list[dict[str, Any]]:
-    """``explain`` for a structure whose graph is already built (the service has it)."""
-    (local,) = local_voltages_for_graphs(voltage_model, [graph], head)
+    """``explain`` for a structure whose input is already prepared (the service has it): the
+    CGCNN head's local voltages, the CHGNet head's, or their mix with the served CHGNet share
+    (the model's prediction is that mixture, so the local voltages follow it)."""
+    from training.inference import ModelInput
+
+    loaded = voltage_model.loaded
+    weight = 0.0 if loaded.chgnet is None else loaded.chgnet.weight
+    local = 0.0
+    cgcnn = graph.graph if isinstance(graph, ModelInput) else graph
+    if weight < 1.0:
+        local = (1 - weight) * local_voltages_for_graphs(voltage_model, [cgcnn], head)[0]
+    if weight > 0.0:
+        if head.chgnet is None or not isinstance(graph, ModelInput):
+            raise ValueError("CHGNet local voltages need the CHGNet head and CHGNet's graph")
+        from training.model.chgnet_backbone import graph_outputs
+
+        atoms = graph_outputs([graph.chgnet_graph])[0]["atom_fea"]
+        local = local + weight * head.chgnet.local(atoms)
     return [
         {"site": i, "element": site.specie.symbol, "local_voltage": float(v)}
         for i, (site, v) in enumerate(zip(structure, local, strict=True))

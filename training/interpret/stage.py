@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.chgnet_stage import ChgnetFeatures
 from training.datasets import IonData, load_ion_data
 from training.graphs.converter import CrystalGraph
 from training.graphs.store import GraphStore
@@ -33,8 +34,11 @@ from training.interpret.environments import (
     project_environments,
 )
 from training.interpret.local_voltage import (
+    CHGNET_MEAN_COLUMNS,
+    ChgnetLocalHead,
     LocalVoltageHead,
     backbone_fingerprint,
+    fit_linear,
     fit_local_head,
     mlflow_artifact_paths,
 )
@@ -148,6 +152,27 @@ def fit_head(
     return head, metrics
 
 
+def fit_chgnet_local_head(
+    data: IonData, chg: ChgnetFeatures, spec: dict[str, str], settings: InterpretSettings
+) -> tuple[ChgnetLocalHead, dict[str, Any]]:
+    """The CHGNet local-voltage head: least squares of the DFT voltage on the per-crystal mean
+    of CHGNet's atom features, training split only; scored on every split."""
+    def rows(split: str) -> tuple[np.ndarray, np.ndarray]:
+        hosts = data.host_ids(split)
+        ok = chg.valid(hosts)
+        x = chg.rows([h for h, k in zip(hosts, ok, strict=True) if k])[:, CHGNET_MEAN_COLUMNS]
+        return x, data.targets(split)[ok]
+
+    x, y = rows("train")
+    w, b = fit_linear(x, y, settings.ridge)
+    metrics: dict[str, Any] = {"target": "dft", "ridge": settings.ridge}
+    for split in ("train", "val", "test"):
+        xs, ys = rows(split)
+        metrics[split] = {"linear_head_vs_dft": _errors(xs @ w + b, ys)}
+    info = {"ion": data.ion, "fitted_on": "train", "n_train": len(y), "metrics": metrics}
+    return ChgnetLocalHead(tuple(float(v) for v in w), b, dict(spec), info), metrics
+
+
 def local_environment_analysis(
     act: Activations, graphs: list[CrystalGraph], head: LocalVoltageHead, s: InterpretSettings
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -258,8 +283,10 @@ def run_interpret(
     paths: InterpretPaths,
     settings: InterpretSettings,
     mlflow_settings: MlflowSettings | None = None,
+    chg: ChgnetFeatures | None = None,
 ) -> dict[str, Any]:
-    """Compute every analysis, write PNGs + JSON + head sidecar, log to MLflow; returns the JSON."""
+    """Compute every analysis, write PNGs + JSON + head sidecar, log to MLflow; returns the JSON.
+    A model that serves a CHGNet head also gets a CHGNet local-voltage head (needs ``chg``)."""
     t0 = time.perf_counter()
     model = VoltageModel.from_checkpoint(checkpoint)
     data = load_ion_data(records, splits, ion)
@@ -270,6 +297,13 @@ def run_interpret(
     )
     fingerprint = backbone_fingerprint(model.loaded)
     head, head_metrics = fit_head(data, act, fingerprint, settings)
+    chgnet_metrics = None
+    if model.loaded.chgnet is not None:
+        if chg is None:
+            raise ValueError(f"{ion}: the model serves a CHGNet head; pass the CHGNet features")
+        chgnet_head, chgnet_metrics = fit_chgnet_local_head(data, chg, model.loaded.chgnet.spec,
+                                                            settings)  # fmt: skip
+        head = replace(head, chgnet=chgnet_head)
     o_summary, proj = local_environment_analysis(act, crystal_graphs, head, settings)
     zs = sorted({int(z) for z in act.atomic_numbers})
     members = [m for m, _ in model.loaded.backbones()]
@@ -285,7 +319,8 @@ def run_interpret(
         "element_embedding_other_backbones": [
             embedding_analysis(m, model.encoding, zs)["spearman"] for m in members[1:]
         ],
-        "local_voltage": {"head": head_metrics, "o_coordinated": o_summary},
+        "local_voltage": {"head": head_metrics, "o_coordinated": o_summary,
+                          "chgnet_head": chgnet_metrics},
         "environments": proj["metrics"],
         "rf_importance": rf_importances(baselines_metrics),
     }  # fmt: skip
