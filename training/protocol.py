@@ -35,6 +35,8 @@ def served_cv_columns(ion_report: Mapping[str, Any]) -> tuple[str, str, bool]:
     pooling = ((ion_report.get("variant_selection") or {}).get("pooling") or {}).get("chgnet")
     return VARIANT_CV_COLUMN.get(variant, cgcnn), cgcnn, bool((pooling or {}).get("pool"))
 ALPHA = 0.05
+#: How the source ion's served variant is named in the protocol's table.
+SOURCE_SERVED = {"average": "average of the cgcnn ensemble and chgnet_gp", "chgnet": "chgnet_gp"}
 
 
 def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
@@ -109,7 +111,8 @@ def primary_table(
         row["test"] = split_comparison(predictions_dir / f"ion_{ion}.csv",
                                       predictions_dir / f"baselines_{ion}.csv", baseline)
         if ion == source_ion:
-            row["served"] = "cgcnn ensemble (MLP + GP heads on pooled vector and composition)"
+            row["served"] = SOURCE_SERVED.get(ion_report.get("served_variant", ""),
+                                              "cgcnn ensemble (MLP + GP heads)")  # fmt: skip
         else:
             served = served_cv_columns(ion_report)[0]
             row["served"] = served
