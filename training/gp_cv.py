@@ -197,18 +197,8 @@ def choose_pooling(
         err["alone"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp)[0] - y[te])
         pred = gp_fold(feats, desc, y, tr, te, gp, pool, held_out)[0]
         err["pooled"][te] = np.abs(pred - y[te])
-    diff = (err["pooled"] - err["alone"])[scored]
-    n = int(scored.sum())
-    report = {
-        "folds": len(splits), "n": len(y), "n_scored": n,
-        "scored": "crystals on hosts the source backbones never trained on",
-        "partners": [p.ion for p in partners],
-        "alone_mae": float(err["alone"][scored].mean()),
-        "pooled_mae": float(err["pooled"][scored].mean()),
-        "pooled_minus_alone": float(diff.mean()),
-        "pooled_minus_alone_se": float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
-        "pool": bool(diff.mean() < 0),
-    }  # fmt: skip
+    report = _pool_report(err, scored, len(splits), partners)
+    n = report["n_scored"]
     log.info("%s pooling CV (train+val, %d folds, %d of %d scored): alone %.3f V, pooled %.3f V "
              "-> %s", data.ion, len(splits), n, len(y), report["alone_mae"],
              report["pooled_mae"], "pool" if report["pool"] else "own crystals")  # fmt: skip
