@@ -30,7 +30,3 @@ fi
 if ! bash monitoring/setup_prometheus.sh; then
   echo "setup: prometheus/promtool not installed; the monitoring tests that need them will skip" >&2
 fi
-
-# The pretrained release's weights are DVC-tracked (release/*.pt.dvc): fetch them when the remote
-# is reachable; without them the service serves registry champions only.
-.venv/bin/dvc pull -q release/*.pt.dvc 2>/dev/null || echo "setup: release weights not pulled (no DVC remote); run dvc repro + voltage release" >&2
