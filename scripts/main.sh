@@ -30,7 +30,7 @@ until curl -sf "http://127.0.0.1:$port/readyz" > /dev/null; do
   fi
   sleep 1
 done
-echo "main: serving on http://127.0.0.1:$port (gRPC 127.0.0.1:${VOLTAGE_GRPC_PORT:-50051}) $(( $(date +%s) - t0 )) s after start; models: curl 127.0.0.1:$port/models" >&2
+echo "main: serving on http://127.0.0.1:$port/ (web page; API reference /docs; gRPC 127.0.0.1:${VOLTAGE_GRPC_PORT:-50051}) $(( $(date +%s) - t0 )) s after start; models: curl 127.0.0.1:$port/models" >&2
 
 # 2. Retrain everything that changed, while serving. Stage start times are in work/logs/repro.log.
 t1=$(date +%s)

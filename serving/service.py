@@ -19,6 +19,8 @@ that exists in the local BentoML store when this module is imported becomes an a
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -382,7 +384,71 @@ async def _docs(request: Request) -> Response:
     return FileResponse(Path(bentoml_server.__file__).parent / "main-openapi.html")
 
 
-VoltageService.add_asgi_middleware(RequestGuard, runtime_of=_runtime)
-VoltageService.mount_asgi_app(
-    Starlette(routes=[Route("/models", _get_models), Route("/docs", _docs)]), path="/"
+# ------------------------------------------------------------------------------ web page
+#: The page for researchers (docs/serving.md, "Web page"): plain files that call the public API.
+WEB_DIR = Path(__file__).resolve().parent / "web"
+#: The only files served under /web/ (name -> content type): nothing else of serving/ leaks out.
+WEB_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+#: The page may load and call only this origin: the browser itself enforces "no CDN, offline".
+WEB_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self' blob:; font-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
 )
+
+
+def _not_found(message: str) -> Response:
+    """The API's error shape for a page file that is not served."""
+    body = json.dumps({"error": message, "kind": "not_found"}).encode()
+    return Response(body, status_code=404, media_type="application/json")
+
+
+def _web_response(request: Request, name: str) -> Response:
+    """One page file, revalidated on every load (``no-cache`` + ETag -> 304): the files are not
+    fingerprinted, so a redeployed page must never be mixed with a stale cached script."""
+    try:
+        body = (WEB_DIR / name).read_bytes()
+    except OSError:
+        return _not_found(f"page file {name!r} is missing from this deployment")
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    headers = {
+        "Cache-Control": "no-cache",
+        "ETag": etag,
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": WEB_CSP,
+        "Referrer-Policy": "no-referrer",
+    }
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type=WEB_FILES[name], headers=headers)
+
+
+async def _page(request: Request) -> Response:
+    """``GET /``: the web page (BentoML's own index page stays reachable as ``/docs``)."""
+    return _web_response(request, "index.html")
+
+
+async def _web_file(request: Request) -> Response:
+    """``GET /web/<name>`` for the allow-listed page files only."""
+    name = request.path_params["name"]
+    if name not in WEB_FILES:
+        return _not_found(f"no page file {name!r}")
+    return _web_response(request, name)
+
+
+#: Routes served beside the API (mounted below, in front of BentoML's own index page).
+EXTRAS = Starlette(
+    routes=[
+        Route("/", _page),
+        Route("/web/{name}", _web_file),
+        Route("/models", _get_models),
+        Route("/docs", _docs),
+    ]
+)
+
+VoltageService.add_asgi_middleware(RequestGuard, runtime_of=_runtime)
+VoltageService.mount_asgi_app(EXTRAS, path="/")

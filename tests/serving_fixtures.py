@@ -394,6 +394,22 @@ def write_records(path: Path, rows: Sequence[tuple[str, str, Structure, float]])
     return path
 
 
+def write_local_head(checkpoint: Path, path: Path, seed: int = 0, scale: float = 0.3) -> Path:
+    """A local-voltage sidecar (``<Ion>.json``) for a checkpoint built here: seeded random linear
+    maps on its real backbones' atom vectors (bias 3 V), so ``"explain": true`` answers with
+    per-site voltages that differ between sites (the fit itself: tests/test_explain.py)."""
+    from training.inference import VoltageModel
+    from training.interpret.local_voltage import LocalVoltageHead, backbone_fingerprint
+
+    loaded = VoltageModel.from_checkpoint(checkpoint).loaded
+    n, dim = len(loaded.backbones()), loaded.model.config.atom_fea_len
+    rng = np.random.default_rng(seed)
+    weights = tuple(tuple(float(w) for w in rng.normal(scale=scale, size=dim)) for _ in range(n))
+    head = LocalVoltageHead(weights, (3.0,) * n, backbone_fingerprint(loaded))
+    head.save(path)
+    return path
+
+
 def corrupt_version(ion: str, version: int) -> Path:
     """Overwrite a registered version's checkpoint artifact with garbage (call inside
     ``MlflowStore.active``): the version stays registered but can no longer be loaded."""
