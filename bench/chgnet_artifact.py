@@ -34,8 +34,8 @@ def build(checkpoint: Path, ion: str, weight: float, out: Path) -> Path:
     from training.chgnet_stage import load
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.model.artifact import ChgnetPart, load_checkpoint, save_checkpoint
-    from training.model.gp_head import GPConfig
+    from voltage_model.artifact import ChgnetPart, load_checkpoint, save_checkpoint
+    from voltage_model.models.gp_head import GPConfig
 
     missing = [str(p) for p in DATA.values() if not p.is_file()]
     if missing:

@@ -112,7 +112,7 @@ def predictor_for(path: Path, ion: str) -> Any:
     from serving.metrics import ServiceMetrics
     from serving.models import ServedModel
     from serving.predictor import Predictor
-    from training.inference import VoltageModel
+    from voltage_model.predict import VoltageModel
 
     config = ServingConfig(ions=(ion,), drift_reference=None, records_path=None,
                            local_voltage_dir=None)  # fmt: skip
@@ -175,7 +175,7 @@ def steps(pred: Any, ion: str, text: str, reps: int) -> dict[str, float]:
     import torch
 
     from serving.inputs import to_structure
-    from training.graphs.store import collate
+    from voltage_model.graphs.batch import collate
 
     vm = pred.model_for(ion).model
     loaded = vm.loaded
@@ -187,7 +187,7 @@ def steps(pred: Any, ion: str, text: str, reps: int) -> dict[str, float]:
         with torch.inference_mode():
             out["cgcnn_ensemble"] = _median_ms(lambda: loaded.predict_with_std(batch), reps)
     if loaded.needs_chgnet:
-        from training.model.chgnet_backbone import graph_features, to_graph
+        from voltage_model.models.chgnet_backbone import graph_features, to_graph
 
         out["chgnet_graph"] = _median_ms(lambda: to_graph(s), reps)
         g = to_graph(s)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from training.numerics import flush_subnormals
+    from voltage_model.numerics import flush_subnormals
 
     flush_subnormals()  # as the service does, before torch's first op
     torch.set_num_threads(args.threads)

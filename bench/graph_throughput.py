@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python bench/graph_throughput.py` without installing
     sys.path.insert(0, str(ROOT))
 
-from training.graphs.converter import GraphConverter  # noqa: E402
 from training.graphs.store import GraphStore  # noqa: E402
+from voltage_model.graphs.converter import GraphConverter  # noqa: E402
 
 TARBALLS = ("cifs_r.tar.gz", "cifs_f_supplement.tar.gz")
 

@@ -42,7 +42,6 @@ if str(ROOT) not in sys.path:  # allow `python bench/screen_throughput.py` witho
 
 import torch  # noqa: E402
 
-from training.inference import VoltageModel  # noqa: E402
 from training.screen import (  # noqa: E402
     Rescore,
     _init_worker,
@@ -52,6 +51,7 @@ from training.screen import (  # noqa: E402
     prepare,
     run_screen,
 )
+from voltage_model.predict import VoltageModel  # noqa: E402
 
 CHECKPOINTS = ("models/ions/Li.pt", "models/Li/model.pt", "/tmp/smoke/li.pt")
 
@@ -84,7 +84,7 @@ def with_members(ckpt: Path, n_members: int, tmp: Path) -> Path:
     """
     import copy
 
-    from training.model.artifact import load_checkpoint, save_checkpoint
+    from voltage_model.artifact import load_checkpoint, save_checkpoint
 
     src = load_checkpoint(ckpt)
     model, heads = src.backbones()[0]

@@ -277,7 +277,7 @@ async def bench_mlflow(
 def make_store(tmp: Path, ion: str) -> Any:
     from tests.serving_fixtures import MlflowStore, build_checkpoint
     from training.config import load_params
-    from training.model.cgcnn import CGCNNConfig
+    from voltage_model.models.cgcnn import CGCNNConfig
 
     section = load_params(ROOT / "params.yaml").section("model")
     config = CGCNNConfig(**{k: int(v) for k, v in section.items()})

@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python bench/train_throughput.py` without installing
     sys.path.insert(0, str(ROOT))
 
-from training.model.cgcnn import CGCNN, CGCNNConfig  # noqa: E402
 from training.train.loop import tune_cpu_runtime  # noqa: E402
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig  # noqa: E402
 
 
 @dataclass
@@ -65,7 +65,7 @@ class SynthBatch:
 def _gaussian(dist: np.ndarray) -> torch.Tensor:
     """The converter's Gaussian distance expansion (41 centres, subnormal floor included), so the
     synthetic features hold the same numbers real graphs do."""
-    from training.graphs.converter import GraphConverter
+    from voltage_model.graphs.converter import GraphConverter
 
     return GraphConverter().expand_distances(torch.from_numpy(dist))
 
@@ -187,7 +187,7 @@ def start_child_like_tune(keep_floor: bool) -> None:
     """The ``tune`` stage's order: a parallel op creates torch's workers before any flag is set
     (``fit`` sets it later, on the calling thread only). ``keep_floor=False`` restores the code
     before the converter's subnormal floor."""
-    import training.graphs.converter as converter
+    import voltage_model.graphs.converter as converter
 
     if not keep_floor:
         converter.SUBNORMAL_FLOOR = 0.0

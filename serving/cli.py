@@ -128,7 +128,7 @@ def choose_source(source: str, tracking_uri: str, name: str) -> str:
     is left to the service's own ``auto`` (registry, else release)."""
     if source != "auto":
         return source
-    from serving.models import champion_in_store
+    from voltage_model.registry import champion_in_store
 
     return "release" if champion_in_store(tracking_uri, name) is False else "auto"
 
@@ -160,7 +160,7 @@ def _predict_local(
     from serving.errors import ServingError
     from serving.predictor import PredictRequest
     from serving.runtime import ServingRuntime
-    from training.numerics import flush_subnormals
+    from voltage_model.numerics import flush_subnormals
 
     flush_subnormals()  # before the first torch op creates worker threads
     torch.set_num_threads(1)

@@ -59,14 +59,11 @@ def _params_defaults(path: Path) -> dict[str, Any]:
     settings), so a service started from the checkout follows the pipeline without extra env."""
     if not path.is_file():
         return {}
-    from training.config import load_params
+    from voltage_model.naming import read_params
 
-    params = load_params(path)
-    out: dict[str, Any] = {"ions": tuple(params.ion_names)}
-    try:
-        mlflow_section = params.section("mlflow") or {}
-    except KeyError:
-        mlflow_section = {}
+    params = read_params(path)
+    out: dict[str, Any] = {"ions": tuple(params["ions"])}
+    mlflow_section = params["mlflow"]
     if mlflow_section.get("model_name_prefix"):
         out["name_prefix"] = str(mlflow_section["model_name_prefix"])
     if mlflow_section.get("tracking_uri"):
@@ -76,9 +73,9 @@ def _params_defaults(path: Path) -> dict[str, Any]:
 
 def default_tracking_uri(root: Path = Path(".")) -> str:
     """The pipeline's default store (``training.tracking``): sqlite under ``work/mlflow``."""
-    from training.tracking import DEFAULT_DB
+    from voltage_model.naming import DEFAULT_TRACKING_DB
 
-    return f"sqlite:///{(root / DEFAULT_DB).resolve()}"
+    return f"sqlite:///{(root / DEFAULT_TRACKING_DB).resolve()}"
 
 
 def quiet_mlflow_defaults() -> None:
@@ -128,7 +125,7 @@ class ServingConfig:
         return tuple(i for i in self.ions if i not in self.disabled_ions)
 
     def model_name(self, ion: str) -> str:
-        from training.registry import model_name
+        from voltage_model.naming import model_name
 
         return model_name(self.name_prefix, ion)
 

@@ -21,13 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from serving.models import (
-    BENTO_CHECKPOINT,
-    bento_model_name,
-    champion_version,
-    download_checkpoint,
-)
+from serving.models import BENTO_CHECKPOINT, bento_model_name
 from serving.watcher import PackagedModel
+from voltage_model.registry import champion_version, download_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +84,8 @@ def export_ion(ion: str, tracking_uri: str, prefix: str) -> Exported | None:
     """Export ``ion``'s champion; None (logged) when it has none."""
     import bentoml
 
-    from training.inference import VoltageModel
-    from training.registry import model_name
+    from voltage_model.naming import model_name
+    from voltage_model.predict import VoltageModel
 
     name = model_name(prefix, ion)
     version = champion_version(tracking_uri, name)

@@ -1,10 +1,10 @@
 """Request fields -> a checked pymatgen Structure (no BentoML, no gRPC here).
 
-JSON input is sanitised by ``training.structure_io.safe_structure_dict`` (lattice, species and
+JSON input is sanitised by ``voltage_model.structures.safe_structure_dict`` (lattice, species and
 fractional coordinates only: pymatgen would otherwise import modules named in site properties),
 here before the site limit and NaN checks so oversized or broken input is refused cheaply.
 
-CIF input first tries :mod:`serving.cif_fast` (the P1 case, built directly; identical result),
+CIF input first tries :mod:`voltage_model.cif` (the P1 case, built directly; identical result),
 then pymatgen's general parser; both go through the same ``check_structure``.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 from pymatgen.core import Structure
 
-from serving.cif_fast import parse_p1_cif
 from serving.errors import ServingError
-from training.structure_io import (
+from voltage_model.cif import parse_p1_cif
+from voltage_model.structures import (
     FORMATS,
     StructureInputError,
     check_structure,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from serving.models import ServedModel
-    from training.interpret.local_voltage import LocalVoltageHead
+    from voltage_model.local_voltage import LocalVoltageHead
 
 #: At most this many interpret runs of one model run are tried, newest first.
 MAX_RUNS = 5
@@ -25,7 +25,7 @@ MAX_RUNS = 5
 
 def sidecar_head(folder: Path | None, served: ServedModel) -> LocalVoltageHead:
     """The sidecar head of the served ion, checked against its backbones."""
-    from training.interpret.local_voltage import LocalVoltageHead
+    from voltage_model.local_voltage import LocalVoltageHead
 
     path = folder / f"{served.ion}.json" if folder is not None else None
     if path is None or not path.is_file():
@@ -42,8 +42,8 @@ def registry_head(tracking_uri: str, served: ServedModel) -> LocalVoltageHead:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from serving.models import sqlite_path
-    from training.interpret.local_voltage import LocalVoltageHead, mlflow_artifact_paths
+    from voltage_model.local_voltage import LocalVoltageHead, mlflow_artifact_paths
+    from voltage_model.registry import sqlite_path
 
     store = sqlite_path(tracking_uri)
     if store is not None and not store.is_file():  # MLflow would create an empty store there

@@ -1,16 +1,9 @@
 """Where served models come from: the MLflow registry (``champion`` alias), a built Bento, or the
 pretrained release in the repository (``release/``, written by ``voltage release``).
 
-Why the checkpoint and not ``mlflow.pyfunc.load_model``: the registered pyfunc is "models from
-code"; loading it would execute the logged ``mlflow_model.py`` and put the version's copy of the
-``training`` package in front of ``sys.path`` inside a long-running server (a later reload could
-then mix two code versions). The service only needs the self-describing checkpoint artifact,
-which ``training.inference.VoltageModel`` reads with ``torch.load(weights_only=True)``: nothing
-from the registry is executed or unpickled.
-
-Registry errors are told apart from "no champion": :func:`champion_version` returns None only
-when the registry answered that the model or alias does not exist, and raises when the registry
-could not be asked (the watcher counts that as a failed reload and keeps the old model).
+A registry version is read by ``voltage_model.registry`` (the one safe loader, shared with
+screening): only its checkpoint is fetched and loaded weights-only; why, and how "no champion"
+is told apart from "registry not reachable", is said there.
 
 Nothing heavy is imported here at module level (no torch, no MLflow): the command line imports
 this module on its way to a release model, and MLflow costs seconds it does not need there.
@@ -19,31 +12,21 @@ this module on its way to a release model, and MLflow costs seconds it does not 
 from __future__ import annotations
 
 import logging
-import shutil
-import sqlite3
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from training.registry import CHAMPION, VersionInfo
+from voltage_model.naming import VersionInfo
+from voltage_model.registry import ModelLoadError, load_version
 
 if TYPE_CHECKING:
-    from training.inference import VoltageModel
+    from voltage_model.predict import VoltageModel
 
 logger = logging.getLogger(__name__)
 
 #: File name of the checkpoint inside an exported BentoML model.
 BENTO_CHECKPOINT = "checkpoint.pt"
-#: MLflow error codes meaning "the registry answered: no such model / alias".
-_NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be resolved or loaded; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -84,136 +67,9 @@ def _test_mae(tags: dict[str, str], model: VoltageModel) -> float | None:
         return None
 
 
-# ---------------------------------------------------------------------------------- registry
-def sqlite_path(tracking_uri: str) -> Path | None:
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///"))
-    return None
-
-
-def champion_in_store(tracking_uri: str, name: str, alias: str = CHAMPION) -> bool | None:
-    """Whether a local sqlite registry has ``alias`` on ``name``, read with sqlite3 directly
-    (milliseconds; importing MLflow to ask costs seconds). None when that cannot be told this
-    way (not a sqlite URI, or a schema this code does not know): then ask MLflow. A missing
-    store file has no champion (MLflow would create an empty store there)."""
-    path = sqlite_path(tracking_uri)
-    if path is None:
-        return None
-    if not path.is_file():
-        return False
-    try:
-        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2) as db:
-            row = db.execute(
-                "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
-                (name, alias),
-            ).fetchone()
-    except sqlite3.Error as exc:
-        logger.debug("cannot read aliases from %s directly: %s", path, exc)
-        return None
-    return row is not None
-
-
-def registry_reachable(tracking_uri: str) -> bool:
-    """True when the registry answers a cheap query.
-
-    A ``sqlite:///`` URI whose file is missing counts as unreachable: asking MLflow would
-    silently create an empty store (e.g. inside a built Bento, far from the project's store).
-    """
-    path = sqlite_path(tracking_uri)
-    if path is not None and not path.is_file():
-        return False
-    try:
-        from mlflow import MlflowClient
-
-        MlflowClient(tracking_uri=tracking_uri).search_registered_models(max_results=1)
-    except Exception as exc:  # any failure means "not usable now"
-        logger.warning("MLflow registry at %s not reachable: %s", tracking_uri, exc)
-        return False
-    return True
-
-
-def champion_version(tracking_uri: str, name: str, alias: str = CHAMPION) -> VersionInfo | None:
-    """The version ``alias`` points at; None if the registry says there is none; raises else."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code in _NOT_FOUND_CODES:
-            return None
-        raise
-    return VersionInfo(mv.name, int(mv.version), mv.run_id, dict(mv.tags or {}))
-
-
-def _checkpoint_relpath(mlmodel: Path) -> str:
-    from training.mlflow_model import CHECKPOINT_KEY
-
-    doc = yaml.safe_load(mlmodel.read_text()) or {}
-    artifacts = (doc.get("flavors", {}).get("python_function", {}) or {}).get("artifacts") or {}
-    entry = artifacts.get(CHECKPOINT_KEY)
-    if not entry or "path" not in entry:
-        raise ModelLoadError(f"{mlmodel}: no '{CHECKPOINT_KEY}' artifact in the pyfunc flavour")
-    rel = str(entry["path"])
-    if rel.startswith("/") or ".." in Path(rel).parts:
-        raise ModelLoadError(f"{mlmodel}: suspicious checkpoint path {rel!r}")
-    return rel
-
-
-def download_checkpoint(tracking_uri: str, version: VersionInfo, dst: Path) -> Path:
-    """Copy the version's ``MLmodel`` and checkpoint (only those) into ``dst``."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    base = client.get_model_version_download_uri(version.name, str(version.version)).rstrip("/")
-    with _tracking(tracking_uri):
-        mlmodel = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/MLmodel", dst_path=str(dst))
-        )
-        rel = _checkpoint_relpath(mlmodel)
-        ckpt = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{base}/{rel}", dst_path=str(dst / "ckpt")
-        )
-    return Path(ckpt)
-
-
-class _tracking:
-    """Temporarily point the global MLflow tracking URI at ``uri`` (artifact resolution of
-    ``models:/`` URIs reads it)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.prev: str | None = None
-
-    def __enter__(self) -> None:
-        import mlflow
-
-        self.prev = mlflow.get_tracking_uri()
-        if self.prev != self.uri:
-            mlflow.set_tracking_uri(self.uri)
-
-    def __exit__(self, *exc: object) -> None:
-        import mlflow
-
-        if self.prev is not None and self.prev != self.uri:
-            mlflow.set_tracking_uri(self.prev)
-
-
 def load_registry_model(ion: str, tracking_uri: str, version: VersionInfo) -> ServedModel:
     """Download and load one registered version's checkpoint; raises ModelLoadError."""
-    from training.inference import VoltageModel
-
-    tmp = Path(tempfile.mkdtemp(prefix=f"voltage-{ion}-"))
-    try:
-        ckpt = download_checkpoint(tracking_uri, version, tmp)
-        model = VoltageModel.from_checkpoint(ckpt)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"{version.uri}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the model is fully in memory now
+    model = load_version(tracking_uri, version)
     _check_ion(model, ion, version.uri)
     return ServedModel(
         ion=ion,
@@ -234,7 +90,7 @@ def _check_ion(model: VoltageModel, ion: str, where: str) -> None:
 # ---------------------------------------------------------------------------------- bento
 def load_bento_model(ion: str, path: Path, metadata: dict[str, Any]) -> ServedModel:
     """Load a model exported into the BentoML store (``serving/export_models.py``)."""
-    from training.inference import VoltageModel
+    from voltage_model.predict import VoltageModel
 
     try:
         model = VoltageModel.from_checkpoint(path / BENTO_CHECKPOINT)
@@ -255,12 +111,12 @@ def load_bento_model(ion: str, path: Path, metadata: dict[str, Any]) -> ServedMo
 
 # ---------------------------------------------------------------------------------- release
 def load_release_model(ion: str, release_dir: Path) -> ServedModel:
-    """The pretrained release's model of ``ion`` (``training/release.py``): the file is checked
+    """The pretrained release's model of ``ion`` (``voltage_model/release.py``): the file is checked
     against the manifest's sha256 before it is read; raises ModelLoadError naming the problem.
     Its name and version are the registered ones it was released from (version 0: never
     registered), so an answer can be traced to the pipeline run either way."""
-    from training.model.artifact import CheckpointError
-    from training.release import ReleaseError, load_release
+    from voltage_model.artifact import CheckpointError
+    from voltage_model.release import ReleaseError, load_release
 
     try:
         model, entry = load_release(Path(release_dir), ion)

@@ -4,10 +4,10 @@ Shared by the BentoML HTTP API, the gRPC server and ``voltage-serve predict`` (n
 import here), so the three answer identically. A request goes through:
 
 1. ion check (configured, not disabled, has a model) -> ``unknown_ion`` / ``no_champion``;
-2. parse + checks (:mod:`serving.inputs`) -> the structure kinds of ``training.structure_io``;
+2. parse + checks (:mod:`serving.inputs`) -> the structure kinds of ``voltage_model.structures``;
 3. graph with the converter stored in *that* model's checkpoint (never current settings);
    with a ``discharged_structure``, also its CHGNet physics voltage
-   (:mod:`training.model.physics`) -> ``physics`` when the pair is refused;
+   (:mod:`voltage_model.models.physics`) -> ``physics`` when the pair is refused;
 4. inference in the process-wide :class:`~serving.batching.MicroBatcher`.
 
 Model swaps are atomic: :meth:`Predictor.set_model` replaces the ion's immutable
@@ -310,7 +310,7 @@ class Predictor:
                                       self.config.max_sites)  # fmt: skip
         except ServingError as exc:
             raise ServingError(exc.kind, f"discharged structure: {exc.message}") from None
-        from training.model.physics import PhysicsError, physics_voltage
+        from voltage_model.models.physics import PhysicsError, physics_voltage
 
         t0 = time.perf_counter()
         try:
@@ -377,7 +377,7 @@ class Predictor:
         return self._heads[key]
 
     def _explain(self, prep: _Prepared) -> tuple[tuple[dict[str, Any], ...] | None, str | None]:
-        from training.interpret.local_voltage import explain_graph
+        from voltage_model.local_voltage import explain_graph
 
         head = self._local_head(prep.served)
         if isinstance(head, str):

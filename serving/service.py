@@ -227,9 +227,9 @@ class VoltageService:
         import torch
 
         from serving.config import ServingConfig, quiet_mlflow_defaults
-        from training.numerics import flush_subnormals
+        from voltage_model.numerics import flush_subnormals
 
-        flush_subnormals()  # each worker, before its first torch op (training/numerics.py)
+        flush_subnormals()  # each worker, before its first torch op (voltage_model/numerics.py)
         torch.set_num_threads(int(os.environ.get("VOLTAGE_TORCH_THREADS", "1")))
         logging.getLogger("serving").setLevel(os.environ.get("VOLTAGE_LOG_LEVEL", "INFO"))
         quiet_mlflow_defaults()

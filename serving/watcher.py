@@ -30,13 +30,12 @@ from typing import Any
 
 from serving.config import ServingConfig
 from serving.models import (
-    champion_version,
     load_bento_model,
     load_registry_model,
     load_release_model,
-    registry_reachable,
 )
 from serving.predictor import Predictor
+from voltage_model.registry import champion_version, registry_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ class ModelManager:
         """Serve ``ions`` from the pretrained release. No release at all, or none for an ion, is
         a warning (nothing failed to load); a release file that does not load (changed since
         written, unreadable) is a failed load, counted."""
-        from training.release import ReleaseError, release_entry
+        from voltage_model.release import ReleaseError, release_entry
 
         folder = self.config.release_dir
         if folder is None or not ions:

@@ -147,11 +147,11 @@ def source(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.model.cgcnn import CGCNNConfig
     from training.tracking import MlflowSettings
     from training.train.heads import HeadConfig
     from training.train.loop import TrainConfig
     from training.train.stage import TrainSettings, run_train_stage
+    from voltage_model.models.cgcnn import CGCNNConfig
 
     tmp = tmp_path_factory.mktemp("src")
     settings = TrainSettings(

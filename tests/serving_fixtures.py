@@ -41,11 +41,12 @@ import torch
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 
-from training.graphs.converter import GraphConverter
-from training.model.artifact import save_checkpoint
-from training.model.cgcnn import CGCNN, CGCNNConfig, Head
-from training.registry import CHAMPION, VersionInfo, model_name, register
-from training.train.normalizer import Normalizer
+from training.registry import register
+from voltage_model.artifact import save_checkpoint
+from voltage_model.graphs.converter import GraphConverter
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, Head
+from voltage_model.naming import CHAMPION, VersionInfo, model_name
+from voltage_model.normalizer import Normalizer
 
 PREFIX = "electrode-voltage"
 EXPERIMENT = "serving-tests"
@@ -124,9 +125,9 @@ def build_checkpoint(
 
 def chgnet_part(seed: int, weight: float) -> Any:
     """A CHGNet GP head fitted on real CHGNet features of sample structures (random targets)."""
-    from training.model import chgnet_backbone
-    from training.model.artifact import ChgnetPart
-    from training.model.gp_head import GPConfig, fit_gp_head
+    from voltage_model.artifact import ChgnetPart
+    from voltage_model.models import chgnet_backbone
+    from voltage_model.models.gp_head import GPConfig, fit_gp_head
 
     x, _ = chgnet_backbone.featurise(sample_structures(12, seed=seed))
     y = np.random.default_rng(seed).normal(size=len(x))
@@ -398,8 +399,8 @@ def write_local_head(checkpoint: Path, path: Path, seed: int = 0, scale: float =
     """A local-voltage sidecar (``<Ion>.json``) for a checkpoint built here: seeded random linear
     maps on its real backbones' atom vectors (bias 3 V), so ``"explain": true`` answers with
     per-site voltages that differ between sites (the fit itself: tests/test_explain.py)."""
-    from training.inference import VoltageModel
-    from training.interpret.local_voltage import LocalVoltageHead, backbone_fingerprint
+    from voltage_model.local_voltage import LocalVoltageHead, backbone_fingerprint
+    from voltage_model.predict import VoltageModel
 
     loaded = VoltageModel.from_checkpoint(checkpoint).loaded
     n, dim = len(loaded.backbones()), loaded.model.config.atom_fea_len

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from pymatgen.core import Composition
 
-from training.baselines import features
-from training.baselines.features import composition_features, feature_group, featurize_cached
 from training.baselines.models import BaselineConfig, RFParams, rf_importance_groups
 from training.baselines.suite import run_baselines
+from voltage_model import composition as features
+from voltage_model.composition import composition_features, feature_group, featurize_cached
 
 METALS = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")
 FRAMEWORKS = ("{M}O2", "{M}PO4", "{M}SiO4", "{M}BO3", "{M}2O5", "{M}P2O7")

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from pymatgen.core import Composition
 
-from training.baselines.features import composition_features
 from training.baselines.models import BASELINE_METHODS, BaselineConfig, KRRParams, RFParams
 from training.baselines.models import SVRParams as SVR_
 from training.baselines.tuning import FittedBaseline, PartnerRows, fit_tuned
+from voltage_model.composition import composition_features
 
 METALS = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")
 FRAMEWORKS = ("{M}O2", "{M}PO4", "{M}SiO4", "{M}BO3", "{M}2O5", "{M}P2O7")

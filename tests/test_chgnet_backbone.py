@@ -13,10 +13,10 @@ from training.chgnet_heads import fit_chgnet_head, served_part, variant_predicti
 from training.datasets import load_ion_data
 from training.gp_cv import mixture
 from training.graphs.store import GraphStore
-from training.inference import ModelInput, VoltageModel
-from training.model import chgnet_backbone
-from training.model.artifact import CheckpointError, blend, load_checkpoint
 from training.transfer_stage import evaluate_target, save_transfer_checkpoint, served_mean_std
+from voltage_model.artifact import CheckpointError, blend, load_checkpoint
+from voltage_model.models import chgnet_backbone
+from voltage_model.predict import ModelInput, VoltageModel
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_artifact_refuses_another_installed_chgnet(served, tmp_path):
 
 
 def test_scrambled_test_targets_leave_the_chgnet_head_unchanged(ions, store, chgnet_features):
-    from training.model.gp_head import GPConfig
+    from voltage_model.models.gp_head import GPConfig
 
     mg = ions["Mg"]
     scrambled = type(mg)(mg.ion, {**mg.parts, "test": [
@@ -128,8 +128,8 @@ def test_scrambled_test_targets_leave_the_chgnet_head_unchanged(ions, store, chg
 
 
 def test_chgnet_local_voltages_average_to_the_linear_head(ions, chgnet_features, served):
-    from training.interpret.local_voltage import CHGNET_MEAN_COLUMNS
     from training.interpret.stage import InterpretSettings, fit_chgnet_local_head
+    from voltage_model.local_voltage import CHGNET_MEAN_COLUMNS
 
     mg = ions["Mg"]
     head, metrics = fit_chgnet_local_head(mg, chgnet_features, chgnet_features.spec,
@@ -144,12 +144,12 @@ def test_chgnet_local_voltages_average_to_the_linear_head(ions, chgnet_features,
 
 
 def test_explain_mixes_both_heads_by_the_served_share(served, ions, chgnet_features):
-    from training.interpret.local_voltage import (
+    from training.interpret.stage import InterpretSettings, fit_chgnet_local_head
+    from voltage_model.local_voltage import (
         LocalVoltageHead,
         backbone_fingerprint,
         explain_graph,
     )
-    from training.interpret.stage import InterpretSettings, fit_chgnet_local_head
 
     model = VoltageModel.from_checkpoint(served["path"])
     mg = ions["Mg"]
@@ -175,7 +175,7 @@ def test_cv_check_adds_the_chgnet_rows_and_serves_the_average(
     the average; under the chemsys grouping an ``average``-serving ion runs both parts."""
     from training.baselines.models import BaselineConfig
     from training.cv_check import run_cv_stage
-    from training.model.gp_head import GPConfig
+    from voltage_model.models.gp_head import GPConfig
 
     small = BaselineConfig(svr_grid={"C": [10.0]}, krr_grid={"alpha": [0.1]},
                            rf_grid={"min_samples_leaf": [1]}, cv_rf_trees=10)  # fmt: skip

@@ -25,13 +25,13 @@ from tests.serving_fixtures import (
     serve_env,
     start_bento,
 )
-from training.inference import VoltageModel
-from training.interpret.local_voltage import (
+from voltage_model.local_voltage import (
     ChgnetLocalHead,
     LocalVoltageHead,
     backbone_fingerprint,
 )
-from training.model import chgnet_backbone
+from voltage_model.models import chgnet_backbone
+from voltage_model.predict import VoltageModel
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow

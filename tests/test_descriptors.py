@@ -8,10 +8,11 @@ import pytest
 from pymatgen.core import Structure
 
 from tests.conftest import host_structures
-from training.baselines.features import composition_features
-from training.graphs.converter import GraphConverter
-from training.graphs.store import GraphLoader, GraphStore, collate
-from training.model.descriptors import (
+from training.graphs.store import GraphLoader, GraphStore
+from voltage_model.composition import composition_features
+from voltage_model.graphs.batch import collate
+from voltage_model.graphs.converter import GraphConverter
+from voltage_model.models.descriptors import (
     batch_descriptors,
     formula_of,
     graph_descriptors,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.graphs.encoding import (
+from voltage_model.graphs.encoding import (
     BLOCKS,
     ENCODING_VERSION,
     N_FEATURES,

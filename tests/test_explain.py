@@ -11,13 +11,10 @@ from serving.config import ServingConfig
 from serving.metrics import ServiceMetrics
 from serving.models import ServedModel
 from serving.predictor import Predictor, PredictRequest
-from training.graphs.store import collate
-from training.inference import VoltageModel
-from training.interpret.local_voltage import (
-    backbone_fingerprint,
-    fit_local_head,
-    member_atom_vectors,
-)
+from training.interpret.local_fit import fit_local_head
+from voltage_model.graphs.batch import collate
+from voltage_model.local_voltage import backbone_fingerprint, member_atom_vectors
+from voltage_model.predict import VoltageModel
 
 
 def _fit_head(model: VoltageModel):

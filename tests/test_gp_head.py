@@ -9,15 +9,15 @@ import torch
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
-from training.model.artifact import (
+from voltage_model.artifact import (
     CheckpointError,
     ensemble_volts,
     load_checkpoint,
     save_checkpoint,
 )
-from training.model.cgcnn import CGCNN, CGCNNConfig
-from training.model.gp_head import GPConfig, GPHead, fit_gp_head
-from training.train.normalizer import Normalizer
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig
+from voltage_model.models.gp_head import GPConfig, GPHead, fit_gp_head
+from voltage_model.normalizer import Normalizer
 
 
 def _data(n: int = 60, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:

@@ -20,9 +20,10 @@ import pytest
 import torch
 from pymatgen.core import DummySpecies, Element, Lattice, Structure
 
-from training.graphs.converter import CrystalGraph, GraphConverter, select_neighbors
-from training.graphs.encoding import ENCODING_VERSION, encoding_table
-from training.graphs.store import GraphBatch, GraphLoader, GraphStore, collate
+from training.graphs.store import GraphLoader, GraphStore
+from voltage_model.graphs.batch import GraphBatch, collate
+from voltage_model.graphs.converter import CrystalGraph, GraphConverter, select_neighbors
+from voltage_model.graphs.encoding import ENCODING_VERSION, encoding_table
 
 CONV = GraphConverter()
 CIF_MEMBERS = ("cifs_r/mvc-5592.cif", "cifs_r/mp-25225.cif", "cifs_r/mvc-12603.cif")

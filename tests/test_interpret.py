@@ -15,22 +15,16 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from training.graphs.converter import GraphConverter
-from training.inference import VoltageModel
 from training.interpret.activations import compute_activations
 from training.interpret.elements import embedding_analysis, spearman
 from training.interpret.environments import element_medians, oxygen_neighbour_counts
-from training.interpret.local_voltage import (
-    EXTRA_KEY,
-    LocalVoltageHead,
-    backbone_fingerprint,
-    explain,
-    fit_linear,
-    fit_local_head,
-)
-from training.model.artifact import save_checkpoint
-from training.model.cgcnn import CGCNN, CGCNNConfig, Head
-from training.train.normalizer import Normalizer
+from training.interpret.local_fit import fit_linear, fit_local_head
+from voltage_model.artifact import save_checkpoint
+from voltage_model.graphs.converter import GraphConverter
+from voltage_model.local_voltage import EXTRA_KEY, LocalVoltageHead, backbone_fingerprint, explain
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, Head
+from voltage_model.normalizer import Normalizer
+from voltage_model.predict import VoltageModel
 
 torch.set_num_threads(1)
 

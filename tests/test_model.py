@@ -15,15 +15,15 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from training.graphs.converter import GraphConverter
-from training.graphs.store import GraphBatch, collate
-from training.model.artifact import (
+from voltage_model.artifact import (
     SCHEMA_VERSION,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from training.model.cgcnn import (
+from voltage_model.graphs.batch import GraphBatch, collate
+from voltage_model.graphs.converter import GraphConverter
+from voltage_model.models.cgcnn import (
     CGCNN,
     CGCNNConfig,
     Edges,
@@ -33,7 +33,7 @@ from training.model.cgcnn import (
     _mean_pool_loop,
     mean_pool,
 )
-from training.train.normalizer import Normalizer
+from voltage_model.normalizer import Normalizer
 
 CONV = GraphConverter()
 METALS = ["Li", "Na", "Mg", "Al", "Ti", "V", "Mn", "Fe", "Co", "Ni", "Cu", "Zn"]

@@ -20,8 +20,8 @@ from pymatgen.io.cif import CifWriter
 from typer.testing import CliRunner
 
 from tests.conftest import write_snapshot
-from training.model import chgnet_backbone, physics
-from training.model.physics import PhysicsError
+from voltage_model.models import chgnet_backbone, physics
+from voltage_model.models.physics import PhysicsError
 
 torch.set_num_threads(1)
 

@@ -34,8 +34,8 @@ from tests.serving_fixtures import (
     start_bento,
 )
 from tests.test_physics import layered
-from training.inference import VoltageModel
-from training.model import physics
+from voltage_model.models import physics
+from voltage_model.predict import VoltageModel
 
 torch.set_num_threads(1)
 

@@ -151,12 +151,12 @@ def test_source_training_reads_no_test_label(tiny_data, tmp_path):
     checkpoint when the Li test targets are scrambled."""
     import mlflow
 
-    from training.model.cgcnn import CGCNNConfig
-    from training.model.gp_head import GPConfig
     from training.tracking import MlflowSettings
     from training.train.heads import HeadConfig
     from training.train.loop import TrainConfig
     from training.train.stage import TrainSettings, run_train_stage
+    from voltage_model.models.cgcnn import CGCNNConfig
+    from voltage_model.models.gp_head import GPConfig
 
     settings = TrainSettings(
         model=CGCNNConfig(atom_fea_len=8, h_fea_len=8, n_conv=1),

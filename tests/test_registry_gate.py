@@ -19,16 +19,14 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from training.registry import (
-    CANDIDATE,
-    CHAMPION,
     NoSuchVersion,
     PromotionRefused,
-    VersionInfo,
     by_alias,
     check_gate,
     paired_comparison,
     promote,
 )
+from voltage_model.naming import CANDIDATE, CHAMPION, VersionInfo
 
 NAME = "electrode-voltage-Mg"
 N = 40
@@ -284,12 +282,12 @@ def test_ion_stage_logs_the_served_models_validation_predictions(
     from tests.serving_fixtures import build_checkpoint
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.model.artifact import load_checkpoint
     from training.registry import fetch_val_predictions, read_val_predictions, register
     from training.tracking import MlflowSettings
     from training.train.core import split_loader
     from training.transfer import TransferSettings
     from training.transfer_stage import run_ion_stage
+    from voltage_model.artifact import load_checkpoint
 
     monkeypatch.chdir(tmp_path)  # the stage's git/dvc tags read the working directory
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")

@@ -47,12 +47,12 @@ def _with_gp_heads(source: Path, tiny_data: dict[str, Path], out: Path) -> Path:
     first reads composition descriptors, the second also ion columns (a pooled head); and a
     CHGNet GP head served half-and-half with the CGCNN ensemble (schema 5)."""
     from training.datasets import load_ion_data
-    from training.graphs.store import collate
-    from training.inference import VoltageModel
-    from training.model import chgnet_backbone
-    from training.model.artifact import ChgnetPart, load_checkpoint, save_checkpoint
-    from training.model.descriptors import batch_descriptors
-    from training.model.gp_head import GPConfig, fit_gp_head
+    from voltage_model.artifact import ChgnetPart, load_checkpoint, save_checkpoint
+    from voltage_model.graphs.batch import collate
+    from voltage_model.models import chgnet_backbone
+    from voltage_model.models.descriptors import batch_descriptors
+    from voltage_model.models.gp_head import GPConfig, fit_gp_head
+    from voltage_model.predict import VoltageModel
 
     loaded = load_checkpoint(source)
     vm = VoltageModel(loaded)
@@ -121,8 +121,8 @@ def release(
 # ------------------------------------------------------------------------------ GP posterior
 @pytest.mark.parametrize("nu", [0.5, 1.5, 2.5])
 def test_gp_cholesky_is_scikit_learns(nu: float) -> None:
-    from training.model.gp_head import GPConfig, fit_gp_head
-    from training.release import gp_cholesky, shared_sqdists
+    from voltage_model.models.gp_head import GPConfig, fit_gp_head
+    from voltage_model.release import gp_cholesky, shared_sqdists
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(60, 5)))
@@ -143,9 +143,9 @@ def test_gp_cholesky_is_scikit_learns(nu: float) -> None:
 def test_release_predicts_exactly_what_its_source_predicts(
     release: dict[str, Any], models_dir: Path, tiny_data: dict[str, Path]
 ) -> None:
-    from training.inference import VoltageModel
-    from training.model.artifact import load_checkpoint
-    from training.release import load_release
+    from voltage_model.artifact import load_checkpoint
+    from voltage_model.predict import VoltageModel
+    from voltage_model.release import load_release
 
     manifest = release["manifest"]
     li = manifest["models"]["Li"]
@@ -202,9 +202,9 @@ def test_released_model_matches_voltage_model_attributes(
     release: dict[str, Any], models_dir: Path
 ) -> None:
     """``ReleasedModel`` skips mendeleev but must set up exactly what ``VoltageModel`` does."""
-    from training.inference import VoltageModel
-    from training.model.artifact import load_checkpoint
-    from training.release import load_release
+    from voltage_model.artifact import load_checkpoint
+    from voltage_model.predict import VoltageModel
+    from voltage_model.release import load_release
 
     model, _ = load_release(release["dir"], "Na")
     full = VoltageModel(load_checkpoint(models_dir / "Na.pt"))
@@ -215,7 +215,7 @@ def test_released_model_matches_voltage_model_attributes(
 
 
 def test_model_card_and_manifest(release: dict[str, Any]) -> None:
-    from training.release import verify_release
+    from voltage_model.release import verify_release
 
     folder = release["dir"]
     card = (folder / "MODEL_CARD.md").read_text()
@@ -228,7 +228,7 @@ def test_model_card_and_manifest(release: dict[str, Any]) -> None:
 
 def test_changed_release_file_is_refused(release: dict[str, Any], tmp_path: Path) -> None:
     from serving.models import ModelLoadError, load_release_model
-    from training.release import ReleaseError, load_release, verify_release
+    from voltage_model.release import ReleaseError, load_release, verify_release
 
     copy = tmp_path / "release"
     shutil.copytree(release["dir"], copy)
@@ -250,7 +250,8 @@ def test_changed_release_file_is_refused(release: dict[str, Any], tmp_path: Path
 def test_release_over_the_size_limit_is_refused_and_nothing_is_replaced(
     release: dict[str, Any], models_dir: Path, tmp_path: Path
 ) -> None:
-    from training.release import ReleaseError, ReleaseInputs, write_release
+    from training.release import ReleaseInputs, write_release
+    from voltage_model.release import ReleaseError
 
     out = tmp_path / "release"
     out.mkdir()
@@ -269,9 +270,9 @@ def test_service_serves_the_release_where_the_registry_has_no_champion(
     """Registry champion for Li, none for Na: Li from the registry, Na from the release (and
     said so in answers and the model list); a later Na champion replaces the release."""
     from serving.config import ServingConfig
-    from serving.models import champion_in_store
     from serving.predictor import PredictRequest
     from serving.runtime import ServingRuntime
+    from voltage_model.registry import champion_in_store
 
     store = MlflowStore.create(tmp_path / "mlflow")
     with store.active():
@@ -333,7 +334,7 @@ rt.stop()
 # ------------------------------------------------------------------------------ command line
 _TRACE = (
     "import atexit, sys; atexit.register(lambda: print('IMPORTED', sorted(m for m in "
-    "('torch', 'mlflow', 'training.inference', 'matminer') if m in sys.modules), "
+    "('torch', 'mlflow', 'voltage_model.predict', 'matminer') if m in sys.modules), "
     "file=sys.stderr)); from serving.cli import app; app()"
 )
 
@@ -364,7 +365,7 @@ def test_cli_refuses_a_bad_file_before_anything_heavy_is_imported(tmp_path: Path
 def test_cli_predicts_from_the_release_without_mlflow(
     release: dict[str, Any], tmp_path: Path
 ) -> None:
-    from training.release import load_release
+    from voltage_model.release import load_release
 
     path = tmp_path / "cell.cif"
     path.write_text(cif(rocksalt(4.3, "Co")))

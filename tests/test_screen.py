@@ -20,12 +20,7 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from pymatgen.io.vasp import Poscar
 
-from training.graphs.converter import GraphConverter
-from training.inference import VoltageModel
-from training.model.artifact import save_checkpoint
-from training.model.cgcnn import CGCNN, CGCNNConfig, Head
 from training.screen import (
-    fast_p1_cif,
     list_inputs,
     merge_screen,
     parse_shard,
@@ -34,8 +29,13 @@ from training.screen import (
     run_screen,
     select_shard,
 )
-from training.structure_io import parse_structure
-from training.train.normalizer import Normalizer
+from voltage_model.artifact import save_checkpoint
+from voltage_model.cif import fast_p1_cif
+from voltage_model.graphs.converter import GraphConverter
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, Head
+from voltage_model.normalizer import Normalizer
+from voltage_model.predict import VoltageModel
+from voltage_model.structures import parse_structure
 
 torch.set_num_threads(1)
 
@@ -301,3 +301,32 @@ def test_uncertainty_uses_the_models_std_scale(inputs, model, tmp_path):
         k: p.uncertainty for k, p in zip(good, model.predict(list(good.values())), strict=True)
     }
     np.testing.assert_allclose([rows[k] for k in good], [expected[k] for k in good], atol=1e-3)
+
+
+def test_champions_are_read_from_the_checkpoint_not_the_logged_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Screening loads registry champions with the service's loader: the logged pyfunc (its
+    ``python_model`` and its copy of the code) is never loaded; the model predicts exactly what
+    its checkpoint does, and an ion without a champion is a clear error."""
+    import mlflow.pyfunc
+
+    from tests.serving_fixtures import PREFIX, MlflowStore, build_checkpoint
+    from training.screen import champion_models
+    from voltage_model.registry import ModelLoadError
+
+    store = MlflowStore.create(tmp_path / "mlflow")
+    ckpt = build_checkpoint(tmp_path / "Li.pt", "Li", 4)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the logged pyfunc code must not be loaded")
+
+    with store.active():
+        store.publish("Li", checkpoint=ckpt)
+        store.publish("Na", seed=5, alias=None)
+        monkeypatch.setattr(mlflow.pyfunc, "load_model", refuse)
+        models = champion_models(["Li"], PREFIX)
+        with pytest.raises(ModelLoadError, match="no 'champion'"):
+            champion_models(["Na"], PREFIX)
+    text = str(CifWriter(structures()[0]))
+    assert run_one(text, models["Li"]) == run_one(text, VoltageModel.from_checkpoint(ckpt))

@@ -22,8 +22,6 @@ from pymatgen.io.cif import CifWriter
 from typer.testing import CliRunner
 
 from training import screen_tiers as tiers
-from training.graphs.store import collate
-from training.inference import VoltageModel
 from training.screen import (
     Rescore,
     merge_screen,
@@ -32,9 +30,11 @@ from training.screen import (
     ranked_rows,
     read_partial,
     run_screen,
-    served_structure,
 )
-from training.structure_io import parse_structure
+from voltage_model.cif import served_structure
+from voltage_model.graphs.batch import collate
+from voltage_model.predict import VoltageModel
+from voltage_model.structures import parse_structure
 
 N_GOOD = 12
 ISOLATED = "cif/z_isolated.cif"  # CGCNN graphs it (8 A radius); CHGNet refuses (6 A cutoff)

@@ -35,8 +35,8 @@ from serving.predictor import Predictor, PredictRequest
 from serving.runtime import load_drift
 from serving.watcher import ModelManager
 from tests.serving_fixtures import build_checkpoint, cif, rocksalt, write_drift_reference
-from training.inference import VoltageModel
-from training.registry import VersionInfo
+from voltage_model.naming import VersionInfo
+from voltage_model.predict import VoltageModel
 
 with warnings.catch_warnings():  # starlette's note about httpx versions is not ours to fix
     warnings.simplefilter("ignore")
@@ -387,7 +387,7 @@ def _cif_cases() -> list[Structure]:
 def test_p1_cif_fast_path_gives_pymatgens_structure_exactly() -> None:
     from pymatgen.io.cif import CifWriter
 
-    from serving.cif_fast import parse_p1_cif
+    from voltage_model.cif import parse_p1_cif
 
     for s in _cif_cases():
         text = str(CifWriter(s))
@@ -404,7 +404,7 @@ def test_p1_cif_fast_path_gives_pymatgens_structure_exactly() -> None:
 def test_p1_cif_fast_path_declines_everything_else() -> None:
     from pymatgen.io.cif import CifWriter
 
-    from serving.cif_fast import parse_p1_cif
+    from voltage_model.cif import parse_p1_cif
 
     s = rocksalt()
     symmetric = str(CifWriter(s, symprec=0.01))  # symmetry operations listed

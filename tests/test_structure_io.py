@@ -7,7 +7,7 @@ import json
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from training.structure_io import StructureInputError, parse_structure
+from voltage_model.structures import StructureInputError, parse_structure
 
 
 def _nacl() -> Structure:

@@ -9,9 +9,7 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from training.graphs.converter import GraphConverter
-from training.graphs.store import GraphLoader, GraphStore, collate
-from training.model.cgcnn import CGCNN, CGCNNConfig
+from training.graphs.store import GraphLoader, GraphStore
 from training.train.loop import (
     SCHEDULERS,
     FitResult,
@@ -21,7 +19,10 @@ from training.train.loop import (
     set_seed,
 )
 from training.train.metrics import mae, r2, regression_metrics, rmse
-from training.train.normalizer import Normalizer
+from voltage_model.graphs.batch import collate
+from voltage_model.graphs.converter import GraphConverter
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig
+from voltage_model.normalizer import Normalizer
 
 CONV = GraphConverter()
 METALS = ["Li", "Na", "Mg", "Al", "Ti", "V", "Mn", "Fe", "Co", "Ni", "Cu", "Zn"]

@@ -12,12 +12,12 @@ from pymatgen.io.cif import CifWriter
 
 from training.datasets import load_ion_data
 from training.graphs.store import GraphStore
-from training.inference import VoltageModel
-from training.model.cgcnn import CGCNNConfig
 from training.tracking import MlflowSettings
 from training.train.heads import HeadConfig
 from training.train.loop import TrainConfig
 from training.train.stage import TrainSettings, run_train_stage
+from voltage_model.models.cgcnn import CGCNNConfig
+from voltage_model.predict import VoltageModel
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_gp_heads_beside_member_heads_are_served_as_scored(tiny_data, tmp_path, 
     and its std includes the GP variance."""
     from dataclasses import replace
 
-    from training.model.gp_head import GPConfig, GPHead
+    from voltage_model.models.gp_head import GPConfig, GPHead
 
     gp = GPConfig(descriptor_weights=(0.0, 1.0), select="validation")
     gp_settings = replace(settings, gp=gp)

@@ -15,10 +15,7 @@ from typer.testing import CliRunner
 from training.datasets import load_ion_data
 from training.gp_cv import chemsys_keys
 from training.graphs.store import GraphStore
-from training.model.artifact import load_checkpoint
 from training.registry import (
-    CANDIDATE,
-    CHAMPION,
     VAL_PREDICTIONS_DIR,
     PromotionRefused,
     by_alias,
@@ -34,6 +31,8 @@ from training.transfer import (
     uncertainty_report,
 )
 from training.transfer_stage import baseline_rows, evaluate_target, selectable_kinds
+from voltage_model.artifact import load_checkpoint
+from voltage_model.naming import CANDIDATE, CHAMPION
 
 
 @pytest.fixture
@@ -78,9 +77,9 @@ def test_gp_head_transfer_freezes_backbone_and_learns(source, tiny_data, cfg):
 def test_gp_head_with_composition_serves_what_it_was_scored_with(source, tiny_data, cfg, tmp_path):
     """Descriptor heads are fitted on store graphs and served from request structures: the
     saved model, fed pymatgen structures, predicts what the transfer run scored."""
-    from training.inference import VoltageModel
-    from training.model.artifact import save_checkpoint
-    from training.model.gp_head import GPConfig
+    from voltage_model.artifact import save_checkpoint
+    from voltage_model.models.gp_head import GPConfig
+    from voltage_model.predict import VoltageModel
 
     src = load_checkpoint(source)
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
@@ -237,7 +236,7 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
 ):
     from training.baselines.models import BaselineConfig
     from training.cv_check import run_cv_stage, summarise
-    from training.model.gp_head import GPConfig
+    from voltage_model.models.gp_head import GPConfig
 
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
     store = GraphStore.load(tiny_data["graphs"])
@@ -283,9 +282,9 @@ def test_pooled_gp_transfer_adds_partner_training_crystals_and_serves_them(
     """A pooled GP head holds the ion's training crystals plus the partner's training split
     (never its validation or test crystals, whose hosts may be this ion's), and the saved
     model, fed structures, predicts what the run scored."""
-    from training.inference import VoltageModel
-    from training.model.artifact import save_checkpoint
-    from training.model.gp_head import GPConfig
+    from voltage_model.artifact import save_checkpoint
+    from voltage_model.models.gp_head import GPConfig
+    from voltage_model.predict import VoltageModel
 
     src = load_checkpoint(source)
     store = GraphStore.load(tiny_data["graphs"])
@@ -330,7 +329,7 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
     from training.baselines.models import BaselineConfig
     from training.cv_check import run_cv_stage
     from training.gp_cv import load_partners
-    from training.model.gp_head import GPConfig
+    from voltage_model.models.gp_head import GPConfig
 
     mg, na, li = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i)
                   for i in ("Mg", "Na", "Li"))  # fmt: skip
@@ -384,7 +383,7 @@ def test_pooling_is_chosen_by_cv_on_train_and_val_only(source, tiny_data):
     """The pooling choice reads the ion's train+val crystals and the partners' training split:
     scrambling the ion's test targets and the partner's val/test targets changes nothing."""
     from training.gp_cv import choose_pooling
-    from training.model.gp_head import GPConfig
+    from voltage_model.models.gp_head import GPConfig
 
     mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
     store = GraphStore.load(tiny_data["graphs"])

@@ -14,12 +14,12 @@ from conftest import REPO
 
 from training.datasets import load_ion_data
 from training.graphs.store import GraphStore
-from training.model.cgcnn import CGCNNConfig
 from training.tracking import MlflowSettings, setup_mlflow
 from training.train.heads import HeadConfig
 from training.train.loop import TrainConfig
 from training.train.stage import TrainSettings
 from training.tune import TuneSettings, run_tune
+from voltage_model.models.cgcnn import CGCNNConfig
 
 TINY_MODEL = {"atom_fea_len": 16, "h_fea_len": 16, "n_conv": 1}
 SPACE = {

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from training.baselines.features import composition_features
 from training.baselines.models import OWN_METHODS, BaselineConfig
 from training.baselines.suite import BaselineResult, run_baselines
 from training.chgnet_stage import ChgnetFeatures
@@ -46,9 +45,10 @@ from training.data.split import SPLITS, assign_groups
 from training.datasets import IonData
 from training.gp_cv import chemsys_keys
 from training.graphs.store import GraphStore
-from training.model.gp_head import GPConfig
 from training.train.core import Trained, model_predictor, score, train_from_scratch
 from training.train.stage import TrainSettings
+from voltage_model.composition import composition_features
+from voltage_model.models.gp_head import GPConfig
 
 log = logging.getLogger(__name__)
 GROUPING = "chemical system of the host without the working ion (gp_cv.chemsys_keys)"

@@ -20,10 +20,10 @@ from training.chgnet_stage import ChgnetFeatures
 from training.datasets import IonData
 from training.gp_cv import CVBackbone, host_descriptors, load_partners, pooled_by_backbone, rows_of
 from training.graphs.store import GraphStore
-from training.model.artifact import ChgnetPart, LoadedModel, blend
-from training.model.gp_head import GPConfig, fit_gp_head, head_mean_var
 from training.train.heads import with_pooled_rows
-from training.train.normalizer import Normalizer
+from voltage_model.artifact import ChgnetPart, LoadedModel, blend
+from voltage_model.models.gp_head import GPConfig, fit_gp_head, head_mean_var
+from voltage_model.normalizer import Normalizer
 
 SPLITS = ("train", "val", "test")
 #: The CHGNet head's share of the served prediction, per variant (None: no CHGNet head).
@@ -87,7 +87,7 @@ def fit_chgnet_head(
     x, y, d, tasks = with_pooled_rows(_feats(chg, hosts["train"]), desc["train"],
                                       norm.norm(y_train), pooled)  # fmt: skip
     head = fit_gp_head(x, y, gp, d, tasks).eval()
-    from training.model.chgnet_backbone import spec
+    from voltage_model.models.chgnet_backbone import spec
 
     part = ChgnetPart(head, norm, spec(), 1.0)
     preds = {}

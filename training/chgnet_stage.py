@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from training.data.records import iter_records
-from training.model import chgnet_backbone
+from voltage_model.models import chgnet_backbone
 
 log = logging.getLogger(__name__)
 

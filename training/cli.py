@@ -70,9 +70,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from training.numerics import flush_subnormals
+    from voltage_model.numerics import flush_subnormals
 
-    flush_subnormals()  # before torch creates its thread pool (training/numerics.py)
+    flush_subnormals()  # before torch creates its thread pool (voltage_model/numerics.py)
 
 
 @app.command()
@@ -418,8 +418,8 @@ def cv(
     from training.cv_check import run_cv_stage
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.model.artifact import load_checkpoint
     from training.transfer import TransferSettings
+    from voltage_model.artifact import load_checkpoint
 
     p = _require_ion(load_params(params), ion)
     transfer_cfg = TransferSettings.model_validate(p.section("transfer"))
@@ -601,9 +601,10 @@ def promote(
     candidate is worse by more than one paired standard error (the test split is never read).
     Exit status: 0 promoted, 1 refused by the gate, 2 usage error, 4 no such model or version.
     """
-    from training.registry import NoSuchVersion, PromotionRefused, model_name
+    from training.registry import NoSuchVersion, PromotionRefused
     from training.registry import promote as do_promote
     from training.tracking import MlflowSettings, setup_mlflow
+    from voltage_model.naming import model_name
 
     try:
         p = _require_ion(load_params(params), ion)
@@ -651,8 +652,9 @@ def release(
 ) -> None:  # fmt: skip
     """Write the pretrained release (release/<Ion>.pt, manifest.json, MODEL_CARD.md) from the
     served models and the reports. Run on purpose after a pipeline run; no DVC stage runs it."""
-    from training.release import ReleaseError, ReleaseInputs, ReleaseTooLarge, write_release
+    from training.release import ReleaseInputs, ReleaseTooLarge, write_release
     from training.tracking import MlflowSettings
+    from voltage_model.release import ReleaseError
 
     p = load_params(params)
     names = [i.strip() for i in ions.split(",") if i.strip()] or p.ion_names

@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.baselines.features import composition_features, featurize_cached
 from training.baselines.models import BASELINE_METHODS, OWN_METHODS, BaselineConfig
 from training.baselines.tuning import PartnerRows, fit_tuned
 from training.chgnet_stage import ChgnetFeatures
@@ -64,14 +63,15 @@ from training.gp_cv import (
     unseen_by_source,
 )
 from training.graphs.store import GraphStore
-from training.model.artifact import LoadedModel
-from training.model.gp_head import GPConfig
 from training.train.uncertainty import (
     coverage_band,
     cross_fitted_scale,
     interval_metrics,
     reliability_curve,
 )
+from voltage_model.artifact import LoadedModel
+from voltage_model.composition import composition_features, featurize_cached
+from voltage_model.models.gp_head import GPConfig
 
 log = logging.getLogger(__name__)
 GROUPINGS = ("host", "chemsys")

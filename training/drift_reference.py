@@ -178,8 +178,8 @@ def model_predictions(
     the ``chgnet_features`` stage's features): the reference for the served predictions."""
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.model.artifact import load_checkpoint
     from training.transfer_stage import served_mean_std
+    from voltage_model.artifact import load_checkpoint
 
     store = GraphStore.load(graphs_path)
     out: dict[str, dict[str, float]] = {}

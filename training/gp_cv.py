@@ -36,11 +36,11 @@ from sklearn.model_selection import GroupKFold
 
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
-from training.model.artifact import LoadedModel, ensemble_volts
-from training.model.descriptors import store_descriptors
-from training.model.gp_head import GPConfig, fit_gp_head, head_mean_var
 from training.train.heads import PooledRows, pooled_features, with_pooled_rows
-from training.train.normalizer import Normalizer
+from voltage_model.artifact import LoadedModel, ensemble_volts
+from voltage_model.models.descriptors import store_descriptors
+from voltage_model.models.gp_head import GPConfig, fit_gp_head, head_mean_var
+from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

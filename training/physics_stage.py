@@ -1,10 +1,10 @@
 """Stage ``pair_voltage``: the CHGNet physics voltage of every charged/discharged snapshot pair.
 
 Why: ``pair_voltage`` in the snapshot is the DFT voltage of exactly the step between the two
-structures, so the physics cross-check (:mod:`training.model.physics`) can be scored against it,
-and against the whole electrode's ``battery_avg_voltage`` (the learned models' target), before
-anyone reads the service's ``physics_voltage`` as evidence. Refused pairs (different frameworks,
-no insertion, structures CHGNet cannot take) are reported with the reason, never dropped.
+structures, so the physics cross-check (:mod:`voltage_model.models.physics`) can be scored against
+it, and against the whole electrode's ``battery_avg_voltage`` (the learned models' target), before
+anyone reads the service's ``physics_voltage`` as evidence. Refused pairs (different frameworks, no
+insertion, structures CHGNet cannot take) are reported with the reason, never dropped.
 
 Each distinct CIF is parsed once (charged hosts are shared across ions) with the project's
 structure reader; energies come in batched forwards. Charged-structure energies are taken from
@@ -31,8 +31,8 @@ from pymatgen.core import Structure
 from tqdm import tqdm
 
 from training.data.snapshot import PairRow, snapshot_pairs
-from training.model import chgnet_backbone, physics
-from training.structure_io import StructureInputError, parse_structure
+from voltage_model.models import chgnet_backbone, physics
+from voltage_model.structures import StructureInputError, parse_structure
 
 log = logging.getLogger(__name__)
 

@@ -17,15 +17,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from training.registry import (
-    CANDIDATE,
-    CHAMPION,
-    by_alias,
-    model_name,
-    promote,
-    register,
-)
+from training.registry import by_alias, promote, register
 from training.tracking import git_commit
+from voltage_model.naming import CANDIDATE, CHAMPION, model_name
 
 
 def file_hash(path: Path) -> str:

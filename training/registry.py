@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-CANDIDATE = "candidate"
-CHAMPION = "champion"
+from voltage_model.naming import CANDIDATE, CHAMPION, VersionInfo
 
 VAL_PREDICTIONS_DIR = "validation_predictions"
 """Artifact folder, in the run that logged a version's model, holding one CSV of the served
@@ -38,32 +37,10 @@ VAL_COLUMNS = ("battery_id", "target", "prediction")
 _TARGET_TOL = 1e-3
 
 
-def model_name(prefix: str, ion: str) -> str:
-    return f"{prefix}-{ion}"
-
-
 def _client() -> Any:
     from mlflow import MlflowClient
 
     return MlflowClient()
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    name: str
-    version: int
-    run_id: str | None
-    tags: dict[str, str]
-
-    @property
-    def test_mae(self) -> float | None:
-        """The reported test MAE (shown by the service; never read by the promotion gate)."""
-        v = self.tags.get("test_mae")
-        return float(v) if v not in (None, "") else None
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
 
 
 def _info(mv: Any) -> VersionInfo:

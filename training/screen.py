@@ -25,8 +25,9 @@ row says which tier produced its figure and keeps the tier-1 figure beside it.
 
 Throughput: pymatgen's CIF parser costs ~10 ms per structure, more than graph building and
 inference together, so CIFs in the plain P1 layout that pymatgen and Materials Project write are
-read by a small exact-path parser (``fast_p1_cif``) that falls back to pymatgen for anything
-else; parsing and graph building run in a process pool while the parent runs the model.
+read by a small exact-path parser (``fast_p1_cif``, ``voltage_model/cif.py``) that falls back to
+pymatgen for anything else; parsing and graph building run in a process pool while the parent
+runs the model.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import multiprocessing as mp
 import re
 import tarfile
@@ -52,16 +52,16 @@ import numpy as np
 import torch
 
 from training import screen_tiers as tiers
-from training.graphs.converter import CrystalGraph, GraphConverter, validate_structure
-from training.graphs.encoding import MAX_Z, element_data
-from training.graphs.store import collate
-from training.inference import VoltageModel
-from training.model.artifact import ensemble_volts
-from training.model.gp_head import head_mean_var
-from training.structure_io import (
+from voltage_model.artifact import ensemble_volts
+from voltage_model.cif import element_numbers, fast_p1_cif, served_structure
+from voltage_model.graphs.batch import collate
+from voltage_model.graphs.converter import CrystalGraph, GraphConverter, validate_structure
+from voltage_model.graphs.encoding import MAX_Z, element_data
+from voltage_model.models.gp_head import head_mean_var
+from voltage_model.predict import VoltageModel
+from voltage_model.structures import (
     MIN_DISTANCE,
     StructureInputError,
-    check_structure,
     parse_structure,
 )
 
@@ -174,161 +174,6 @@ def select_shard(ids: Iterable[str], shard: tuple[int, int] | None) -> list[str]
     return [k for k in ids if shard_of(k, n) == i]
 
 
-# =============================================================================== fast CIF
-_SYMBOL = re.compile(r"[A-Z][a-z]?")
-_CELL_KEYS = tuple(
-    f"_cell_{k}"
-    for k in ("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma")
-)
-_SYMOP_KEYS = ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz")
-_IDEAL_FRACS = (1.0 / 3.0, 2.0 / 3.0)
-_FRAC_TOL = 1e-4  # pymatgen CifParser's frac_tolerance
-
-
-_Z_OF: dict[str, int] = {}
-
-
-def _z_of() -> dict[str, int]:
-    """Element symbol -> Z (filled on first use: element data costs a mendeleev read)."""
-    if not _Z_OF:
-        _Z_OF.update({el.symbol: el.z for el in element_data()})
-    return _Z_OF
-
-
-def _cif_blocks(text: str) -> tuple[dict[str, str], list[tuple[list[str], list[str]]]] | None:
-    """(scalar tags, loops) of a one-block CIF, or None when the layout is not the plain one."""
-    scalars: dict[str, str] = {}
-    loops: list[tuple[list[str], list[str]]] = []
-    lines = text.splitlines()
-    n_blocks, i = 0, 0
-    while i < len(lines):
-        line = lines[i].strip()
-        i += 1
-        if not line or line.startswith("#"):
-            continue
-        low = line.lower()
-        if low.startswith("data_"):
-            n_blocks += 1
-        elif low == "loop_":
-            headers: list[str] = []
-            while i < len(lines) and lines[i].strip().startswith("_"):
-                headers.append(lines[i].strip().lower())
-                i += 1
-            rows: list[str] = []
-            while i < len(lines):
-                row = lines[i].strip()
-                if row.startswith(("_", ";")) or row.lower().startswith(("loop_", "data_")):
-                    break
-                if row and not row.startswith("#"):
-                    rows.append(row)
-                i += 1
-            loops.append((headers, rows))
-        elif line.startswith("_"):
-            parts = line.split(None, 1)
-            if len(parts) != 2:  # value on the next line(s): not the plain layout
-                return None
-            scalars[parts[0].lower()] = parts[1].strip()
-        else:  # text fields (;) or anything unexpected
-            return None
-    return (scalars, loops) if n_blocks == 1 else None
-
-
-def _identity_only(loops: list[tuple[list[str], list[str]]]) -> bool:
-    """True when the CIF's symmetry-operation loop holds the identity and nothing else."""
-    for headers, rows in loops:
-        if any(h in _SYMOP_KEYS for h in headers):
-            if len(rows) != 1:
-                return False
-            op = re.sub(r"[\s'\"]", "", rows[0]).lower()
-            return op.endswith("x,y,z") and (op[:-5] == "" or op[:-5].isdigit())
-    return False
-
-
-def _atom_sites(loops: list[tuple[list[str], list[str]]]) -> tuple[list[str], np.ndarray] | None:
-    """(symbols, frac coords) of the atom-site loop; None unless plain and fully occupied."""
-    z_of = _z_of()
-    for headers, rows in loops:
-        if "_atom_site_fract_x" not in headers:
-            continue
-        if "_atom_site_type_symbol" not in headers:
-            return None
-        col = {h: k for k, h in enumerate(headers)}
-        occ = col.get("_atom_site_occupancy")
-        ix = [col["_atom_site_fract_x"], col["_atom_site_fract_y"], col["_atom_site_fract_z"]]
-        symbols, coords = [], []
-        for row in rows:
-            tok = row.split()
-            if len(tok) != len(headers):
-                return None
-            sym = tok[col["_atom_site_type_symbol"]]
-            if not _SYMBOL.fullmatch(sym) or sym not in z_of:
-                return None
-            if occ is not None and float(tok[occ]) != 1.0:
-                return None
-            symbols.append(sym)
-            coords.append([float(tok[k]) for k in ix])
-        return symbols, np.asarray(coords, dtype=np.float64).reshape(-1, 3)
-    return None
-
-
-def _ideal_fracs(frac: np.ndarray) -> np.ndarray:
-    """pymatgen's rounding of coordinates within 1e-4 (relative) of 1/3 and 2/3."""
-    out = frac.copy()
-    for ideal in _IDEAL_FRACS:
-        out[np.abs(frac / ideal - 1.0) <= _FRAC_TOL] = ideal
-    return out
-
-
-def fast_p1_cif(text: str) -> tuple[list[str], np.ndarray, np.ndarray] | None:
-    """(symbols, frac coords in [0, 1), lattice matrix) of a plain P1 CIF, else None.
-
-    Plain = one data block, only the identity symmetry operation, one atom-site loop with type
-    symbols, full occupancies, no uncertainties or text fields: what pymatgen's ``CifWriter``
-    and Materials Project produce.  The result equals pymatgen's ``Structure.from_str`` up to
-    the site order (pymatgen sorts by species), which the model is invariant to.  None means
-    "use pymatgen", never "invalid".
-    """
-    try:
-        parsed = _cif_blocks(text)
-        if parsed is None:
-            return None
-        scalars, loops = parsed
-        if any(k.startswith(("_space_group_magn", "_parent_space_group")) for k in scalars):
-            return None  # magnetic CIF: pymatgen has a dedicated path
-        if not _identity_only(loops):
-            return None
-        sites = _atom_sites(loops)
-        if sites is None or not sites[0]:
-            return None
-        cell = [float(scalars[k]) for k in _CELL_KEYS]
-    except (KeyError, ValueError):
-        return None
-    if not all(math.isfinite(v) for v in cell) or not np.isfinite(sites[1]).all():
-        return None
-    from pymatgen.core import Lattice
-
-    frac = _ideal_fracs(sites[1])
-    return sites[0], frac - np.floor(frac), Lattice.from_parameters(*cell).matrix
-
-
-def served_structure(text: str, fmt: str, max_sites: int) -> Any:
-    """The ``parse_structure`` result, ~5x cheaper for plain P1 CIFs: ``fast_p1_cif`` in
-    pymatgen's site order (``get_sorted_structure``, as its CIF parser ends), same checks.
-
-    Identical species order, coordinates and lattice to ``parse_structure`` on every CIF of the
-    snapshot (7,583, compared exactly); tier 2 (``screen_tiers``) reads files with it so that
-    its figures stay the service's answers at ~2 ms of parsing instead of ~12 ms."""
-    fast = fast_p1_cif(text) if fmt == "cif" else None
-    if fast is None:
-        return parse_structure(text, fmt, max_sites)
-    from pymatgen.core import Lattice, Structure
-
-    symbols, frac, lattice = fast
-    structure = Structure(Lattice(lattice), symbols, frac).get_sorted_structure()
-    check_structure(structure, max_sites)
-    return structure
-
-
 # =============================================================================== preparation
 @dataclass(frozen=True)
 class Prepared:
@@ -417,7 +262,7 @@ def prepare(key: str, fmt: str, data: bytes) -> Prepared | Failed:
     try:
         text = data.decode("utf-8")
         symbols, cart, lattice, pbc = _arrays(text, fmt, _WORKER["max_sites"])
-        z_of = _z_of()
+        z_of = element_numbers()
         numbers = np.array([z_of[s] for s in symbols], dtype=np.int16)
         if numbers.max() > MAX_Z:
             raise StructureInputError("unknown_element", f"elements beyond Z={MAX_Z}")
@@ -475,16 +320,15 @@ def model_ident(model: VoltageModel) -> str:
 
 
 def champion_models(ions: Sequence[str], prefix: str = "electrode-voltage") -> dict[str, Any]:
-    """Each ion's registered champion (MLflow alias), unwrapped to its ``VoltageModel``."""
+    """Each ion's registered champion (MLflow alias), read as the service reads it: the
+    checkpoint alone, weights-only (``voltage_model.registry``); no logged code is executed."""
     import mlflow
 
-    from training.registry import CHAMPION, model_name
+    from voltage_model.naming import model_name
+    from voltage_model.registry import load_champion
 
-    out = {}
-    for ion in ions:
-        uri = f"models:/{model_name(prefix, ion)}@{CHAMPION}"
-        out[ion] = mlflow.pyfunc.load_model(uri).unwrap_python_model().model
-    return out
+    uri = mlflow.get_tracking_uri()
+    return {ion: load_champion(uri, model_name(prefix, ion)) for ion in ions}
 
 
 def checkpoint_models(paths: Mapping[str, Path]) -> dict[str, VoltageModel]:

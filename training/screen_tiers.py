@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.graphs.converter import CrystalGraph
-from training.graphs.store import collate
-from training.inference import VoltageModel
-from training.structure_io import StructureInputError, parse_structure
+from voltage_model.graphs.batch import collate
+from voltage_model.graphs.converter import CrystalGraph
+from voltage_model.predict import VoltageModel
+from voltage_model.structures import StructureInputError, parse_structure
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Rescorer:
 
     def _ready(self, job: Job) -> _Ready | dict[str, Any]:
         """Parsed structure and CHGNet graph, or the job's error line (screening goes on)."""
-        from training.model.chgnet_backbone import to_graph
+        from voltage_model.models.chgnet_backbone import to_graph
 
         try:
             structure = self.parse(job.data.decode("utf-8"), job.fmt, self.max_sites)
@@ -198,7 +198,7 @@ class Rescorer:
     @torch.inference_mode()
     def _predict(self, ready: Sequence[_Ready]) -> dict[str, dict[str, Any]]:
         """``VoltageModel.predict_graphs`` per ion over its rows, CHGNet features computed once."""
-        from training.model.chgnet_backbone import graph_features
+        from voltage_model.models.chgnet_backbone import graph_features
 
         feats = torch.from_numpy(graph_features([r.chgnet_graph for r in ready]))
         graphs: dict[str, dict[int, CrystalGraph]] = {}

@@ -37,9 +37,22 @@ def resolve_tracking_uri(settings: MlflowSettings, root: Path = Path(".")) -> st
     return f"sqlite:///{(root / DEFAULT_DB).resolve()}"
 
 
+def is_tracking_server(uri: str) -> bool:
+    """An ``http(s)://`` tracking server (``mlflow server``), as opposed to a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def setup_mlflow(settings: MlflowSettings, root: Path = Path(".")) -> str:
-    """Point MLflow at the store and make sure the pipeline's experiment exists; returns its id."""
+    """Point MLflow at the store and make sure the pipeline's experiment exists; returns its id.
+
+    A new experiment's artifacts go to ``mlflow.artifact_location`` when set; else, on a local
+    store, to ``work/mlflow/artifacts``; on a tracking server, wherever the server says (with
+    ``--serve-artifacts``: its object store, proxied), since a folder of this machine would be
+    unreadable from every other one. Workers started together on a fresh server race to create
+    the experiment: the loser uses the winner's.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(settings, root)
     if uri.startswith("sqlite:///"):
@@ -49,8 +62,16 @@ def setup_mlflow(settings: MlflowSettings, root: Path = Path(".")) -> str:
     if exp is not None:
         mlflow.set_experiment(settings.experiment)
         return exp.experiment_id
-    location = settings.artifact_location or (root / DEFAULT_ARTIFACTS).resolve().as_uri()
-    exp_id = mlflow.create_experiment(settings.experiment, artifact_location=location)
+    location = settings.artifact_location
+    if location is None and not is_tracking_server(uri):
+        location = (root / DEFAULT_ARTIFACTS).resolve().as_uri()
+    try:
+        exp_id = mlflow.create_experiment(settings.experiment, artifact_location=location)
+    except MlflowException:
+        exp = mlflow.get_experiment_by_name(settings.experiment)
+        if exp is None:
+            raise
+        exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

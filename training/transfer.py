@@ -6,8 +6,9 @@ the normaliser refitted on the ion's training split. Two head kinds over the sam
 
 * ``fc``: the paper's transfer learning, the MLP head (``conv_to_fc`` .. ``fc_out``) fine-tuned from
   the source head, K bootstrap heads per backbone, epoch chosen on validation;
-* ``gp``: a Gaussian-process head per backbone (``training.model.gp_head``), hyperparameters by
-  marginal likelihood on the training split alone; deterministic, so it runs once, not per seed.
+* ``gp``: a Gaussian-process head per backbone (``voltage_model.models.gp_head``),
+  hyperparameters by marginal likelihood on the training split alone; deterministic, so it runs
+  once, not per seed.
   An ion with pool partners (``ions.<ion>.pool``) adds their training crystals to its GP's rows
   (``training.train.heads.PooledRows``); ``gp_alone`` is then the same head on the ion's own
   crystals, measured beside it.
@@ -36,10 +37,6 @@ from torch import Tensor
 
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
-from training.model.artifact import LoadedModel, ensemble_volts
-from training.model.cgcnn import CGCNN, CGCNNConfig, GraphBatchLike, Head
-from training.model.descriptors import store_descriptors
-from training.model.gp_head import GPConfig, GPHead, head_mean_var
 from training.train.core import model_predictor, score, split_loader, train_from_scratch
 from training.train.heads import (
     HeadConfig,
@@ -54,8 +51,12 @@ from training.train.heads import (
 )
 from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
-from training.train.normalizer import Normalizer
 from training.train.uncertainty import calibration, fit_std_scale
+from voltage_model.artifact import LoadedModel, ensemble_volts
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, GraphBatchLike, Head
+from voltage_model.models.descriptors import store_descriptors
+from voltage_model.models.gp_head import GPConfig, GPHead, head_mean_var
+from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
 BnMode = Literal["adapt", "frozen"]

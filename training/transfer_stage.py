@@ -28,15 +28,7 @@ from training.chgnet_heads import (
 from training.chgnet_stage import ChgnetFeatures
 from training.datasets import IonData
 from training.gp_cv import choose_pooling, choose_variant
-from training.graphs.encoding import encoding_fingerprint
 from training.graphs.store import GraphStore
-from training.model.artifact import (
-    SCHEMA_VERSION,
-    ChgnetPart,
-    LoadedModel,
-    load_checkpoint,
-    save_checkpoint,
-)
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.metrics import regression_metrics
 from training.train.stage import train_elements
@@ -53,6 +45,14 @@ from training.transfer import (
     transfer,
     uncertainty_report,
 )
+from voltage_model.artifact import (
+    SCHEMA_VERSION,
+    ChgnetPart,
+    LoadedModel,
+    load_checkpoint,
+    save_checkpoint,
+)
+from voltage_model.graphs.encoding import encoding_fingerprint
 
 DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json", "data/graphs/graphs.pt")
 

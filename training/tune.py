@@ -5,6 +5,13 @@ points at the same storage and study name joins the same study, and ``MaxTrialsC
 the *total* budget. Trials report validation MAE per epoch and are pruned by the configured
 pruner. MLflow: one parent run per study, one nested run per trial (the parent's id lives in the
 study's user attributes so workers on other machines nest under it too).
+
+The budget is exact across workers: the storage numbers trials 0, 1, 2, ... atomically, and trials
+0..n_trials-1 are the budget. A worker stops once the study's finished *and running* trials fill
+it; a worker that still draws a number past it (it asked for a trial in the same instant another
+finished, or joined late) does not train: the trial is recorded as failed with user attribute
+``surplus`` and the worker stops. A worker killed mid-trial (SIGKILL, a lost machine) leaves its
+trial RUNNING: it keeps its place in the budget; Ctrl-C marks it failed, which counts as well.
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ from training.train.stage import TrainSettings
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
+SURPLUS_ATTR = "surplus"
 DEFAULT_STORAGE = Path("work/optuna/optuna.db")
+
+
+class BudgetSpent(RuntimeError):
+    """Raised by a trial numbered past the budget: other workers hold every budget slot."""
 
 
 class FloatRange(BaseModel):
@@ -179,6 +191,9 @@ def objective_factory(
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
+        if trial.number >= settings.n_trials:  # numbers are unique: the budget is 0..n-1
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise BudgetSpent(f"study budget of {settings.n_trials} trials is taken")
         overrides = suggest(trial, settings.space)
         cfg = TrainSettings.from_sections(
             base.model.to_dict(), {**base.train.to_dict(), "epochs": settings.epochs},
@@ -221,18 +236,22 @@ def run_tune(
 
     study = open_study(settings, storage_url(settings))
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    budget = MaxTrialsCallback(settings.n_trials, states=finished)
+    # Running trials count too: a worker must not start one more while its peers run the last.
+    budget = MaxTrialsCallback(settings.n_trials, states=(*finished, TrialState.RUNNING))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # ``optimize`` starts a trial before any callback can stop it, so a study that already holds
     # its budget (a rerun of the stage, or a late worker) would grow by one trial per call.
     remaining = settings.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining > 0:
-        study.optimize(
-            objective_factory(data, store, base, settings),
-            n_trials=min(n_trials or settings.n_trials, remaining),
-            callbacks=[budget],
-            catch=(FloatingPointError,),
-        )
+        try:
+            study.optimize(
+                objective_factory(data, store, base, settings),
+                n_trials=min(n_trials or settings.n_trials, remaining),
+                callbacks=[budget],
+                catch=(FloatingPointError,),
+            )
+        except BudgetSpent as exc:
+            log.info("study %s: %s by other workers; stopping", study.study_name, exc)
     else:
         log.info("study %s already holds %d finished trials", study.study_name, settings.n_trials)
     best = best_params(study)
@@ -255,7 +274,7 @@ def run_tune(
 def best_params(study: Any) -> dict[str, Any]:
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     if not done:
         raise RuntimeError(f"study {study.study_name} has no completed trial")

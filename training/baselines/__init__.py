@@ -1,7 +1,6 @@
 """Conventional-ML baselines: composition descriptors + mean/SVR/KRR/RF/GP (Zhang et al. 2022),
 tuned per ion by grouped inner CV (``fit_tuned``, also used by the CV check for nested CV)."""
 
-from training.baselines.features import composition_features, feature_names, featurize_cached
 from training.baselines.models import (
     BASELINE_METHODS,
     BaselineConfig,
@@ -12,6 +11,7 @@ from training.baselines.models import (
 )
 from training.baselines.suite import BaselineResult, run_baselines
 from training.baselines.tuning import FittedBaseline, PartnerRows, fit_fixed, fit_tuned
+from voltage_model.composition import composition_features, feature_names, featurize_cached
 
 __all__ = [
     "BASELINE_METHODS",

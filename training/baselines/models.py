@@ -30,8 +30,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVR
 
-from training.baselines.features import feature_group
-from training.model.gp_head import GPConfig
+from voltage_model.composition import feature_group
+from voltage_model.models.gp_head import GPConfig
 
 POOLED_SUFFIX = "_pooled"
 # Methods on the ion's own crystals, then the ones that also pool its partners' training crystals

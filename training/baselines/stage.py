@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from training.baselines.features import featurize_cached
 from training.baselines.models import SEED_SEP, BaselineConfig, rf_importance_groups
 from training.baselines.suite import BaselineResult, run_baselines
 from training.baselines.tuning import PartnerRows
 from training.datasets import IonData
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
+from voltage_model.composition import featurize_cached
 
 DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json")
 SPLITS = ("train", "val", "test")

@@ -49,8 +49,8 @@ from training.baselines.models import (
     make_svr,
     model_family,
 )
-from training.model.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
-from training.train.normalizer import Normalizer
+from voltage_model.models.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
+from voltage_model.normalizer import Normalizer
 
 Params = SVRParams | KRRParams | RFParams | None
 
@@ -312,7 +312,7 @@ def _choices(family: str, cfg: BaselineConfig) -> list[dict[str, Any]]:
 def _folds(groups: np.ndarray, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Grouped folds by host; none when fewer than two hosts (nothing to hold out)."""
     # Imported here: training.gp_cv imports the graph and model packages, which import
-    # training.baselines.features, so a module-level import would be circular.
+    # voltage_model.composition, so a module-level import would be circular.
     from training.gp_cv import group_folds
 
     return group_folds(list(groups), folds) if len(set(groups.tolist())) >= 2 else []

@@ -15,8 +15,8 @@ from pymatgen.core import Structure
 
 from training.config import GraphSettings
 from training.data.records import iter_records
-from training.graphs.converter import GraphConverter
 from training.graphs.store import GraphStore
+from voltage_model.graphs.converter import GraphConverter
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.graphs.converter import CrystalGraph, GraphConverter
-from training.graphs.store import collate
-from training.model.artifact import LoadedModel
-from training.model.cgcnn import mean_pool
-from training.model.gp_head import head_mean_var
+from voltage_model.artifact import LoadedModel
+from voltage_model.graphs.batch import collate
+from voltage_model.graphs.converter import CrystalGraph, GraphConverter
+from voltage_model.models.cgcnn import mean_pool
+from voltage_model.models.gp_head import head_mean_var
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.graphs.encoding import element_data
-from training.model.cgcnn import CGCNN
+from voltage_model.graphs.encoding import element_data
+from voltage_model.models.cgcnn import CGCNN
 
 # property -> unit: the four elemental properties the embedding is compared with
 PROPERTIES: dict[str, str] = {

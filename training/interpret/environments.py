@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from training.graphs.converter import CrystalGraph
-from training.graphs.encoding import MAX_Z, element_data
+from voltage_model.graphs.converter import CrystalGraph
+from voltage_model.graphs.encoding import MAX_Z, element_data
 
 OXYGEN_Z = 8
 _FALLBACK_RADIUS_A = 1.5  # for an element without a tabulated covalent radius

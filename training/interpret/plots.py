@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from training.graphs.encoding import element_data
 from training.plots import _pyplot
+from voltage_model.graphs.encoding import element_data
 
 
 def _save(fig: Any, path: Path) -> Path:

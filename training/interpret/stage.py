@@ -22,9 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from training.chgnet_stage import ChgnetFeatures
 from training.datasets import IonData, load_ion_data
-from training.graphs.converter import CrystalGraph
 from training.graphs.store import GraphStore
-from training.inference import VoltageModel
 from training.interpret import plots
 from training.interpret.activations import Activations, compute_activations
 from training.interpret.elements import PROPERTIES, embedding_analysis
@@ -33,16 +31,17 @@ from training.interpret.environments import (
     oxygen_counts_for,
     project_environments,
 )
-from training.interpret.local_voltage import (
+from training.interpret.local_fit import fit_linear, fit_local_head
+from training.tracking import MlflowSettings
+from voltage_model.graphs.converter import CrystalGraph
+from voltage_model.local_voltage import (
     CHGNET_MEAN_COLUMNS,
     ChgnetLocalHead,
     LocalVoltageHead,
     backbone_fingerprint,
-    fit_linear,
-    fit_local_head,
     mlflow_artifact_paths,
 )
-from training.tracking import MlflowSettings
+from voltage_model.predict import VoltageModel
 
 log = logging.getLogger(__name__)
 

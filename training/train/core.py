@@ -13,10 +13,10 @@ import torch
 
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
-from training.model.cgcnn import CGCNN, CGCNNConfig
 from training.train.loop import FitResult, TrainConfig, fit, predict
 from training.train.metrics import regression_metrics
-from training.train.normalizer import Normalizer
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig
+from voltage_model.normalizer import Normalizer
 
 SPLITS = ("train", "val", "test")
 

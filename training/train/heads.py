@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
-from training.model.cgcnn import CGCNN, Head
-from training.model.descriptors import store_descriptors
-from training.model.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
-from training.train.normalizer import Normalizer
+from voltage_model.models.cgcnn import CGCNN, Head
+from voltage_model.models.descriptors import store_descriptors
+from voltage_model.models.gp_head import GPConfig, GPHead, fit_gp_head, head_mean_var
+from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
 

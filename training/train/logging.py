@@ -7,9 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-import training
-import training.mlflow_model
-from training.mlflow_model import CHECKPOINT_KEY
+import voltage_model
+import voltage_model.pyfunc
+from voltage_model.naming import CHECKPOINT_KEY
 
 PYFUNC_REQUIREMENTS = (
     "torch==2.13.0",
@@ -37,9 +37,9 @@ def log_pyfunc(checkpoint: Path, example_cif: str) -> Any:
 
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=str(Path(training.mlflow_model.__file__)),
+        python_model=str(Path(voltage_model.pyfunc.__file__)),
         artifacts={CHECKPOINT_KEY: str(checkpoint)},
-        code_paths=[str(Path(training.__file__).parent)],
+        code_paths=[str(Path(voltage_model.__file__).parent)],
         signature=_signature(),
         input_example=pd.DataFrame({"structure": [example_cif], "format": ["cif"]}),
         pip_requirements=list(PYFUNC_REQUIREMENTS),

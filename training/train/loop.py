@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from training.train.metrics import regression_metrics
-from training.train.normalizer import Normalizer
+from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,7 @@ import torch
 from pymatgen.io.cif import CifWriter
 
 from training.datasets import IonData
-from training.graphs.encoding import encoding_fingerprint
 from training.graphs.store import GraphStore
-from training.model.artifact import ensemble_volts, save_checkpoint
-from training.model.cgcnn import CGCNN, CGCNNConfig, Head
-from training.model.gp_head import GPConfig, GPHead
 from training.plots import parity_plot
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.core import (
@@ -41,8 +37,12 @@ from training.train.heads import (
 )
 from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
-from training.train.normalizer import Normalizer
 from training.train.uncertainty import calibration, fit_std_scale
+from voltage_model.artifact import ensemble_volts, save_checkpoint
+from voltage_model.graphs.encoding import encoding_fingerprint
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, Head
+from voltage_model.models.gp_head import GPConfig, GPHead
+from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
 DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json", "data/graphs/graphs.pt")

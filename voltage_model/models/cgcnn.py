@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 
 class GraphBatchLike(Protocol):
-    """The slice of ``training.graphs.store.GraphBatch`` the model reads (see docs/CONTRACTS.md)."""
+    """The slice of ``voltage_model.graphs.batch.GraphBatch`` the model reads (see
+    docs/CONTRACTS.md)."""
 
     atom_fea: Tensor  # (N, 92) float32
     nbr_idx: Tensor  # (N, M) int64, batch-global atom indices

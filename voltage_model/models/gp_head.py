@@ -97,7 +97,7 @@ class GPHead(nn.Module):
     variance (observation noise included), both in normalised target units like an MLP head.
 
     A head fitted with composition descriptors also reads ``descriptors`` (the full
-    ``training.model.descriptors`` row of each crystal): it keeps columns ``desc_cols``, fills
+    ``voltage_model.models.descriptors`` row of each crystal): it keeps columns ``desc_cols``, fills
     missing values with the training medians ``desc_fill`` and appends them to the pooled vector.
     Their weight is folded into ``x_scale``; ``desc_weight`` records it for reports.
 
@@ -237,7 +237,7 @@ def fit_gp_head(
 ) -> GPHead:  # fmt: skip
     """Fit hyperparameters by marginal likelihood on (pooled vectors, normalised targets).
 
-    With ``descriptors`` (the training crystals' ``training.model.descriptors`` rows) and a
+    With ``descriptors`` (the training crystals' ``voltage_model.models.descriptors`` rows) and a
     positive weight in ``cfg.descriptor_weights``, one GP is fitted per weight and the one with
     the highest log marginal likelihood is kept (weight 0 = the pooled vector alone).
 

@@ -15,16 +15,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from pymatgen.core import Composition, Element
 
-from training.baselines.features import FEATURE_VERSION, composition_features, feature_names
+from voltage_model.composition import FEATURE_VERSION, composition_features, feature_names
 
 if TYPE_CHECKING:
-    from training.graphs.store import GraphStore
+    from voltage_model.graphs.converter import CrystalGraph
+
+
+class GraphSource(Protocol):
+    """Anything that hands out cached graphs by id (``training.graphs.store.GraphStore``)."""
+
+    def get(self, key: str) -> CrystalGraph: ...
 
 DESCRIPTOR_VERSION = FEATURE_VERSION
 
@@ -56,7 +62,7 @@ def graph_descriptors(atomic_numbers: Sequence[np.ndarray]) -> np.ndarray:
     return formula_descriptors([formula_of(z) for z in atomic_numbers])
 
 
-def store_descriptors(store: GraphStore, ids: Sequence[str]) -> np.ndarray:
+def store_descriptors(store: GraphSource, ids: Sequence[str]) -> np.ndarray:
     """Descriptors of cached graphs, from their atomic numbers."""
     return graph_descriptors([store.get(i).atomic_numbers for i in ids])
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from pymatgen.core import Structure
 
-from training.graphs.converter import CrystalGraph, GraphConverter
-from training.graphs.encoding import encoding_fingerprint, encoding_table
-from training.graphs.store import collate
-from training.model.artifact import CheckpointError, LoadedModel, load_checkpoint
+from voltage_model.artifact import CheckpointError, LoadedModel, load_checkpoint
+from voltage_model.graphs.batch import collate
+from voltage_model.graphs.converter import CrystalGraph, GraphConverter
+from voltage_model.graphs.encoding import encoding_fingerprint, encoding_table
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class VoltageModel:
         a ``ModelInput`` with CHGNet's graph too (CHGNet only for models that need it)."""
         if not self.loaded.needs_chgnet:
             return self.converter.convert(structure)
-        from training.model.chgnet_backbone import to_graph
+        from voltage_model.models.chgnet_backbone import to_graph
 
         graph = self.converter.convert(structure) if self.loaded.needs_graphs else None
         return ModelInput(graph, to_graph(structure))
@@ -110,7 +110,7 @@ class VoltageModel:
         if self.loaded.needs_chgnet:
             if not all(isinstance(g, ModelInput) and g.chgnet_graph is not None for g in graphs):
                 raise ValueError("this model serves a CHGNet head: prepare inputs with prepare()")
-            from training.model.chgnet_backbone import graph_features
+            from voltage_model.models.chgnet_backbone import graph_features
 
             feats = torch.from_numpy(graph_features([g.chgnet_graph for g in graphs]))
         with torch.inference_mode():

@@ -2,9 +2,10 @@
 
 ``mlflow.pytorch.log_model`` would torch.export a fixed-shape graph, useless for crystals of any
 size; this pyfunc instead loads the weights-only checkpoint artifact and predicts through
-``training.inference``. Input: a DataFrame with ``structure`` (text) and ``format``
+``voltage_model.predict``. Input: a DataFrame with ``structure`` (text) and ``format``
 (``cif``/``poscar``/``json``) columns; output: ``voltage`` and ``uncertainty`` in volts.
-This file is what ``log_model(python_model=...)`` records, so it must stay import-light.
+This file is what ``log_model(python_model=...)`` records, so it must stay import-light; the
+logged model carries the ``voltage_model`` package as its code (``training/train/logging.py``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-CHECKPOINT_KEY = "checkpoint"
-
 
 class VoltagePyfunc(PythonModel):
     def load_context(self, context: Any) -> None:
-        from training.inference import VoltageModel
+        from voltage_model.naming import CHECKPOINT_KEY
+        from voltage_model.predict import VoltageModel
 
         self.model = VoltageModel.from_checkpoint(context.artifacts[CHECKPOINT_KEY])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        from training.structure_io import parse_structure
+        from voltage_model.structures import parse_structure
 
         fmts = model_input["format"] if "format" in model_input else ["cif"] * len(model_input)
         structures = [

@@ -3,7 +3,8 @@
 ``V_i = v_i . W + b`` where ``v_i`` is atom i's vector after the last convolution. The CGCNN pools
 by a mean, so ``mean_i V_i = mean_i(v_i) . W + b``: fitting "the mean of the local voltages is the
 crystal voltage" is exactly an ordinary least-squares fit on the per-crystal mean atom vectors
-(the ``pooled`` features), no per-atom training loop needed.
+(the ``pooled`` features), no per-atom training loop needed (the fit is
+``training/interpret/local_fit.py``; this module is what the service applies).
 
 An ensemble checkpoint has several backbones, each with its own atom vectors, so the head holds
 one ``(W, b)`` per backbone and a site's local voltage is the mean over backbones. The mean over
@@ -30,14 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.graphs.converter import CrystalGraph
-from training.graphs.store import GraphBatch, collate
-from training.model.artifact import LoadedModel
+from voltage_model.artifact import LoadedModel
+from voltage_model.graphs.batch import GraphBatch, collate
+from voltage_model.graphs.converter import CrystalGraph
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
 
-    from training.inference import VoltageModel
+    from voltage_model.predict import VoltageModel
 
 HEAD_FORMAT = "local-voltage-head"
 HEAD_VERSION = 1
@@ -235,43 +236,6 @@ def _chgnet_head(data: Mapping[str, Any] | None) -> ChgnetLocalHead | None:
     return None if data is None else ChgnetLocalHead.from_dict(data)
 
 
-# =============================================================================== fitting
-def fit_linear(x: np.ndarray, y: np.ndarray, ridge: float = 0.0) -> tuple[np.ndarray, float]:
-    """Least squares ``y ~ x . w + b`` (bias unpenalised); ``ridge`` > 0 adds an L2 penalty on w.
-
-    ``ridge = 0`` uses ``lstsq`` (minimum-norm solution), so collinear atom-vector features, common
-    after softplus saturation, never make the fit fail.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"need x (n, F) and y (n,) with n > 0, got {x.shape} and {y.shape}")
-    if ridge <= 0:
-        design = np.hstack([x, np.ones((x.shape[0], 1))])
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        return coef[:-1], float(coef[-1])
-    xm, ym = x.mean(axis=0), y.mean()
-    xc = x - xm
-    w = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ (y - ym))
-    return w, float(ym - xm @ w)
-
-
-def fit_local_head(
-    pooled: Sequence[np.ndarray],
-    targets: np.ndarray,
-    fingerprint: str,
-    ridge: float = 0.0,
-    info: Mapping[str, Any] | None = None,
-) -> LocalVoltageHead:
-    """Fit one linear head per backbone on that backbone's per-crystal mean atom vectors."""
-    weights, biases = [], []
-    for x in pooled:
-        w, b = fit_linear(x, targets, ridge)
-        weights.append(tuple(float(v) for v in w))
-        biases.append(b)
-    return LocalVoltageHead(tuple(weights), tuple(biases), fingerprint, dict(info or {}))
-
-
 # =============================================================================== applying
 @torch.inference_mode()
 def member_atom_vectors(loaded: LoadedModel, batch: GraphBatch) -> list[Tensor]:
@@ -314,7 +278,7 @@ def explain_graph(
     """``explain`` for a structure whose input is already prepared (the service has it): the
     CGCNN head's local voltages, the CHGNet head's, or their mix with the served CHGNet share
     (the model's prediction is that mixture, so the local voltages follow it)."""
-    from training.inference import ModelInput
+    from voltage_model.predict import ModelInput
 
     loaded = voltage_model.loaded
     weight = 0.0 if loaded.chgnet is None else loaded.chgnet.weight
@@ -325,7 +289,7 @@ def explain_graph(
     if weight > 0.0:
         if head.chgnet is None or not isinstance(graph, ModelInput):
             raise ValueError("CHGNet local voltages need the CHGNet head and CHGNet's graph")
-        from training.model.chgnet_backbone import graph_outputs
+        from voltage_model.models.chgnet_backbone import graph_outputs
 
         atoms = graph_outputs([graph.chgnet_graph])[0]["atom_fea"]
         local = local + weight * head.chgnet.local(atoms)

@@ -21,14 +21,14 @@ registry must never execute code from a file).  ``heads`` lets one checkpoint ca
 one shared backbone for ensemble uncertainty without changing the schema version. Schema 2 adds
 ``members``: further whole models (other seeds) sharing config, converter and normaliser; the
 prediction is the mean over every member's heads and the spread across them is the uncertainty.
-Schema 3 allows a head to be a Gaussian-process head (``training.model.gp_head``: its state dict
-holds the fitted posterior as tensors); the uncertainty then adds each head's own posterior
+Schema 3 allows a head to be a Gaussian-process head (``voltage_model.models.gp_head``: its state
+dict holds the fitted posterior as tensors); the uncertainty then adds each head's own posterior
 variance to the spread across heads (law of total variance).
 Schema 4 lets a GP head also read composition descriptors of the crystal
-(``training.model.descriptors``, computed from the graph's atomic numbers); such a checkpoint's
-``extra["descriptor_version"]`` names the featuriser, which loading checks.
+(``voltage_model.models.descriptors``, computed from the graph's atomic numbers); such a
+checkpoint's ``extra["descriptor_version"]`` names the featuriser, which loading checks.
 Schema 5 adds an optional ``chgnet`` section: a GP head over frozen CHGNet features
-(``training.model.chgnet_backbone``) with its own normaliser, the CHGNet it was fitted on
+(``voltage_model.models.chgnet_backbone``) with its own normaliser, the CHGNet it was fitted on
 (``spec``, checked at load) and ``weight``, its share of the served prediction (1: the CHGNet head
 alone; 0.5: the equal mixture with the CGCNN ensemble)::
 
@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.model.cgcnn import CGCNN, CGCNNConfig, EnsembleHead, GraphBatchLike, Head
-from training.model.descriptors import DESCRIPTOR_VERSION, batch_descriptors
-from training.model.gp_head import GPHead, head_mean_var, is_gp_state, needs_descriptors
-from training.train.normalizer import Normalizer
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, EnsembleHead, GraphBatchLike, Head
+from voltage_model.models.descriptors import DESCRIPTOR_VERSION, batch_descriptors
+from voltage_model.models.gp_head import GPHead, head_mean_var, is_gp_state, needs_descriptors
+from voltage_model.normalizer import Normalizer
 
 CHECKPOINT_FORMAT = "electrode-voltage-cgcnn"
 SCHEMA_VERSION = 5
@@ -386,7 +386,7 @@ def _load_chgnet(section: Any, path: Path) -> ChgnetPart | None:
     if section is None:
         return None
     part = ChgnetPart.from_payload(section, str(path))
-    from training.model.chgnet_backbone import ChgnetMismatch, check_spec
+    from voltage_model.models.chgnet_backbone import ChgnetMismatch, check_spec
 
     try:
         check_spec(part.spec, str(path))

@@ -10,7 +10,7 @@ learned one. Energies are per formula unit of the host framework (the compositio
 working ion), ``dx`` is the change in working ions per framework formula unit, ``z`` the ion's
 charge and ``E(metal)`` the energy per atom of the working ion's own metal.
 
-Energies come from the pretrained CHGNet of :mod:`training.model.chgnet_backbone` (its
+Energies come from the pretrained CHGNet of :mod:`voltage_model.models.chgnet_backbone` (its
 ``e`` is eV per atom), on the structures as given: no relaxation of the electrodes, so a
 charged structure far from its own minimum makes the voltage too high. Each metal is built here
 in its ground-state prototype and relaxed once per process (cell and positions). CHGNet was
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pymatgen.core import Composition, Element, Lattice, Structure
 
-from training.model import chgnet_backbone
+from voltage_model.models import chgnet_backbone
 
 if TYPE_CHECKING:
     from chgnet.graph import CrystalGraph

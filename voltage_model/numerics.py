@@ -4,7 +4,7 @@ Why at the start: ``torch.set_flush_denormal`` sets the calling thread's FTZ/DAZ
 threads copy them only when created. torch's OpenMP workers are created by the first parallel
 op, so a flag set later (inside ``fit``, say) leaves them computing with subnormal floats, ~60x
 slower per matmul on x86. The graph converter already emits no subnormals
-(``training.graphs.converter.SUBNORMAL_FLOOR``); this keeps every other op fast as well.
+(``voltage_model.graphs.converter.SUBNORMAL_FLOOR``); this keeps every other op fast as well.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.graphs.encoding import ENCODING_VERSION, MAX_Z
+from voltage_model.graphs.encoding import ENCODING_VERSION, MAX_Z
 
 if TYPE_CHECKING:
     import torch
