@@ -1,26 +1,32 @@
-"""Composition descriptors of the charged formula for the conventional-ML baselines.
+"""Composition descriptors of the charged formula, for the baselines and the GP heads.
 
-The baselines answer "how far does composition alone get you?", so the features come from a
-maintained library (matminer) instead of hand-written tables: Magpie elemental-property
-statistics (132 columns), valence-orbital occupations (8) and stoichiometric p-norms (6).
-All of them are computed offline from data that ships inside matminer/pymatgen.
+The features are matminer's (the field's maintained library): Magpie elemental-property
+statistics (132 columns), valence-orbital occupations (8) and stoichiometric p-norms (6), with
+missing elemental data kept as NaN. They are computed here with numpy from matminer's own
+elemental table, shipped as ``data/composition_table.json`` (``scripts/make_composition_table.py``
+writes it from the installed matminer): importing matminer's featurisers pulls in scikit-learn,
+pandas and scipy.stats, seconds that a served model's cold start (the command line, a new worker)
+should not pay for a few weighted statistics. Each statistic below repeats matminer's operation
+for operation (``matminer.featurizers.utils.stats.PropertyStats``, ``ValenceOrbital``,
+``Stoichiometry``), so the numbers are identical, not just close: ``tests/test_descriptors.py``
+compares both on many formulas and checks the table against the installed matminer.
 
-Featurising ~2000 formulas takes several seconds, so `featurize_cached` keeps a compressed
+Featurising ~2000 formulas still takes a moment, so `featurize_cached` keeps a compressed
 ``.npz`` keyed by formula that every pipeline stage can share. The cache holds only plain
 numeric/unicode arrays and is read with ``allow_pickle=False``: a cache file is data, never code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from matminer.featurizers.base import BaseFeaturizer
-from matminer.featurizers.composition import ElementProperty, Stoichiometry, ValenceOrbital
 from pymatgen.core import Composition
 
 # Bump when the featuriser set or its settings change, so stale caches are recomputed.
@@ -28,25 +34,20 @@ FEATURE_VERSION = "magpie+valence+stoich/v1"
 
 MAGPIE_PREFIX = "MagpieData "
 MAGPIE_STATS = ("minimum", "maximum", "range", "mean", "avg_dev", "mode")
+#: matminer's elemental data and labels (scripts/make_composition_table.py).
+TABLE_PATH = Path(__file__).resolve().parent / "data" / "composition_table.json"
 
 
 @cache
-def _featurizers() -> tuple[BaseFeaturizer, ...]:
-    """The matminer featurisers, built once.
-
-    ``impute_nan=False`` keeps missing elemental data visible as NaN: imputation belongs in the
-    model pipeline, where it is fitted on the training split only.
-    """
-    return (
-        ElementProperty.from_preset("magpie", impute_nan=False),
-        ValenceOrbital(impute_nan=False),
-        Stoichiometry(),
-    )
+def _table() -> dict[str, Any]:
+    """The shipped elemental table, read once."""
+    return json.loads(TABLE_PATH.read_text())
 
 
 def feature_names() -> list[str]:
     """Column names of `composition_features`, in order (matminer's own labels)."""
-    return [label for f in _featurizers() for label in f.feature_labels()]
+    t = _table()
+    return t["magpie"]["labels"] + t["valence"]["labels"] + t["stoichiometry"]["labels"]
 
 
 def feature_group(name: str) -> str:
@@ -67,6 +68,79 @@ def feature_group(name: str) -> str:
     return name
 
 
+# matminer's PropertyStats, operation for operation (weights are element amounts).
+def _minimum(data: list[float], weights: Sequence[float]) -> float:
+    return min(data) if not np.any(np.isnan(data)) else float("nan")
+
+
+def _maximum(data: list[float], weights: Sequence[float]) -> float:
+    return max(data) if not np.any(np.isnan(data)) else float("nan")
+
+
+def _range(data: list[float], weights: Sequence[float]) -> float:
+    return (max(data) - min(data)) if not np.any(np.isnan(data)) else float("nan")
+
+
+def _mean(data: list[float], weights: Sequence[float]) -> float:
+    return np.average(data, weights=weights)
+
+
+def _avg_dev(data: list[float], weights: Sequence[float]) -> float:
+    return np.average(np.abs(np.subtract(data, _mean(data, weights))), weights=weights)
+
+
+def _mode(data: list[float], weights: Sequence[float]) -> float:
+    """The value of the most abundant element; the smallest among equally abundant ones."""
+    w = np.array(weights)
+    return np.array(data)[np.isclose(w, w.max())].min()
+
+
+_STATS: dict[str, Callable[[list[float], Sequence[float]], float]] = {
+    "minimum": _minimum,
+    "maximum": _maximum,
+    "range": _range,
+    "mean": _mean,
+    "avg_dev": _avg_dev,
+    "mode": _mode,
+}
+
+
+def _magpie(elements: Sequence[str], amounts: Sequence[float]) -> list[float]:
+    t = _table()["magpie"]
+    out = []
+    for prop in t["properties"]:
+        data = [t["values"][prop][el] for el in elements]
+        out.extend(_STATS[stat](data, amounts) for stat in t["stats"])
+    return out
+
+
+def _valence(elements: Sequence[str], amounts: Sequence[float]) -> list[float]:
+    t = _table()["valence"]
+
+    def avg(prop: str) -> float:
+        return _mean([t["values"][prop][el] for el in elements], amounts)
+
+    parts = {"avg": [avg(f"N{orb}Valence") for orb in t["orbitals"]]}
+    total = avg("NValence")
+    parts["frac"] = [a / total for a in parts["avg"]]
+    return [v for prop in t["props"] for v in parts[prop]]
+
+
+def _stoichiometry(comp: Composition) -> list[float]:
+    el_amt = comp.get_el_amt_dict()
+    n_atoms = sum(el_amt.values())
+    norms: list[float] = []
+    for p in _table()["stoichiometry"]["p_list"]:
+        if p == 0:
+            norms.append(len(el_amt.values()))
+            continue
+        acc = 0.0
+        for amount in el_amt.values():
+            acc += (amount / n_atoms) ** p
+        norms.append(acc ** (1.0 / p))
+    return norms
+
+
 def _featurize_one(formula: str) -> list[float]:
     """All descriptors of one formula.
 
@@ -76,7 +150,11 @@ def _featurize_one(formula: str) -> list[float]:
     comp = Composition(formula)
     if not comp.valid or comp.num_atoms <= 0:
         raise ValueError(f"not a composition of real elements: {formula!r}")
-    return [float(v) for f in _featurizers() for v in f.featurize(comp)]
+    items = list(comp.element_composition.items())
+    elements = [el.symbol for el, _ in items]
+    amounts = [amount for _, amount in items]
+    row = _magpie(elements, amounts) + _valence(elements, amounts) + _stoichiometry(comp)
+    return [float(v) for v in row]
 
 
 def composition_features(formulas: Sequence[str]) -> tuple[np.ndarray, list[str]]:
