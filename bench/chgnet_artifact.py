@@ -31,7 +31,7 @@ DATA = {
 def build(checkpoint: Path, ion: str, weight: float, out: Path) -> Path:
     """Write ``checkpoint`` plus a CHGNet GP head of ``ion`` with share ``weight`` to ``out``."""
     from training.chgnet_heads import fit_chgnet_head
-    from training.chgnet_stage import load
+    from training.chgnet_store import load
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
     from voltage_model.artifact import ChgnetPart, load_checkpoint, save_checkpoint

@@ -103,8 +103,10 @@ def real_snapshot() -> Path:
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The real data stages (ingest, clean, split, graphs) run on the mini snapshot."""
     from training.config import Params
-    from training.data.stages import run_clean, run_ingest, run_split
-    from training.graphs.stage import run_graphs
+    from training.stages.clean import run_clean
+    from training.stages.graphs import run_graphs
+    from training.stages.ingest import run_ingest
+    from training.stages.split import run_split
 
     root = tmp_path_factory.mktemp("tiny")
     snap = write_mini_snapshot(root / "snapshot", n_hosts=40)
@@ -133,7 +135,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def chgnet_features(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Real CHGNet features of every host of the mini snapshot (the ``chgnet_features`` stage)."""
-    from training.chgnet_stage import load, run_chgnet_features
+    from training.chgnet_store import load
+    from training.stages.chgnet_features import run_chgnet_features
 
     tmp = tmp_path_factory.mktemp("chgnet")
     run_chgnet_features(tiny_data["records"], tmp / "chgnet.npz", tmp / "chgnet.json")
@@ -147,10 +150,11 @@ def source(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
+    from training.stages.train import run_train_stage
     from training.tracking import MlflowSettings
     from training.train.heads import HeadConfig
     from training.train.loop import TrainConfig
-    from training.train.stage import TrainSettings, run_train_stage
+    from training.train.settings import TrainSettings
     from voltage_model.models.cgcnn import CGCNNConfig
 
     tmp = tmp_path_factory.mktemp("src")

@@ -161,16 +161,47 @@ def _covered(path: Path, deps: list[str]) -> bool:
 @pytest.mark.parametrize("stage", sorted(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]))
 def test_each_stage_depends_on_the_code_it_runs(stage: str) -> None:
     """The code a stage runs: the modules its ``voltage`` command imports, transitively, but not
-    ``training/cli.py`` itself (every stage's dispatcher: editing it would rerun everything)."""
+    ``training/cli.py`` itself nor the empty ``training/stages/__init__.py`` (every stage's
+    dispatcher and package: editing them would rerun everything)."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
     body = spec.get("do", spec)
     deps = [str(d) for d in body["deps"]]
     commands = _command_imports()
     assert stage in commands, f"no `voltage` command function named {stage}"
-    ignored = {REPO / "training" / "cli.py", REPO / "training" / "__init__.py"}
+    ignored = {REPO / "training" / "cli.py", REPO / "training" / "__init__.py",
+               REPO / "training" / "stages" / "__init__.py"}  # fmt: skip
     missing = sorted(
         p.relative_to(REPO).as_posix()
         for p in _closure(commands[stage]) - ignored
         if not _covered(p, deps)
     )
     assert not missing, f"{stage}: deps miss code the stage runs: {missing}"
+
+
+# ------------------------------------------------------------------------- stage modules
+STAGES = sorted(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_has_its_module_and_the_command_only_calls_it(stage: str) -> None:
+    """One module per DVC stage, named after it, with ``Options`` and ``run``; the ``voltage``
+    command imports that module and nothing else of ``training`` (it parses, calls, prints), and
+    passes its options positionally in the order (and under the names) of ``Options``."""
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module(f"training.stages.{stage}")
+    assert callable(module.run) and dataclasses.is_dataclass(module.Options)
+    fields = [f.name for f in dataclasses.fields(module.Options)]
+    tree = ast.parse((REPO / "training" / "cli.py").read_text())
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == stage)
+    imports = [n for n in ast.walk(func) if isinstance(n, ast.ImportFrom)]
+    assert [(n.module, [a.name for a in n.names]) for n in imports] == [
+        ("training.stages", [stage])
+    ]
+    calls = [n for n in ast.walk(func) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "Options"]  # fmt: skip
+    assert len(calls) == 1
+    for arg, field in zip(calls[0].args, fields, strict=False):
+        if isinstance(arg, ast.Name):
+            assert arg.id == field, f"{stage}: argument {arg.id} given as Options.{field}"

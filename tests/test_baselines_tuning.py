@@ -313,7 +313,7 @@ def test_cli_stage_writes_every_method_with_cv_mae_and_val_predictions(
 
     from training.cli import app
     from training.datasets import load_ion_data
-    from training.transfer_stage import baseline_rows
+    from training.stages.ion_model import baseline_rows
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -356,8 +356,8 @@ def test_cli_stage_writes_every_method_with_cv_mae_and_val_predictions(
 
 
 def test_partner_rows_are_the_partners_training_split(tmp_path: Path, ion: dict) -> None:
-    from training.baselines.stage import partner_rows
     from training.datasets import load_ion_data
+    from training.stages.baselines import partner_rows
 
     records, splits = _write_data(tmp_path, ion)
     ca = load_ion_data(records, splits, "Ca")

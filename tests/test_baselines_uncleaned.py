@@ -169,7 +169,7 @@ def test_ion_model_scores_the_baselines_on_uncleaned_rows_beside_served(
     test row, seed columns averaged; a CSV missing a row is refused."""
     from training.datasets import IonData, load_ion_data
     from training.graphs.store import GraphStore
-    from training.transfer_stage import uncleaned_test
+    from training.stages.ion_model import uncleaned_test
 
     uncleaned = load_ion_data(tiny_data["records"], tiny_data["splits_all"], "Li")
     test = uncleaned.parts["test"]

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from training.baselines.models import OWN_METHODS
-from training.chemsys_split import chemsys_split, ion_records, leak_check, row_chemsys
 from training.config import SplitSettings
 from training.data.split import SPLITS
 from training.datasets import IonData
+from training.stages.chemsys_split import chemsys_split, ion_records, leak_check, row_chemsys
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 25
@@ -46,7 +46,7 @@ def stage(tiny_data: dict, chgnet_features, tmp_path_factory: pytest.TempPathFac
     the CHGNet features of the ``chgnet_features`` stage."""
     from typer.testing import CliRunner
 
-    from training.chgnet_stage import save
+    from training.chgnet_store import save
     from training.cli import app
 
     tmp = tmp_path_factory.mktemp("chemsys")

@@ -13,7 +13,7 @@ from training.chgnet_heads import fit_chgnet_head, served_part, variant_predicti
 from training.datasets import load_ion_data
 from training.gp_cv import mixture
 from training.graphs.store import GraphStore
-from training.transfer_stage import evaluate_target, save_transfer_checkpoint, served_mean_std
+from training.stages.ion_model import evaluate_target, save_transfer_checkpoint, served_mean_std
 from voltage_model.artifact import CheckpointError, blend, load_checkpoint
 from voltage_model.models import chgnet_backbone
 from voltage_model.predict import ModelInput, VoltageModel
@@ -128,7 +128,7 @@ def test_scrambled_test_targets_leave_the_chgnet_head_unchanged(ions, store, chg
 
 
 def test_chgnet_local_voltages_average_to_the_linear_head(ions, chgnet_features, served):
-    from training.interpret.stage import InterpretSettings, fit_chgnet_local_head
+    from training.stages.interpret import InterpretSettings, fit_chgnet_local_head
     from voltage_model.local_voltage import CHGNET_MEAN_COLUMNS
 
     mg = ions["Mg"]
@@ -144,7 +144,7 @@ def test_chgnet_local_voltages_average_to_the_linear_head(ions, chgnet_features,
 
 
 def test_explain_mixes_both_heads_by_the_served_share(served, ions, chgnet_features):
-    from training.interpret.stage import InterpretSettings, fit_chgnet_local_head
+    from training.stages.interpret import InterpretSettings, fit_chgnet_local_head
     from voltage_model.local_voltage import (
         LocalVoltageHead,
         backbone_fingerprint,
@@ -174,7 +174,7 @@ def test_cv_check_adds_the_chgnet_rows_and_serves_the_average(
     """With CHGNet features the CV check scores the CHGNet GP (pooled as served, and alone) and
     the average; under the chemsys grouping an ``average``-serving ion runs both parts."""
     from training.baselines.models import BaselineConfig
-    from training.cv_check import run_cv_stage
+    from training.stages.cv import run_cv_stage
     from voltage_model.models.gp_head import GPConfig
 
     small = BaselineConfig(svr_grid={"C": [10.0]}, krr_grid={"alpha": [0.1]},

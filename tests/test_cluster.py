@@ -501,7 +501,7 @@ def test_a_worker_drawing_past_the_budget_stops_untrained(
 
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.train.stage import TrainSettings
+    from training.train.settings import TrainSettings
     from training.tune import TuneSettings, open_study, run_tune
 
     settings = TuneSettings.model_validate({

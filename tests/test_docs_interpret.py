@@ -40,7 +40,7 @@ def _split(head_mae: float, model_mae: float, n: int) -> dict[str, Any]:
 
 
 def synthetic_report(ion: str = "Mg") -> dict[str, Any]:
-    """The shape ``training.interpret.stage.run_interpret`` writes, with recognisable numbers."""
+    """The shape ``training.stages.interpret.run_interpret`` writes, with recognisable numbers."""
     return {
         "ion": ion,
         "model": {"checkpoint": f"models/ions/{ion}.pt", "n_backbones": 2},

@@ -1,4 +1,4 @@
-"""Drift maths (serving/drift.py) and the training reference (training/drift_reference.py).
+"""Drift maths (serving/drift.py) and the training reference (training/stages/drift_reference.py).
 
 The alert thresholds (PSI > 0.25, unseen share > 0.2) only mean something if the numbers behind
 them are right, so the index is checked against a hand-computed textbook value, its basic
@@ -29,7 +29,7 @@ from serving.drift import (
 )
 from training.data.records import Record, write_records
 from training.data.split import write_splits
-from training.drift_reference import (
+from training.stages.drift_reference import (
     DEFAULT_SITE_EDGES,
     DEFAULT_VOLTAGE_EDGES,
     _fractions,

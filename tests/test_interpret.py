@@ -187,7 +187,7 @@ def test_element_medians_respect_mask_and_minimum():
 
 # =============================================================================== the stage
 def test_interpret_stage_writes_figures_json_head_and_mlflow(tiny_data, tmp_path, monkeypatch):
-    from training.interpret.stage import InterpretPaths, InterpretSettings, run_interpret
+    from training.stages.interpret import InterpretPaths, InterpretSettings, run_interpret
     from training.tracking import MlflowSettings, setup_mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -54,6 +54,7 @@ ALERTS = {
     "VoltageModelReloadFailed",
     "VoltagePredictionDriftHigh",
     "VoltageUnseenElementsHigh",
+    "VoltageRequestsShed",
 }
 
 

@@ -167,7 +167,7 @@ def _features(path: Path, ids: list[str], energies: list[float]) -> Path:
 
 
 def test_stage_scores_good_pairs_and_reports_refusals(pair_snapshot, tmp_path, full) -> None:
-    from training.physics_stage import run_pair_voltage
+    from training.stages.pair_voltage import run_pair_voltage
 
     out_csv, out_json = tmp_path / "p.csv", tmp_path / "p.json"
     report = run_pair_voltage(pair_snapshot, ["Li"], out_csv, out_json, progress=False)
@@ -191,7 +191,7 @@ def test_stage_scores_good_pairs_and_reports_refusals(pair_snapshot, tmp_path, f
 
 
 def test_stage_reuses_charged_energies_only_when_they_agree(pair_snapshot, tmp_path, coo2):
-    from training.physics_stage import run_pair_voltage
+    from training.stages.pair_voltage import run_pair_voltage
 
     (e_true,) = physics.energies_per_atom([coo2])
     good = _features(tmp_path / "good.npz", ["mp-1"], [e_true])

@@ -16,7 +16,7 @@ import torch
 from training.datasets import IonData, load_ion_data
 from training.graphs.store import GraphStore
 from training.protocol import best_baseline, holm, paired_test, primary_table
-from training.transfer_stage import evaluate_target, save_transfer_checkpoint
+from training.stages.ion_model import evaluate_target, save_transfer_checkpoint
 
 
 def _scrambled(data: IonData, splits: tuple[str, ...], seed: int = 0) -> IonData:
@@ -151,10 +151,11 @@ def test_source_training_reads_no_test_label(tiny_data, tmp_path):
     checkpoint when the Li test targets are scrambled."""
     import mlflow
 
+    from training.stages.train import run_train_stage
     from training.tracking import MlflowSettings
     from training.train.heads import HeadConfig
     from training.train.loop import TrainConfig
-    from training.train.stage import TrainSettings, run_train_stage
+    from training.train.settings import TrainSettings
     from voltage_model.models.cgcnn import CGCNNConfig
     from voltage_model.models.gp_head import GPConfig
 

@@ -76,7 +76,7 @@ Publish = Callable[..., VersionInfo]
 def publish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Publish]:
     """A fresh sqlite store; ``publish(abs_err, ...)`` makes one training run that logs the
     validation predictions (prediction = target +- abs_err) and registers a version of it."""
-    from training.transfer_stage import _log_val_predictions
+    from training.stages.ion_model import _log_val_predictions
 
     uri = f"sqlite:///{tmp_path / 'reg.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -246,7 +246,7 @@ def test_register_stage_tags_test_looks_and_reported_test_mae(
 ) -> None:
     """Every ion_model run of the ion counts as one look at its test split (deleted runs too);
     other ions' runs and other stages do not."""
-    from training.register_stage import register_ion
+    from training.stages.register import register_ion
 
     client = MlflowClient()
     exp_id = mlflow.get_experiment_by_name("reg").experiment_id
@@ -283,10 +283,10 @@ def test_ion_stage_logs_the_served_models_validation_predictions(
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
     from training.registry import fetch_val_predictions, read_val_predictions, register
+    from training.stages.ion_model import run_ion_stage
     from training.tracking import MlflowSettings
     from training.train.core import split_loader
     from training.transfer import TransferSettings
-    from training.transfer_stage import run_ion_stage
     from voltage_model.artifact import load_checkpoint
 
     monkeypatch.chdir(tmp_path)  # the stage's git/dvc tags read the working directory

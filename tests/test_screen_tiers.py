@@ -51,8 +51,8 @@ def champions(
     from training.chgnet_heads import fit_chgnet_head, served_part
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
+    from training.stages.ion_model import evaluate_target, save_transfer_checkpoint
     from training.transfer import TransferSettings
-    from training.transfer_stage import evaluate_target, save_transfer_checkpoint
 
     # The settings of conftest's ``transfer_cfg`` (function-scoped, so not usable here).
     cfg = TransferSettings(seeds=[0, 1], n_heads=2, epochs=80, patience=20,

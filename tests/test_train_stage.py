@@ -12,10 +12,11 @@ from pymatgen.io.cif import CifWriter
 
 from training.datasets import load_ion_data
 from training.graphs.store import GraphStore
+from training.stages.train import run_train_stage
 from training.tracking import MlflowSettings
 from training.train.heads import HeadConfig
 from training.train.loop import TrainConfig
-from training.train.stage import TrainSettings, run_train_stage
+from training.train.settings import TrainSettings
 from voltage_model.models.cgcnn import CGCNNConfig
 from voltage_model.predict import VoltageModel
 

@@ -23,6 +23,7 @@ from training.registry import (
     promote,
     register,
 )
+from training.stages.ion_model import baseline_rows, evaluate_target, selectable_kinds
 from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
     TransferSettings,
@@ -30,7 +31,6 @@ from training.transfer import (
     transfer,
     uncertainty_report,
 )
-from training.transfer_stage import baseline_rows, evaluate_target, selectable_kinds
 from voltage_model.artifact import load_checkpoint
 from voltage_model.naming import CANDIDATE, CHAMPION
 
@@ -235,7 +235,7 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
     source, tiny_data, tmp_path
 ):
     from training.baselines.models import BaselineConfig
-    from training.cv_check import run_cv_stage, summarise
+    from training.stages.cv import run_cv_stage, summarise
     from voltage_model.models.gp_head import GPConfig
 
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
@@ -327,8 +327,8 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
     import csv
 
     from training.baselines.models import BaselineConfig
-    from training.cv_check import run_cv_stage
     from training.gp_cv import load_partners
+    from training.stages.cv import run_cv_stage
     from voltage_model.models.gp_head import GPConfig
 
     mg, na, li = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i)
@@ -438,7 +438,7 @@ def test_baseline_rows_summarise_a_seeded_baseline_over_its_seed_columns(tiny_da
 
 
 def test_source_ion_is_scored_as_an_ensemble_and_one_member_at_a_time(source, tiny_data):
-    from training.transfer_stage import evaluate_source
+    from training.stages.ion_model import evaluate_source
 
     li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
     report = evaluate_source(li, GraphStore.load(tiny_data["graphs"]), source)

@@ -17,7 +17,7 @@ from training.graphs.store import GraphStore
 from training.tracking import MlflowSettings, setup_mlflow
 from training.train.heads import HeadConfig
 from training.train.loop import TrainConfig
-from training.train.stage import TrainSettings
+from training.train.settings import TrainSettings
 from training.tune import TuneSettings, run_tune
 from voltage_model.models.cgcnn import CGCNNConfig
 

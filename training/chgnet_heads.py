@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.chgnet_stage import ChgnetFeatures
+from training.chgnet_store import ChgnetFeatures
 from training.datasets import IonData
 from training.gp_cv import CVBackbone, host_descriptors, load_partners, pooled_by_backbone, rows_of
 from training.graphs.store import GraphStore

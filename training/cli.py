@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from training.config import Params, load_params
+from training.config import Params, UsageError, load_params
 from training.data.ingest import DataSourceError
 
 if TYPE_CHECKING:
-    from training.datasets import IonData
+    pass
 
 app = typer.Typer(help="Electrode voltage platform: pipeline stages.", no_args_is_help=True)
 
@@ -42,10 +42,6 @@ RecordsAllOpt = Annotated[
 SplitsAllOpt = Annotated[
     Path | None, typer.Option(help="split of every ingested row: also score uncleaned test")
 ]
-
-
-class UsageError(Exception):
-    """A problem the user can fix: printed without a traceback, exit status 2."""
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,9 +79,9 @@ def ingest(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Read the MP source (snapshot, or MP API with MP_API_KEY), validate, write records."""
-    from training.data.stages import run_ingest
+    from training.stages import ingest as stage
 
-    report = run_ingest(load_params(params), out, reports)
+    report = stage.run(stage.Options(out, reports, params))
     for ion in report.ions:
         typer.echo(f"{ion}: {report.valid[ion]} valid, {len(report.bad[ion])} reported invalid")
 
@@ -101,9 +97,9 @@ def clean(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Apply the per-ion k-sigma outlier rule, its thresholds fitted on training rows."""
-    from training.data.stages import run_clean
+    from training.stages import clean as stage
 
-    res = run_clean(load_params(params), records, splits_all, out, splits_out, report)
+    res = stage.run(stage.Options(records, splits_all, out, splits_out, report, params))
     for ion, st in res.items():
         typer.echo(f"{ion}: kept {st['kept']}, removed {st['removed']} (k={st['k']})")
 
@@ -117,9 +113,9 @@ def split(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Seeded per-ion split of every ingested row, grouped by charged_id across ions."""
-    from training.data.stages import run_split
+    from training.stages import split as stage
 
-    for ion, sizes in run_split(load_params(params), records, out, report).items():
+    for ion, sizes in stage.run(stage.Options(records, out, report, params)).items():
         typer.echo(f"{ion}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
 
 
@@ -132,10 +128,9 @@ def graphs(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Build the crystal graph of every distinct charged structure once."""
-    from training.graphs.stage import run_graphs
+    from training.stages import graphs as stage
 
-    p = load_params(params)
-    res = run_graphs(p.graph, records, out, report, workers=p.data.workers)
+    res = stage.run(stage.Options(records, out, report, params))
     typer.echo(f"{res['structures']} graphs in {res['seconds']} s, {len(res['skipped'])} skipped")
 
 
@@ -147,9 +142,9 @@ def chgnet_features(
     report: Annotated[Path, typer.Option(help="stage report (JSON)")],
 ) -> None:
     """Frozen CHGNet features of every distinct charged host, once per pipeline."""
-    from training.chgnet_stage import run_chgnet_features
+    from training.stages import chgnet_features as stage
 
-    res = run_chgnet_features(records, out, report)
+    res = stage.run(stage.Options(records, out, report))
     typer.echo(f"{res['hosts']} hosts in {res['seconds']} s, {len(res['failed'])} failed")
 
 
@@ -180,25 +175,13 @@ def baselines(
     """Mean, SVR, KRR, random forest and a GP on composition features (plus pooled variants
     for ions with pool partners), tuned per ion by grouped CV on train+val, same splits as the
     CGCNN; optionally also predicting the test rows before cleaning (nothing refitted)."""
-    from training.baselines.models import BaselineConfig
-    from training.baselines.stage import run_baseline_stage
-    from training.datasets import load_ion_data
-    from training.tracking import MlflowSettings
+    from training.stages import baselines as stage
 
-    p = _require_ion(load_params(params), ion)
-    data = load_ion_data(records, splits, ion)
-    res = run_baseline_stage(
-        data,
-        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
-        MlflowSettings.model_validate(p.section("mlflow")),
-        features_cache,
-        metrics,
-        predictions,
-        val_predictions,
-        partners=_pool_partners(p, ion, records, splits),
-        uncleaned=_uncleaned(records_all, splits_all, ion),
-        uncleaned_predictions_out=uncleaned_predictions,
+    opts = stage.Options(
+        ion, records, splits, features_cache, metrics, predictions, val_predictions, records_all,
+        splits_all, uncleaned_predictions, params,
     )
+    res = stage.run(opts)
     for name, per_split in res.items():
         typer.echo(f"{ion} {name}: test MAE {per_split['test']['mae']:.3f} V")
 
@@ -220,31 +203,12 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Train the CGCNN from scratch on one ion, with a head ensemble for uncertainty."""
-    import json
+    from training.stages import train as stage
 
-    from training.datasets import load_ion_data
-    from training.graphs.store import GraphStore
-    from training.tracking import MlflowSettings
-    from training.train.stage import TrainSettings, run_train_stage
-
-    p = _require_ion(load_params(params), ion)
-    best = json.loads(best_params.read_text()) if best_params else None
-    settings = TrainSettings.from_sections(
-        p.section("model"), p.section("train"), p.section("ensemble"), best
+    opts = stage.Options(
+        ion, records, splits, graphs, checkpoint, metrics, plot, best_params, epochs, params,
     )
-    if epochs is not None:
-        from dataclasses import replace
-
-        settings = replace(settings, train=replace(settings.train, epochs=epochs))
-    report = run_train_stage(
-        load_ion_data(records, splits, ion),
-        GraphStore.load(graphs),
-        settings,
-        MlflowSettings.model_validate(p.section("mlflow")),
-        checkpoint,
-        metrics,
-        plot,
-    )
+    report = stage.run(opts)
     ens, single = report["ensemble"]["test"], report["single_model"]["test"]
     typer.echo(
         f"{ion}: test MAE {ens['mae']:.3f} V (ensemble), {single['mae']:.3f} V (single model); "
@@ -269,24 +233,9 @@ def tune(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Optuna study on the ion's validation MAE; run it on several machines to scale out."""
-    from training.datasets import load_ion_data
-    from training.graphs.store import GraphStore
-    from training.tracking import MlflowSettings, setup_mlflow
-    from training.train.stage import TrainSettings
-    from training.tune import TuneSettings, run_tune, study_key
+    from training.stages import tune as stage
 
-    p = _require_ion(load_params(params), ion)
-    settings = TuneSettings.model_validate(p.section("tune"))
-    if storage:
-        settings = settings.model_copy(update={"storage": storage})
-    base = TrainSettings.from_sections(
-        p.section("model"), p.section("train"), p.section("ensemble")
-    )
-    settings = settings.model_copy(update={"study_name": study_key(settings, base, splits)})
-    setup_mlflow(MlflowSettings.model_validate(p.section("mlflow")))
-    best = run_tune(
-        load_ion_data(records, splits, ion), GraphStore.load(graphs), base, settings, out, n_trials
-    )
+    best = stage.run(stage.Options(ion, records, splits, graphs, out, storage, n_trials, params))
     typer.echo(
         f"{ion}: best val MAE {best['value']:.3f} V (trial {best['trial']}), {best['states']}"
     )
@@ -314,32 +263,13 @@ def ion_model(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Transfer learning (or, for the source ion, evaluation) and the comparison for one ion."""
-    from training.datasets import load_ion_data
-    from training.graphs.store import GraphStore
-    from training.tracking import MlflowSettings
-    from training.transfer import TransferSettings
-    from training.transfer_stage import run_ion_stage
+    from training.stages import ion_model as stage
 
-    p = _require_ion(load_params(params), ion)
-    if baselines_uncleaned is not None and splits_all is None:
-        raise UsageError("--baselines-uncleaned needs --records-all and --splits-all")
-    report = run_ion_stage(
-        load_ion_data(records, splits, ion),
-        GraphStore.load(graphs),
-        p.source_ion,
-        source_checkpoint,
-        baselines,
-        TransferSettings.model_validate(p.section("transfer")),
-        MlflowSettings.model_validate(p.section("mlflow")),
-        checkpoint,
-        metrics,
-        predictions,
-        _pool_partners(p, ion, records, splits),
-        _source_train_hosts(p, records, splits),
-        _uncleaned(records_all, splits_all, ion),
-        baselines_uncleaned,
-        _chgnet(chgnet_features),
-    )  # fmt: skip
+    opts = stage.Options(
+        ion, records, splits, graphs, source_checkpoint, baselines, checkpoint, metrics,
+        predictions, records_all, splits_all, baselines_uncleaned, chgnet_features, params,
+    )
+    report = stage.run(opts)
     for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test_mae_mean"]):
         typer.echo(
             f"{ion} {name:20s} test MAE {m['test_mae_mean']:.3f} +- {m['test_mae_std']:.3f} V"
@@ -362,26 +292,12 @@ def chemsys_split(
 ) -> None:
     """One CGCNN, the composition baselines (and the CHGNet GP and its average with the CGCNN)
     on a split grouped by chemical system, scored once on its test part."""
-    import json
-    from dataclasses import replace
+    from training.stages import chemsys_split as stage
 
-    from training.baselines.models import BaselineConfig
-    from training.chemsys_split import ion_records, run_chemsys_split
-    from training.graphs.store import GraphStore
-    from training.train.stage import TrainSettings
-    from training.transfer import TransferSettings
-
-    p = _require_ion(load_params(params), ion)
-    best = json.loads(best_params.read_text()) if best_params else None
-    settings = TrainSettings.from_sections(p.section("model"), p.section("train"), {}, best)
-    if p.chemsys_split.epochs is not None:
-        settings = replace(settings, train=replace(settings.train, epochs=p.chemsys_split.epochs))
-    report = run_chemsys_split(
-        ion, ion_records(records, ion), GraphStore.load(graphs), p.split, settings,
-        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
-        out, predictions, _chgnet(chgnet_features),
-        TransferSettings.model_validate(p.section("transfer")).chgnet.gp,
-    )  # fmt: skip
+    opts = stage.Options(
+        ion, records, graphs, out, predictions, best_params, chgnet_features, params,
+    )
+    report = stage.run(opts)
     typer.echo(f"{ion}: {report['n']} crystals in {report['n_chemsys']} chemical systems")
     for name, m in sorted(report["methods"].items(), key=lambda kv: kv[1]["test"]["mae"]):
         typer.echo(f"{ion} {name:8s} test MAE {m['test']['mae']:.3f} V")
@@ -414,25 +330,13 @@ def cv(
 ) -> None:
     """Leak-free grouped CV (by host and by chemical system) over the ion's whole data: GP
     transfer vs the tuned baselines, with uncertainty scores."""
-    from training.baselines.models import BaselineConfig
-    from training.cv_check import run_cv_stage
-    from training.datasets import load_ion_data
-    from training.graphs.store import GraphStore
-    from training.transfer import TransferSettings
-    from voltage_model.artifact import load_checkpoint
+    from training.stages import cv as stage
 
-    p = _require_ion(load_params(params), ion)
-    transfer_cfg = TransferSettings.model_validate(p.section("transfer"))
-    source = None if ion == p.source_ion else load_checkpoint(source_checkpoint)
-    report = run_cv_stage(
-        load_ion_data(records, splits, ion), GraphStore.load(graphs), p.source_ion,
-        source, features_cache,
-        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer").get("gp")),
-        transfer_cfg.gp, int(p.section("cv")["folds"]), out,
-        _pool_partners(p, ion, records, splits), _source_train_hosts(p, records, splits),
-        rows_out, plot, *_served_and_best(ion_metrics, baseline_metrics),
-        p.section("cv").get("backbones"), _chgnet(chgnet_features), transfer_cfg.chgnet.gp,
-    )  # fmt: skip
+    opts = stage.Options(
+        ion, records, splits, graphs, source_checkpoint, features_cache, out, rows_out, plot,
+        ion_metrics, baseline_metrics, chgnet_features, params,
+    )
+    report = stage.run(opts)
     if "groupings" not in report:
         typer.echo(f"{ion}: {report['not_applicable']}")
         return
@@ -454,23 +358,9 @@ def compare(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """The methods x ions table and the grid of parity plots."""
-    import mlflow
+    from training.stages import compare as stage
 
-    from training.compare import run_compare
-    from training.tracking import MlflowSettings, setup_mlflow, standard_tags
-
-    p = load_params(params)
-    ions = p.ion_names
-    run_compare(
-        [metrics_dir / f"ion_{i}.json" for i in ions],
-        [predictions_dir / f"ion_{i}.csv" for i in ions],
-        table, markdown, plot, summary,
-    )  # fmt: skip
-    setup_mlflow(MlflowSettings.model_validate(p.section("mlflow")))
-    with mlflow.start_run(run_name="compare"):
-        mlflow.set_tags({"stage": "compare", **standard_tags()})
-        for path in (table, markdown, plot, summary):
-            mlflow.log_artifact(str(path))
+    stage.run(stage.Options(metrics_dir, predictions_dir, table, markdown, plot, summary, params))
     typer.echo(markdown.read_text())
 
 
@@ -482,15 +372,15 @@ def docs(
     check: Annotated[bool, typer.Option(help="only check; exit 1 when anything is stale")] = False,
 ) -> None:
     """Render every run-derived figure of README.md and docs/results.md from the reports."""
-    from training.docs_report import problems, render
+    from training.stages import docs as stage
 
+    opts = stage.Options(reports, root)
     if check:
-        found = problems(root, reports)
+        found = stage.stale(opts)
         for line in found:
             typer.echo(line, err=True)
         raise typer.Exit(1 if found else 0)
-    for path, text in render(root, reports).items():
-        path.write_text(text)
+    for path in stage.run(opts):
         typer.echo(f"wrote {path}")
 
 
@@ -515,13 +405,12 @@ def pair_voltage(
 ) -> None:
     """Physics cross-check: CHGNet voltage of every charged/discharged snapshot pair of the
     configured ions, scored against pair_voltage and battery_avg_voltage."""
-    from training.physics_stage import run_pair_voltage
+    from training.stages import pair_voltage as stage
 
-    p = load_params(params)
-    report = run_pair_voltage(
-        snapshot_dir or p.data.snapshot_dir, p.ion_names, out, summary, features, sample, seed,
-        progress,
-    )  # fmt: skip
+    opts = stage.Options(
+        out, summary, features, snapshot_dir, sample, seed, progress, params,
+    )
+    report = stage.run(opts)
     for ion, s in [*report["per_ion"].items(), ("all", report["overall"])]:
         mae_p, mae_a = s["mae_vs_pair_voltage"], s["mae_vs_battery_avg_voltage"]
         typer.echo(f"{ion}: {s['n_scored']} of {s['n']} scored, MAE vs pair_voltage {mae_p} V, "
@@ -540,10 +429,9 @@ def protocol(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """The protocol's primary comparison: served vs best inner-CV baseline, paired, Holm."""
-    from training.protocol import run_protocol
+    from training.stages import protocol as stage
 
-    p = load_params(params)
-    run_protocol(p.ion_names, p.source_ion, metrics_dir, predictions_dir, cv_dir, out, markdown)
+    stage.run(stage.Options(metrics_dir, predictions_dir, cv_dir, out, markdown, params))
     typer.echo(markdown.read_text())
 
 
@@ -557,35 +445,13 @@ def register(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Register every ion's changed model (alias candidate); first run promotes champions."""
-    import hashlib
-    import json
+    from training.stages import register as stage
 
-    from training.data.split import load_splits
-    from training.register_stage import register_ion
-    from training.tracking import MlflowSettings, dataset_version, setup_mlflow
-
-    p = load_params(params)
-    mls = MlflowSettings.model_validate(p.section("mlflow"))
-    experiment_id = setup_mlflow(mls)  # where the ion_model runs (the test looks) are counted
-    auto = bool(p.section("registry").get("auto_promote_first", True))
-    split_ids = load_splits(splits)
-    data_hash = dataset_version(Path("."), ("data/clean/records.jsonl.gz",)).get(
-        "data/clean/records.jsonl.gz", "unknown"
-    )
-    out = {}
-    for ion in p.ion_names:
-        report = json.loads((metrics_dir / f"ion_{ion}.json").read_text())
-        test_ids = "\n".join(sorted(split_ids[ion]["test"]))
-        split_hash = hashlib.sha256(test_ids.encode()).hexdigest()[:16]
-        out[ion] = register_ion(
-            ion, report, models_dir / f"{ion}.pt", mls.model_name_prefix, split_hash,
-            data_hash, auto, experiment_id=experiment_id,
-        )  # fmt: skip
-        r = out[ion]
+    def echo(r: dict[str, Any]) -> None:
         typer.echo(f"{r['name']}: v{r['version']} (new: {r['registered_now']}), "
                    f"champion v{r['champion']}")  # fmt: skip
-    receipt.parent.mkdir(parents=True, exist_ok=True)
-    receipt.write_text(json.dumps(out, indent=2) + "\n")
+
+    stage.run(stage.Options(metrics_dir, models_dir, splits, receipt, params), on_ion=echo)
 
 
 @app.command()
@@ -709,18 +575,12 @@ def drift_reference(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Per-ion training-data statistics the service compares live traffic against (drift)."""
-    from training.drift_reference import build_from_files, model_predictions, write_reference
+    from training.stages import drift_reference as stage
 
-    predictions: Path | dict | None = predictions_json
-    if models_dir is not None:
-        if graphs is None:
-            raise UsageError("--models-dir needs --graphs")
-        ions = [i for i in load_params(params).ion_names if (models_dir / f"{i}.pt").is_file()]
-        checkpoints = {i: models_dir / f"{i}.pt" for i in ions}
-        predictions = model_predictions(records, splits, graphs, checkpoints,
-                                        _chgnet(chgnet_features))  # fmt: skip
-    stats = build_from_files(records, splits, predictions)
-    write_reference(out, stats)
+    opts = stage.Options(
+        records, splits, out, graphs, models_dir, predictions_json, chgnet_features, params,
+    )
+    stats = stage.run(opts)
     for ion, entry in stats.items():
         typer.echo(f"{ion}: n={entry['n']}, {len(entry['elements'])} elements")
 
@@ -741,16 +601,13 @@ def interpret(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """What the model learned (paper Fig. 3): embeddings, local voltages, environments, RF."""
-    from training.interpret.stage import InterpretPaths, InterpretSettings, run_interpret
-    from training.tracking import MlflowSettings
+    from training.stages import interpret as stage
 
-    p = _require_ion(load_params(params), ion)
-    report = run_interpret(
+    opts = stage.Options(
         ion, checkpoint, records, splits, graphs, baselines_metrics,
-        InterpretPaths(plots_dir, metrics, head),
-        InterpretSettings.model_validate(p.section("interpret")),
-        MlflowSettings.model_validate(p.section("mlflow")), _chgnet(chgnet_features),
-    )  # fmt: skip
+        stage.InterpretPaths(plots_dir, metrics, head), chgnet_features, params,
+    )
+    report = stage.run(opts)
     for name, claim in report["claims"].items():
         typer.echo(f"{ion} {name}: {'held' if claim['held'] else 'NOT held'}")
 
@@ -776,10 +633,19 @@ def screen(
              "champion as served (0: none)")] = 1000,
     rescore_uncertain: Annotated[int, typer.Option(
         help="tier 2: ... and the K most uncertain tier-1 figures (0: none)")] = 500,
+    engine: Annotated[str, typer.Option(
+        help="local: this machine, --workers processes; ray: a Ray cluster (same outputs)")
+    ] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="ray: 'auto' (the cluster this machine joined with ray start) or HOST:PORT of its "
+             "head; unset: a private Ray on this machine")] = None,
+    ray_actors: Annotated[int | None, typer.Option(
+        help="ray: actors, one core each (default: one per CPU of the cluster)")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:  # fmt: skip
     """Rank candidate structures by predicted voltage per ion (resumable, shardable); champions
-    serving a CHGNet head re-score their top and most uncertain candidates (tier 2)."""
+    serving a CHGNet head re-score their top and most uncertain candidates (tier 2).
+    ``--engine ray`` runs the batches on a Ray cluster (docs/interpretability.md, screening)."""
     from training.screen import (
         Rescore,
         champion_models,
@@ -794,6 +660,15 @@ def screen(
         rescore = Rescore(rescore_top, rescore_uncertain)
     except ValueError as exc:  # checked before any model is loaded
         raise UsageError(str(exc).replace("rescore_", "--rescore-")) from None
+    if engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "ray":
+        from training.screen_ray import RayMissingError, require_ray
+
+        try:
+            require_ray()
+        except RayMissingError as exc:
+            raise UsageError(str(exc)) from None
 
     p = load_params(params)
     names = [i.strip() for i in ions.split(",") if i.strip()] or p.ion_names
@@ -805,18 +680,25 @@ def screen(
         if not sep or ion not in names:
             raise UsageError(f"--checkpoint wants ION=PATH for one of {names}, got {spec!r}")
         paths[ion] = Path(path)
-    models = checkpoint_models(paths)
     rest = [i for i in names if i not in paths]
+    prefix = ""
     if rest:
         mls = MlflowSettings.model_validate(p.section("mlflow"))
         setup_mlflow(mls)
-        models.update(champion_models(rest, mls.model_name_prefix))
+        prefix = mls.model_name_prefix
     try:
-        res = run_screen(
-            inputs, names, models, out, summary, threshold=threshold, batch_size=batch_size,
-            shard=parse_shard(shard), resume=resume, workers=workers, progress=progress,
-            rescore=rescore,
-        )  # fmt: skip
+        kw = {"threshold": threshold, "batch_size": batch_size, "shard": parse_shard(shard),
+              "resume": resume, "progress": progress, "rescore": rescore}  # fmt: skip
+        if engine == "ray":
+            from training.screen_ray import RaySettings, checkpoint_blobs, run_screen_ray
+
+            settings = RaySettings(address=ray_address, actors=ray_actors)
+            blobs = checkpoint_blobs(paths, rest, prefix)
+            res = run_screen_ray(inputs, names, blobs, out, summary, settings, **kw)
+        else:
+            models = checkpoint_models(paths)
+            models.update(champion_models(rest, prefix) if rest else {})
+            res = run_screen(inputs, names, models, out, summary, workers=workers, **kw)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     typer.echo(f"{res['n_predicted']} predicted, {res['n_errors']} unusable (see errors CSV)")
@@ -844,65 +726,8 @@ def screen_merge(
         typer.echo(line)
 
 
-def _pool_partners(p: Params, ion: str, records: Path, splits: Path) -> list[IonData]:
-    """The data of the ions whose training crystals ``ion``'s GP heads pool (``ions.*.pool``):
-    the ion-model and cv stages must pool the same ones."""
-    from training.datasets import load_ion_data
-
-    return [load_ion_data(records, splits, other) for other in p.pool_partners(ion)]
-
-
-def _served_and_best(
-    ion_metrics: Path | None, baseline_metrics: Path | None
-) -> tuple[tuple[str, str, bool], str]:
-    """The CV columns of what the ion_model stage serves (served, CGCNN GP, whether the CHGNet
-    head pools) and the baselines stage's best baseline by inner CV (defaults without the
-    reports: the pooled CGCNN GP, KRR)."""
-    import json
-
-    from training.protocol import best_baseline, served_cv_columns
-
-    served, best = ("transfer_gp", "transfer_gp", False), "krr"
-    if ion_metrics is not None and ion_metrics.is_file():
-        served = served_cv_columns(json.loads(ion_metrics.read_text()))
-    if baseline_metrics is not None and baseline_metrics.is_file():
-        best = best_baseline(json.loads(baseline_metrics.read_text()))[0]
-    return served, best
-
-
-def _uncleaned(records_all: Path | None, splits_all: Path | None, ion: str) -> IonData | None:
-    """The ion's rows before cleaning, split as the cleaned ones (None without both files)."""
-    from training.datasets import load_ion_data
-
-    if (records_all is None) != (splits_all is None):
-        raise UsageError("--records-all and --splits-all go together")
-    if records_all is None or splits_all is None:
-        return None
-    return load_ion_data(records_all, splits_all, ion)
-
-
-def _source_train_hosts(p: Params, records: Path, splits: Path) -> frozenset[str]:
-    """The hosts the source backbones trained on: a CV scores no crystal on one of them."""
-    from training.datasets import load_ion_data
-
-    return frozenset(load_ion_data(records, splits, p.source_ion).host_ids("train"))
-
-
-def _chgnet(path: Path | None) -> Any:
-    """The CHGNet features of the ``chgnet_features`` stage (None: not given)."""
-    if path is None:
-        return None
-    from training.chgnet_stage import load
-
-    if not path.is_file():
-        raise UsageError(f"CHGNet features not found: {path} (run the chgnet_features stage)")
-    return load(path)
-
-
 def _require_ion(p: Params, ion: str) -> Params:
-    if ion not in p.ions:
-        raise UsageError(f"ion {ion!r} is not enabled in params.yaml (ions: {p.ion_names})")
-    return p
+    return p.require_ion(ion)
 
 
 def main() -> None:

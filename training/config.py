@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+class UsageError(Exception):
+    """A problem the user can fix (bad option, missing input): the CLI prints it without a
+    traceback and exits with status 2."""
+
+
 class _Strict(BaseModel):
     """Base: unknown keys are errors, so a misspelt setting is never silently ignored."""
 
@@ -82,6 +87,59 @@ class ChemsysSplitSettings(_Strict):
     )
 
 
+class MlflowSettings(_Strict):
+    """``mlflow``: the tracking store and the registered models' name prefix."""
+
+    tracking_uri: str | None = None
+    experiment: str = "electrode-voltage"
+    artifact_location: str | None = None
+    model_name_prefix: str = "electrode-voltage"
+
+class FloatRange(_Strict):
+    low: float
+    high: float
+    log: bool = False
+
+
+class SearchSpace(_Strict):
+    """Each key is a train.* or model.* setting; ranges or lists of choices."""
+
+    lr: FloatRange = FloatRange(low=5e-4, high=5e-3, log=True)
+    weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-3, log=True)
+    batch_size: list[int] = [32, 64, 128]
+    atom_fea_len: list[int] = [64]
+    h_fea_len: list[int] = [64, 128]
+    n_conv: list[int] = [3]
+
+
+class TuneSettings(_Strict):
+    """``tune``: the Optuna study of the source ion's CGCNN."""
+
+    study_name: str = "cgcnn-Li"
+    storage: str | None = None
+    n_trials: int = Field(default=8, ge=1)
+    epochs: int = Field(default=30, ge=1)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    n_startup_trials: int = 2
+    n_warmup_steps: int = 8
+    sampler_seed: int = 0
+    space: SearchSpace = SearchSpace()
+
+class InterpretSettings(_Strict):
+    """``interpret``: what the interpretation stage fits and plots."""
+
+
+    head_target: Literal["dft", "model"] = "dft"  # fit local voltages to DFT or to the model
+    ridge: float = Field(default=0.0, ge=0)
+    o_bond_tolerance: float = Field(default=1.3, gt=0)
+    min_o_neighbors: int = Field(default=2, ge=1)
+    min_sites_per_element: int = Field(default=5, ge=1)
+    tsne_max_points: int = Field(default=3000, ge=10)
+    tsne_perplexity: float = Field(default=30.0, gt=0)
+    batch_size: int = Field(default=128, ge=1)
+    seed: int = 0
+
+
 class Params(BaseModel):
     """The whole ``params.yaml``. Sections owned by later stages are validated by their stage."""
 
@@ -93,6 +151,9 @@ class Params(BaseModel):
     split: SplitSettings = SplitSettings()
     graph: GraphSettings = GraphSettings()
     chemsys_split: ChemsysSplitSettings = ChemsysSplitSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    tune: TuneSettings = TuneSettings()
+    interpret: InterpretSettings = InterpretSettings()
 
     @model_validator(mode="after")
     def _source_ion_enabled(self) -> Params:
@@ -116,8 +177,17 @@ class Params(BaseModel):
         return [i for i, s in self.ions.items()
                 if s.pool == label and i not in (ion, self.source_ion)]  # fmt: skip
 
+    def require_ion(self, ion: str) -> Params:
+        """``self``, or a ``UsageError`` when ``ion`` is not enabled."""
+        if ion not in self.ions:
+            raise UsageError(f"ion {ion!r} is not enabled in params.yaml (ions: {self.ion_names})")
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
-        """A raw section owned by a later stage (parsed by that stage's own typed config)."""
+        """A section as a dict: a typed one dumped, else the raw section (parsed by its stage)."""
+        typed = getattr(self, name, None) if name in type(self).model_fields else None
+        if isinstance(typed, BaseModel):
+            return typed.model_dump()
         extra = self.model_extra or {}
         if name not in extra:
             raise KeyError(f"params.yaml has no section {name!r}")

@@ -3,7 +3,7 @@
 Why: the interpretability page used to quote per-ion Spearman correlations, local-voltage MAEs,
 kNN R^2 and claim verdicts typed by hand; every pipeline rerun (new backbones, new heads) left
 them stale, and one bullet contradicted its own table. Here every such number is read from the
-``interpret`` stage's JSON reports (``training/interpret/stage.py::run_interpret``) and rendered
+``interpret`` stage's JSON reports (``training/stages/interpret.py::run_interpret``) and rendered
 into the page's one generated block (the BEGIN ... END markers of ``training.docs_report``), so
 the page can only disagree with its reports until ``voltage docs`` runs, and the docs test says so.
 
@@ -36,7 +36,7 @@ THREE_D = range(21, 31)  # Sc..Zn: the redox-active 3d series the paper's Fig. 3
 DASH = "–"
 # Three decimals where the |rho| >= 0.5 rule decides: a rho of 0.498 must not read "0.50, not held".
 RHO_RULE = "+.3f"
-# The paper's claims as the stage scores them (``training.interpret.stage.claims``): key in the
+# The paper's claims as the stage scores them (``training.stages.interpret.claims``): key in the
 # report's ``claims`` block, the claim, and the stage's fixed pass rule (a threshold, not a result).
 CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("covalent_radius_tracks_pc2", "Covalent radius tracks PC2 of the element embedding",

@@ -10,7 +10,7 @@ Two users:
 
 * ``choose_pooling`` (the ``ion_model`` stage): whether an ion's GP head pools its partners'
   training crystals, decided by CV over the ion's train+val crystals alone (test untouched);
-* ``training.cv_check`` (the ``cv`` stage): a check over every crystal, nothing reads it.
+* ``training.stages.cv`` (the ``cv`` stage): a check over every crystal, nothing reads it.
 
 Leak-free scoring: the source backbones were trained on the source ion's training split, and a
 target ion's crystal can sit on one of those hosts (the split is grouped across ions, but a

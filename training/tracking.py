@@ -13,19 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+
+from training.config import MlflowSettings
 
 DEFAULT_DB = Path("work/mlflow/mlflow.db")
 DEFAULT_ARTIFACTS = Path("work/mlflow/artifacts")
-
-
-class MlflowSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tracking_uri: str | None = None
-    experiment: str = "electrode-voltage"
-    artifact_location: str | None = None
-    model_name_prefix: str = "electrode-voltage"
 
 
 def resolve_tracking_uri(settings: MlflowSettings, root: Path = Path(".")) -> str:

@@ -24,14 +24,13 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from training.config import SearchSpace, TuneSettings
 from training.datasets import IonData
 from training.graphs.store import GraphStore
 from training.train.core import train_from_scratch
-from training.train.stage import TrainSettings
+from training.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -41,38 +40,6 @@ DEFAULT_STORAGE = Path("work/optuna/optuna.db")
 
 class BudgetSpent(RuntimeError):
     """Raised by a trial numbered past the budget: other workers hold every budget slot."""
-
-
-class FloatRange(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    low: float
-    high: float
-    log: bool = False
-
-
-class SearchSpace(BaseModel):
-    """Each key is a train.* or model.* setting; ranges or lists of choices."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    lr: FloatRange = FloatRange(low=5e-4, high=5e-3, log=True)
-    weight_decay: FloatRange = FloatRange(low=1e-6, high=1e-3, log=True)
-    batch_size: list[int] = [32, 64, 128]
-    atom_fea_len: list[int] = [64]
-    h_fea_len: list[int] = [64, 128]
-    n_conv: list[int] = [3]
-
-
-class TuneSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    study_name: str = "cgcnn-Li"
-    storage: str | None = None
-    n_trials: int = Field(default=8, ge=1)
-    epochs: int = Field(default=30, ge=1)
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    n_startup_trials: int = 2
-    n_warmup_steps: int = 8
-    sampler_seed: int = 0
-    space: SearchSpace = SearchSpace()
 
 
 def study_key(settings: TuneSettings, base: TrainSettings, splits: Path) -> str:

@@ -2,7 +2,7 @@
 
 ``fit_tuned`` is the one routine that turns (features, targets, host groups) into a fitted, tuned
 baseline. The baselines stage calls it per ion and method; the cross-validation check
-(``training/cv_check.py``) calls it inside each outer fold for nested CV, so both tune alike.
+(``training/stages/cv.py``) calls it inside each outer fold for nested CV, so both tune alike.
 
 Why grouped CV and not the validation split: an ion's validation split holds 11-43 crystals,
 too few to rank a grid of 20-30 points; 5-fold CV over train+val scores ~10x as many. Folds hold out

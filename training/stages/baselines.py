@@ -14,6 +14,7 @@ import csv
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import numpy as np
 from training.baselines.models import SEED_SEP, BaselineConfig, rf_importance_groups
 from training.baselines.suite import BaselineResult, run_baselines
 from training.baselines.tuning import PartnerRows
-from training.datasets import IonData
+from training.config import load_params
+from training.datasets import IonData, load_ion_data, pool_partners, uncleaned_data
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from voltage_model.composition import featurize_cached
 
@@ -220,3 +222,35 @@ def _write_rows(
         w.writerow(["battery_id", "target", *names])
         for i, (bid, y) in enumerate(zip(ids, targets, strict=True)):
             w.writerow([bid, f"{y:.4f}", *(f"{columns[n][i]:.4f}" for n in names)])
+
+
+@dataclass(frozen=True)
+class Options:
+    ion: str
+    records: Path
+    splits: Path
+    features_cache: Path
+    metrics: Path
+    predictions: Path
+    val_predictions: Path | None = None
+    records_all: Path | None = None
+    splits_all: Path | None = None
+    uncleaned_predictions: Path | None = None
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options) -> dict[str, dict[str, Any]]:
+    p = load_params(opts.params).require_ion(opts.ion)
+    data = load_ion_data(opts.records, opts.splits, opts.ion)
+    return run_baseline_stage(
+        data,
+        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
+        p.mlflow,
+        opts.features_cache,
+        opts.metrics,
+        opts.predictions,
+        opts.val_predictions,
+        partners=pool_partners(p, opts.ion, opts.records, opts.splits),
+        uncleaned=uncleaned_data(opts.records_all, opts.splits_all, opts.ion),
+        uncleaned_predictions_out=opts.uncleaned_predictions,
+    )

@@ -3,7 +3,7 @@
 Why: the pipeline's split is grouped by host structure, so a test crystal's chemical system
 (e.g. Co-O) is usually among the training crystals through another host or another lithiation
 state, and both the CGCNN and the composition baselines are scored mostly on chemistry they have
-seen. The target ions get leave-chemical-system-out CV (``training.cv_check``); the source ion's
+seen. The target ions get leave-chemical-system-out CV (``training.stages.cv``); the source ion's
 CGCNN cannot be cross-validated that way without retraining it per fold, so this stage retrains
 one CGCNN on a split that keeps every chemical system in one part and scores it, once, beside the
 composition baselines fitted on the same rows.
@@ -30,7 +30,7 @@ import csv
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +38,15 @@ import numpy as np
 
 from training.baselines.models import OWN_METHODS, BaselineConfig
 from training.baselines.suite import BaselineResult, run_baselines
-from training.chgnet_stage import ChgnetFeatures
-from training.config import SplitSettings
+from training.chgnet_store import ChgnetFeatures, load_optional
+from training.config import SplitSettings, load_params
 from training.data.records import Record, read_records
 from training.data.split import SPLITS, assign_groups
 from training.datasets import IonData
 from training.gp_cv import chemsys_keys
 from training.graphs.store import GraphStore
 from training.train.core import Trained, model_predictor, score, train_from_scratch
-from training.train.stage import TrainSettings
+from training.train.settings import TrainSettings
 from voltage_model.composition import composition_features
 from voltage_model.models.gp_head import GPConfig
 
@@ -247,3 +247,31 @@ def run_chemsys_split(
     out.write_text(json.dumps(report, indent=2) + "\n")
     _write_predictions(predictions_out, data, preds)
     return report
+
+
+@dataclass(frozen=True)
+class Options:
+    ion: str
+    records: Path
+    graphs: Path
+    out: Path
+    predictions: Path
+    best_params: Path | None = None
+    chgnet_features: Path | None = None
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options) -> dict[str, Any]:
+    from training.transfer import TransferSettings
+
+    p = load_params(opts.params).require_ion(opts.ion)
+    best = json.loads(opts.best_params.read_text()) if opts.best_params else None
+    settings = TrainSettings.from_sections(p.section("model"), p.section("train"), {}, best)
+    if p.chemsys_split.epochs is not None:
+        settings = replace(settings, train=replace(settings.train, epochs=p.chemsys_split.epochs))
+    return run_chemsys_split(
+        opts.ion, ion_records(opts.records, opts.ion), GraphStore.load(opts.graphs), p.split,
+        settings, BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
+        opts.out, opts.predictions, load_optional(opts.chgnet_features),
+        TransferSettings.model_validate(p.section("transfer")).chgnet.gp,
+    )  # fmt: skip

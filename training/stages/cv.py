@@ -46,8 +46,9 @@ import torch
 
 from training.baselines.models import BASELINE_METHODS, OWN_METHODS, BaselineConfig
 from training.baselines.tuning import PartnerRows, fit_tuned
-from training.chgnet_stage import ChgnetFeatures
-from training.datasets import IonData
+from training.chgnet_store import ChgnetFeatures, load_optional
+from training.config import load_params
+from training.datasets import IonData, load_ion_data, pool_partners, source_train_hosts
 from training.gp_cv import (
     SPLITS,
     CVBackbone,
@@ -399,3 +400,56 @@ def run_cv_stage(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+@dataclass(frozen=True)
+class Options:
+    ion: str
+    records: Path
+    splits: Path
+    graphs: Path
+    source_checkpoint: Path
+    features_cache: Path
+    out: Path
+    rows_out: Path | None = None
+    plot: Path | None = None
+    ion_metrics: Path | None = None
+    baseline_metrics: Path | None = None
+    chgnet_features: Path | None = None
+    params: Path = Path("params.yaml")
+
+
+def served_and_best(
+    ion_metrics: Path | None, baseline_metrics: Path | None
+) -> tuple[tuple[str, str, bool], str]:
+    """The CV columns of what the ion_model stage serves (served, CGCNN GP, whether the CHGNet
+    head pools) and the baselines stage's best baseline by inner CV (defaults without the
+    reports: the pooled CGCNN GP, KRR)."""
+    from training.protocol import best_baseline, served_cv_columns
+
+    served, best = ("transfer_gp", "transfer_gp", False), "krr"
+    if ion_metrics is not None and ion_metrics.is_file():
+        served = served_cv_columns(json.loads(ion_metrics.read_text()))
+    if baseline_metrics is not None and baseline_metrics.is_file():
+        best = best_baseline(json.loads(baseline_metrics.read_text()))[0]
+    return served, best
+
+
+def run(opts: Options) -> dict[str, Any]:
+    from training.transfer import TransferSettings
+    from voltage_model.artifact import load_checkpoint
+
+    p = load_params(opts.params).require_ion(opts.ion)
+    transfer_cfg = TransferSettings.model_validate(p.section("transfer"))
+    source = None if opts.ion == p.source_ion else load_checkpoint(opts.source_checkpoint)
+    return run_cv_stage(
+        load_ion_data(opts.records, opts.splits, opts.ion), GraphStore.load(opts.graphs),
+        p.source_ion, source, opts.features_cache,
+        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer").get("gp")),
+        transfer_cfg.gp, int(p.section("cv")["folds"]), opts.out,
+        pool_partners(p, opts.ion, opts.records, opts.splits),
+        source_train_hosts(p, opts.records, opts.splits), opts.rows_out, opts.plot,
+        *served_and_best(opts.ion_metrics, opts.baseline_metrics),
+        p.section("cv").get("backbones"), load_optional(opts.chgnet_features),
+        transfer_cfg.chgnet.gp,
+    )  # fmt: skip

@@ -19,7 +19,7 @@ are open-ended.
 
 Run as a DVC stage::
 
-    python -m training.drift_reference --records data/clean/records.jsonl.gz \
+    python -m training.stages.drift_reference --records data/clean/records.jsonl.gz \
         --splits data/splits.json --out data/drift_reference.json [--predictions preds.json]
 """
 
@@ -29,6 +29,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,7 @@ def model_predictions(
     the ``chgnet_features`` stage's features): the reference for the served predictions."""
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.transfer_stage import served_mean_std
+    from training.stages.ion_model import served_mean_std
     from voltage_model.artifact import load_checkpoint
 
     store = GraphStore.load(graphs_path)
@@ -188,3 +189,35 @@ def model_predictions(
         mean, _ = served_mean_std(load_checkpoint(ckpt), store, data, "train", chgnet)
         out[ion] = dict(zip(data.ids("train"), mean.tolist(), strict=True))
     return out
+
+
+@dataclass(frozen=True)
+class Options:
+    records: Path
+    splits: Path
+    out: Path
+    graphs: Path | None = None
+    models_dir: Path | None = None
+    predictions_json: Path | None = None
+    chgnet_features: Path | None = None
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options) -> dict[str, Any]:
+    """Write the reference: of the models in ``models_dir`` (their training-split predictions),
+    else of ``predictions_json``, else of the DFT targets."""
+    from training.chgnet_store import load_optional
+    from training.config import UsageError, load_params
+
+    predictions: Path | dict | None = opts.predictions_json
+    if opts.models_dir is not None:
+        if opts.graphs is None:
+            raise UsageError("--models-dir needs --graphs")
+        ions = [i for i in load_params(opts.params).ion_names
+                if (opts.models_dir / f"{i}.pt").is_file()]  # fmt: skip
+        checkpoints = {i: opts.models_dir / f"{i}.pt" for i in ions}
+        predictions = model_predictions(opts.records, opts.splits, opts.graphs, checkpoints,
+                                        load_optional(opts.chgnet_features))  # fmt: skip
+    stats = build_from_files(opts.records, opts.splits, predictions)
+    write_reference(opts.out, stats)
+    return stats

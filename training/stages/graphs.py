@@ -9,11 +9,12 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pymatgen.core import Structure
 
-from training.config import GraphSettings
+from training.config import GraphSettings, load_params
 from training.data.records import iter_records
 from training.graphs.store import GraphStore
 from voltage_model.graphs.converter import GraphConverter
@@ -52,3 +53,16 @@ def run_graphs(
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+@dataclass(frozen=True)
+class Options:
+    records: Path
+    out: Path
+    report: Path
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options) -> dict:
+    p = load_params(opts.params)
+    return run_graphs(p.graph, opts.records, opts.out, opts.report, workers=p.data.workers)

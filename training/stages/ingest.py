@@ -1,17 +1,14 @@
-"""The data stages (ingest, clean, split) as plain functions: the CLI and tests call these."""
+"""Stage ``ingest``: read the MP source (snapshot, or the MP API), validate, write records."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from training.config import Params
-from training.data.clean import clean_records
+from training.config import Params, load_params
 from training.data.ingest import DataSourceError, IngestReport, ingest
-from training.data.records import read_records, write_records
-from training.data.split import leakage, load_splits, make_splits, write_splits
 
 log = logging.getLogger(__name__)
 
@@ -41,42 +38,12 @@ def run_ingest(params: Params, out: Path, report_dir: Path, client: object = Non
     return report
 
 
-def run_split(params: Params, records_path: Path, out: Path, report_path: Path) -> dict:
-    """Split every ingested row (before cleaning: the cleaning rule is fitted on training rows)."""
-    records = read_records(records_path)
-    splits = make_splits(records, params.split.fractions(), params.split.seed)
-    leaked = leakage(records, splits)
-    if leaked:  # cannot happen by construction; refuse to write a leaking split if it ever does
-        raise RuntimeError(f"split leaks {len(leaked)} hosts between train and val/test")
-    write_splits(out, splits, params.split.seed)
-    report = {ion: {s: len(ids) for s, ids in parts.items()} for ion, parts in splits.items()}
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+@dataclass(frozen=True)
+class Options:
+    out: Path
+    reports: Path
+    params: Path = Path("params.yaml")
 
 
-def run_clean(
-    params: Params, records_path: Path, splits_all: Path, out: Path, splits_out: Path,
-    report_path: Path,
-) -> dict:  # fmt: skip
-    """The k-sigma rule with thresholds from each ion's training rows, applied to every split;
-    writes the kept records and the split file restricted to them (what every model reads)."""
-    records = read_records(records_path)
-    splits = load_splits(splits_all)
-    train_ids = {b for parts in splits.values() for b in parts["train"]}
-    k_by_ion = {ion: s.clean_k for ion, s in params.ions.items()}
-    kept, stats = clean_records(records, k_by_ion, fit_ids=train_ids)
-    write_records(out, kept)
-    kept_ids = {r.battery_id for r in kept}
-    cleaned = {ion: {s: [b for b in ids if b in kept_ids] for s, ids in parts.items()}
-               for ion, parts in splits.items()}  # fmt: skip
-    write_splits(splits_out, cleaned, params.split.seed)
-    report = {
-        ion: {**st.as_dict(), "fit_on": "train",
-              "removed_by_split": {s: len(splits[ion][s]) - len(cleaned[ion][s])
-                                   for s in splits.get(ion, {})}}
-        for ion, st in stats.items()
-    }  # fmt: skip
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+def run(opts: Options) -> IngestReport:
+    return run_ingest(load_params(opts.params), opts.out, opts.reports)

@@ -15,12 +15,12 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from training.chgnet_stage import ChgnetFeatures
+from training.chgnet_store import ChgnetFeatures, load_optional
+from training.config import InterpretSettings, load_params
 from training.datasets import IonData, load_ion_data
 from training.graphs.store import GraphStore
 from training.interpret import plots
@@ -44,22 +44,6 @@ from voltage_model.local_voltage import (
 from voltage_model.predict import VoltageModel
 
 log = logging.getLogger(__name__)
-
-
-class InterpretSettings(BaseModel):
-    """``params.yaml`` section ``interpret`` (unknown keys are errors)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    head_target: Literal["dft", "model"] = "dft"  # fit local voltages to DFT or to the model
-    ridge: float = Field(default=0.0, ge=0)
-    o_bond_tolerance: float = Field(default=1.3, gt=0)
-    min_o_neighbors: int = Field(default=2, ge=1)
-    min_sites_per_element: int = Field(default=5, ge=1)
-    tsne_max_points: int = Field(default=3000, ge=10)
-    tsne_perplexity: float = Field(default=30.0, gt=0)
-    batch_size: int = Field(default=128, ge=1)
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -392,3 +376,25 @@ def log_to_mlflow(
         if head is not None:
             mlflow.log_dict(json.loads(head.read_text()), mlflow_artifact_paths(report["ion"])[0])
         return run.info.run_id
+
+
+@dataclass(frozen=True)
+class Options:
+    ion: str
+    checkpoint: Path
+    records: Path
+    splits: Path
+    graphs: Path
+    baselines_metrics: Path
+    paths: InterpretPaths
+    chgnet_features: Path | None = None
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options) -> dict[str, Any]:
+    p = load_params(opts.params).require_ion(opts.ion)
+    return run_interpret(
+        opts.ion, opts.checkpoint, opts.records, opts.splits, opts.graphs, opts.baselines_metrics,
+        opts.paths, p.interpret,
+        p.mlflow, load_optional(opts.chgnet_features),
+    )  # fmt: skip

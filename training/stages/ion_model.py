@@ -9,6 +9,7 @@ import csv
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,20 @@ from training.chgnet_heads import (
     variant_predictions,
     variant_report,
 )
-from training.chgnet_stage import ChgnetFeatures
-from training.datasets import IonData
+from training.chgnet_store import ChgnetFeatures, load_optional
+from training.config import UsageError, load_params
+from training.datasets import (
+    IonData,
+    load_ion_data,
+    pool_partners,
+    source_train_hosts,
+    train_elements,
+    uncleaned_data,
+)
 from training.gp_cv import choose_pooling, choose_variant
 from training.graphs.store import GraphStore
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.metrics import regression_metrics
-from training.train.stage import train_elements
 from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
     GP_KINDS,
@@ -549,3 +557,44 @@ def _log_val_predictions(predictions_out: Path, data: IonData, val: np.ndarray) 
             w.writerow([bid, f"{y:.4f}", f"{p:.4f}"])
     mlflow.log_artifact(str(path), artifact_path=VAL_PREDICTIONS_DIR)
     return path
+
+
+@dataclass(frozen=True)
+class Options:
+    ion: str
+    records: Path
+    splits: Path
+    graphs: Path
+    source_checkpoint: Path
+    baselines: Path
+    checkpoint: Path
+    metrics: Path
+    predictions: Path
+    records_all: Path | None = None
+    splits_all: Path | None = None
+    baselines_uncleaned: Path | None = None
+    chgnet_features: Path | None = None
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options) -> dict[str, Any]:
+    p = load_params(opts.params).require_ion(opts.ion)
+    if opts.baselines_uncleaned is not None and opts.splits_all is None:
+        raise UsageError("--baselines-uncleaned needs --records-all and --splits-all")
+    return run_ion_stage(
+        load_ion_data(opts.records, opts.splits, opts.ion),
+        GraphStore.load(opts.graphs),
+        p.source_ion,
+        opts.source_checkpoint,
+        opts.baselines,
+        TransferSettings.model_validate(p.section("transfer")),
+        p.mlflow,
+        opts.checkpoint,
+        opts.metrics,
+        opts.predictions,
+        pool_partners(p, opts.ion, opts.records, opts.splits),
+        source_train_hosts(p, opts.records, opts.splits),
+        uncleaned_data(opts.records_all, opts.splits_all, opts.ion),
+        opts.baselines_uncleaned,
+        load_optional(opts.chgnet_features),
+    )  # fmt: skip

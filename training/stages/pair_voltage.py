@@ -30,6 +30,7 @@ import numpy as np
 from pymatgen.core import Structure
 from tqdm import tqdm
 
+from training.config import load_params
 from training.data.snapshot import PairRow, snapshot_pairs
 from voltage_model.models import chgnet_backbone, physics
 from voltage_model.structures import StructureInputError, parse_structure
@@ -333,3 +334,23 @@ def run_pair_voltage(
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+@dataclass(frozen=True)
+class Options:
+    out: Path
+    summary: Path
+    features: Path | None = None
+    snapshot_dir: Path | None = None
+    sample: int | None = None
+    seed: int = 0
+    progress: bool = True
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options) -> dict[str, Any]:
+    p = load_params(opts.params)
+    return run_pair_voltage(
+        opts.snapshot_dir or p.data.snapshot_dir, p.ion_names, opts.out, opts.summary,
+        opts.features, opts.sample, opts.seed, opts.progress,
+    )  # fmt: skip

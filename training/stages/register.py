@@ -14,9 +14,12 @@ if nothing was chosen by it; counting the looks makes repeated peeking visible i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from training.config import load_params
 from training.registry import by_alias, promote, register
 from training.tracking import git_commit
 from voltage_model.naming import CANDIDATE, CHAMPION, model_name
@@ -93,3 +96,42 @@ def register_ion(
         "run_id": report["run_id"], "test_mae": report["test_mae"],
         "auto_promoted": promoted, "champion": champ.version if champ else None,
     }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Options:
+    metrics_dir: Path
+    models_dir: Path
+    splits: Path
+    receipt: Path
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options, on_ion: Callable[[dict[str, Any]], None] = lambda _: None) -> dict:
+    """Register every ion's changed model; ``on_ion`` sees each ion's receipt as it is made."""
+    import json
+
+    from training.data.split import load_splits
+    from training.tracking import dataset_version, setup_mlflow
+
+    p = load_params(opts.params)
+    mls = p.mlflow
+    experiment_id = setup_mlflow(mls)  # where the ion_model runs (the test looks) are counted
+    auto = bool(p.section("registry").get("auto_promote_first", True))
+    split_ids = load_splits(opts.splits)
+    data_hash = dataset_version(Path("."), ("data/clean/records.jsonl.gz",)).get(
+        "data/clean/records.jsonl.gz", "unknown"
+    )
+    out = {}
+    for ion in p.ion_names:
+        report = json.loads((opts.metrics_dir / f"ion_{ion}.json").read_text())
+        test_ids = "\n".join(sorted(split_ids[ion]["test"]))
+        split_hash = hashlib.sha256(test_ids.encode()).hexdigest()[:16]
+        out[ion] = register_ion(
+            ion, report, opts.models_dir / f"{ion}.pt", mls.model_name_prefix, split_hash,
+            data_hash, auto, experiment_id=experiment_id,
+        )  # fmt: skip
+        on_ion(out[ion])
+    opts.receipt.parent.mkdir(parents=True, exist_ok=True)
+    opts.receipt.write_text(json.dumps(out, indent=2) + "\n")
+    return out

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from pymatgen.io.cif import CifWriter
 
-from training.datasets import IonData
+from training.config import load_params
+from training.datasets import IonData, load_ion_data, train_elements
 from training.graphs.store import GraphStore
 from training.plots import parity_plot
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
@@ -35,44 +36,17 @@ from training.train.heads import (
     pooled_features,
     split_descriptors,
 )
-from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
+from training.train.settings import TrainSettings
 from training.train.uncertainty import calibration, fit_std_scale
 from voltage_model.artifact import ensemble_volts, save_checkpoint
 from voltage_model.graphs.encoding import encoding_fingerprint
-from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, Head
+from voltage_model.models.cgcnn import CGCNN, Head
 from voltage_model.models.gp_head import GPConfig, GPHead
 from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
 DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json", "data/graphs/graphs.pt")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    model: CGCNNConfig
-    train: TrainConfig
-    heads: HeadConfig
-    n_models: int = 1
-    gp: GPConfig | None = None  # a GP head beside each member's own head (None: none)
-
-    @classmethod
-    def from_sections(
-        cls, model: dict, train: dict, heads: dict, best: dict | None = None
-    ) -> TrainSettings:
-        """params.yaml sections, overridden by the tuning stage's best parameters if given."""
-        best = best or {}
-        heads = dict(heads)
-        n_models = int(heads.pop("n_models", 1))
-        gp_section = heads.pop("gp", None)
-        gp = GPConfig(**gp_section) if gp_section is not None else None
-        return cls(
-            model=CGCNNConfig.from_dict({**model, **best.get("model", {})}),
-            train=TrainConfig.from_dict({**train, **best.get("train", {})}),
-            heads=HeadConfig(**heads),
-            n_models=n_models,
-            gp=gp,
-        )
 
 
 @dataclass
@@ -154,15 +128,6 @@ def combine(per_member: list[MemberHeads]) -> dict[str, tuple[np.ndarray, np.nda
         mean, std = ensemble_volts(volts, means, own)
         out[split] = (mean.numpy(), std.numpy())
     return out
-
-
-def train_elements(data: IonData) -> list[str]:
-    els: set[str] = set()
-    for rec in data.parts["train"]:
-        els.update(
-            sp["element"] for site in rec.charged_structure["sites"] for sp in site["species"]
-        )
-    return sorted(els)
 
 
 def run_train_stage(
@@ -302,3 +267,36 @@ def _flat_metrics(report: dict) -> dict[str, float]:
             out.update({f"{kind}_{split}_{k}": v for k, v in vals.items()})
     out.update({f"unc_{k}": v for k, v in report["uncertainty"].items()})
     return out
+
+
+@dataclass(frozen=True)
+class Options:
+    ion: str
+    records: Path
+    splits: Path
+    graphs: Path
+    checkpoint: Path
+    metrics: Path
+    plot: Path
+    best_params: Path | None = None
+    epochs: int | None = None  # overrides train.epochs (smoke runs)
+    params: Path = Path("params.yaml")
+
+
+def run(opts: Options) -> dict[str, Any]:
+    p = load_params(opts.params).require_ion(opts.ion)
+    best = json.loads(opts.best_params.read_text()) if opts.best_params else None
+    settings = TrainSettings.from_sections(
+        p.section("model"), p.section("train"), p.section("ensemble"), best
+    )
+    if opts.epochs is not None:
+        settings = replace(settings, train=replace(settings.train, epochs=opts.epochs))
+    return run_train_stage(
+        load_ion_data(opts.records, opts.splits, opts.ion),
+        GraphStore.load(opts.graphs),
+        settings,
+        p.mlflow,
+        opts.checkpoint,
+        opts.metrics,
+        opts.plot,
+    )
