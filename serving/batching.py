@@ -45,6 +45,57 @@ class _Job:
 _STOP = object()
 
 
+class Admission:
+    """Bounds the work one process accepts: structures admitted and not yet answered.
+
+    Why at admission and not at the batcher's queue: a request refused here costs nothing (no
+    parse, no graph), and the count covers every stage a request waits in (the thread pool that
+    parses, the inference queue, the forward pass). Beyond ``limit`` the caller sheds the request
+    at once (HTTP 503 + Retry-After, gRPC RESOURCE_EXHAUSTED) instead of letting a burst queue up
+    until clients time out. A request larger than the limit (a big ``/predict_batch``) is still
+    admitted when nothing else is pending, so it is slow rather than impossible.
+    """
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self.limit = limit
+        self.pending = 0
+        self._on_change = on_change
+        self._lock = threading.Lock()
+
+    def try_admit(self, n: int = 1) -> bool:
+        if n <= 0:
+            return True
+        with self._lock:
+            if self.pending and self.pending + n > self.limit:
+                return False
+            self.pending += n
+            pending = self.pending
+        self._changed(pending)
+        return True
+
+    def release(self, n: int = 1) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            self.pending = max(0, self.pending - n)
+            pending = self.pending
+        self._changed(pending)
+
+    @property
+    def full(self) -> bool:
+        """No single structure would be admitted now (a cheap pre-check before reading a body)."""
+        return self.pending >= self.limit
+
+    def _changed(self, pending: int) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change(pending)
+            except Exception:
+                logger.exception("admission callback failed")
+
+
 class MicroBatcher:
     """Thread-safe queue of (model, graph) jobs served by one background inference thread."""
 

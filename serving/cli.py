@@ -32,6 +32,8 @@ from typing import Annotated, Any
 
 import typer
 
+from serving.formats import guess_format
+
 app = typer.Typer(help="Electrode voltage service tools.", no_args_is_help=True)
 
 EXIT_BAD_INPUT = 2
@@ -44,19 +46,6 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def guess_format(path: Path) -> str | None:
-    """cif / poscar / json from the file name (POSCAR and CONTCAR have no suffix)."""
-    name, suffix = path.name.upper(), path.suffix.lower()
-    if suffix == ".cif":
-        return "cif"
-    if suffix == ".json":
-        return "json"
-    if suffix in (".vasp", ".poscar") or name.startswith(("POSCAR", "CONTCAR")):
-        return "poscar"
-    return None
-
-
-@app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     # Idle OpenMP threads sleep instead of spinning, unless the user chose: two spinning torch
     # processes on a shared CPU slow each other 10-25x. Set here, before a command imports torch.
@@ -203,7 +192,8 @@ def _predict_remote(url: str, ion: str, inputs: Inputs, timeout: float) -> dict[
             message = f"{detail.get('kind', 'error')}: {detail.get('error', detail)}"
         except ValueError:
             message = f"HTTP {exc.code}"
-        code = EXIT_BAD_INPUT if 400 <= exc.code < 500 else EXIT_UNAVAILABLE
+        # 429 (too many requests) is the service's load, not the input's fault.
+        code = EXIT_BAD_INPUT if 400 <= exc.code < 500 and exc.code != 429 else EXIT_UNAVAILABLE
         raise _fail(message, code) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         raise _fail(f"service at {url} not reachable: {exc}", EXIT_UNAVAILABLE) from None

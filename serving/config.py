@@ -48,6 +48,13 @@ def _float(env: Mapping[str, str], key: str, default: float, minimum: float = 0.
     return value
 
 
+def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key)
+    if raw in (None, ""):
+        return default
+    return raw.strip().lower() not in ("0", "false", "no", "off")
+
+
 def max_sites(env: Mapping[str, str] | None = None) -> int:
     """``VOLTAGE_MAX_SITES`` (500): the command line checks a structure against it before it
     reads any other setting or loads a model."""
@@ -110,12 +117,27 @@ class ServingConfig:
     local_voltage_dir: Path | None = Path("models/local_voltage")
     #: Where an ion without a registry champion (or packaged model) is served from; None: never.
     release_dir: Path | None = None
+    #: Items (structures) admitted per worker and not yet answered; beyond it requests are shed
+    #: at once (503 ``overloaded`` + Retry-After; gRPC RESOURCE_EXHAUSTED) instead of queued.
+    max_queue: int = 128
+    #: Seconds a shed client is told to wait (``Retry-After``).
+    retry_after_s: float = 1.0
+    #: JSONL prediction log (one file per worker process); None: off.
+    prediction_log: Path | None = None
+    prediction_log_max_bytes: int = 50 * 1024 * 1024
+    prediction_log_backups: int = 5
+    #: ``json`` (default) or ``text``: format of the ``serving`` loggers.
+    log_format: str = "json"
+    #: One ``request`` line per API call on the ``serving.access`` logger.
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if not self.ions:
             raise ValueError("no ions configured (VOLTAGE_IONS or params.yaml ions)")
         if self.model_source not in MODEL_SOURCES:
             raise ValueError(f"VOLTAGE_MODEL_SOURCE must be one of {MODEL_SOURCES}")
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"VOLTAGE_LOG_FORMAT must be json or text, not {self.log_format!r}")
         unknown = self.disabled_ions - set(self.ions)
         if unknown:
             raise ValueError(f"VOLTAGE_DISABLED_IONS names ions not served: {sorted(unknown)}")
@@ -142,6 +164,7 @@ class ServingConfig:
         records = env.get("VOLTAGE_RECORDS", "data/clean/records.jsonl.gz")
         heads = env.get("VOLTAGE_LOCAL_VOLTAGE_DIR", "models/local_voltage")
         release = env.get("VOLTAGE_RELEASE_DIR", str(DEFAULT_RELEASE_DIR))
+        predictions = env.get("VOLTAGE_PREDICTION_LOG", "")
         return cls(
             ions=ions,
             disabled_ions=frozenset(_split(env.get("VOLTAGE_DISABLED_IONS"))),
@@ -157,10 +180,19 @@ class ServingConfig:
             batch_max_wait_ms=_float(env, "VOLTAGE_BATCH_MAX_WAIT_MS", 2.0, 0.0),
             grpc_host=env.get("VOLTAGE_GRPC_HOST", "127.0.0.1"),
             grpc_port=_int(env, "VOLTAGE_GRPC_PORT", 50051, 0),
-            grpc_enabled=env.get("VOLTAGE_GRPC_ENABLED", "1").lower() not in ("0", "false", "no"),
+            grpc_enabled=_flag(env, "VOLTAGE_GRPC_ENABLED", True),
             drift_reference=Path(drift) if drift else None,
             drift_window=_int(env, "VOLTAGE_DRIFT_WINDOW", 1000, 1),
             records_path=Path(records) if records else None,
             local_voltage_dir=Path(heads) if heads else None,
             release_dir=Path(release) if release else None,
+            max_queue=_int(env, "VOLTAGE_MAX_QUEUE", 128, 1),
+            retry_after_s=_float(env, "VOLTAGE_RETRY_AFTER_S", 1.0, 0.0),
+            prediction_log=Path(predictions) if predictions else None,
+            prediction_log_max_bytes=_int(
+                env, "VOLTAGE_PREDICTION_LOG_MAX_BYTES", 50 * 1024 * 1024, 1024
+            ),
+            prediction_log_backups=_int(env, "VOLTAGE_PREDICTION_LOG_BACKUPS", 5, 0),
+            log_format=env.get("VOLTAGE_LOG_FORMAT", "json").strip().lower() or "json",
+            access_log=_flag(env, "VOLTAGE_ACCESS_LOG", True),
         )

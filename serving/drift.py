@@ -1,8 +1,10 @@
 """Input/prediction drift as pure functions, plus a bounded per-ion sliding window.
 
-Why here and why pure: the service sets the Prometheus gauges ``voltage_drift_psi``,
-``voltage_drift_unseen_element_share`` and ``voltage_drift_window_requests`` (docs/CONTRACTS.md,
-"Service metrics") from :meth:`DriftWindow.stats`. Keeping this module free of Prometheus, torch
+Why here and why pure: the service exports each window as counts (:meth:`DriftWindow.counts`,
+which add up across BentoML workers) and the gauges ``voltage_drift_psi``,
+``voltage_drift_sites_psi`` and ``voltage_drift_unseen_element_share`` (docs/CONTRACTS.md,
+"Service metrics") are :func:`stats_from_counts` of one window or of the workers' summed windows
+(``serving.metrics.aggregate_drift``). Keeping this module free of Prometheus, torch
 and pymatgen imports makes the maths unit-testable in isolation and cheap to call on the request
 path; the service owns the metric objects.
 
@@ -53,12 +55,8 @@ DEFAULT_WINDOW = 1000
 DEFAULT_MIN_SAMPLES = 100
 
 
-def bin_fractions(edges: Sequence[float] | np.ndarray, values: Iterable[float]) -> np.ndarray:
-    """Fraction of ``values`` in each bin defined by ``edges`` (open-ended end bins).
-
-    Non-finite values are dropped: a NaN prediction is a service bug reported elsewhere
-    (``voltage_errors_total{kind="internal"}``), not evidence of drift.
-    """
+def bin_counts(edges: Sequence[float] | np.ndarray, values: Iterable[float]) -> np.ndarray:
+    """Number of finite ``values`` in each bin defined by ``edges`` (open-ended end bins)."""
     e = np.asarray(edges, dtype=float)
     if e.ndim != 1 or e.size < 2 or not np.all(np.diff(e) > 0):
         raise ValueError("edges must be a strictly increasing sequence of at least 2 numbers")
@@ -66,9 +64,20 @@ def bin_fractions(edges: Sequence[float] | np.ndarray, values: Iterable[float]) 
     v = v[np.isfinite(v)]
     k = e.size - 1
     if v.size == 0:
-        return np.zeros(k)
+        return np.zeros(k, dtype=np.int64)
     idx = np.clip(np.searchsorted(e, v, side="right") - 1, 0, k - 1)
-    return np.bincount(idx, minlength=k) / v.size
+    return np.bincount(idx, minlength=k)
+
+
+def bin_fractions(edges: Sequence[float] | np.ndarray, values: Iterable[float]) -> np.ndarray:
+    """Fraction of ``values`` in each bin defined by ``edges`` (open-ended end bins).
+
+    Non-finite values are dropped: a NaN prediction is a service bug reported elsewhere
+    (``voltage_errors_total{kind="internal"}``), not evidence of drift.
+    """
+    counts = bin_counts(edges, values)
+    total = counts.sum()
+    return counts / total if total else np.zeros(counts.size)
 
 
 def psi_from_fractions(
@@ -192,6 +201,54 @@ class DriftStats:
 
 
 @dataclass(frozen=True)
+class WindowCounts:
+    """A window as numbers that add up across workers: predictions, how many had an unseen
+    element, and the predictions per reference bin of voltage and of site count."""
+
+    ion: str
+    requests: int
+    unseen: int
+    voltage: tuple[int, ...]
+    sites: tuple[int, ...]
+
+    def __add__(self, other: WindowCounts) -> WindowCounts:
+        if other.ion != self.ion:
+            raise ValueError(f"cannot add windows of {self.ion} and {other.ion}")
+        return WindowCounts(
+            self.ion, self.requests + other.requests, self.unseen + other.unseen,
+            tuple(a + b for a, b in zip(self.voltage, other.voltage, strict=True)),
+            tuple(a + b for a, b in zip(self.sites, other.sites, strict=True)),
+        )  # fmt: skip
+
+
+def stats_from_counts(
+    reference_ion: Mapping[str, Any],
+    counts: WindowCounts,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    epsilon: float = PSI_EPSILON,
+) -> DriftStats:
+    """Drift of a window given as bin counts (NaN below ``min_samples``, as ``psi`` does)."""
+    n = counts.requests
+    if n < min_samples:
+        return DriftStats(counts.ion, n, math.nan, math.nan, math.nan)
+
+    def from_counts(key: str, binned: Sequence[int]) -> float:
+        total = sum(binned)
+        if total == 0:
+            return math.nan
+        actual = np.asarray(binned, dtype=float) / total
+        return psi_from_fractions(reference_ion[key]["fractions"], actual, epsilon)
+
+    return DriftStats(
+        ion=counts.ion,
+        requests=n,
+        psi=from_counts("voltage", counts.voltage),
+        unseen_element_share=counts.unseen / n,
+        sites_psi=from_counts("sites", counts.sites),
+    )
+
+
+@dataclass(frozen=True)
 class _Observation:
     volts: float
     unseen: bool
@@ -253,6 +310,10 @@ class DriftWindow:
             window.append(obs)
         return True
 
+    def reference(self, ion: str) -> dict[str, Any]:
+        """The ion's reference entry (edges and fractions of each feature)."""
+        return self._reference[ion]
+
     def count(self, ion: str) -> int:
         with self._lock:
             window = self._windows.get(ion)
@@ -265,26 +326,33 @@ class DriftWindow:
                 if ion is None or name == ion:
                     window.clear()
 
-    def stats(self, ion: str) -> DriftStats:
-        """PSI of windowed predictions and sites, and the unseen-element share, for ``ion``."""
+    def counts(self, ion: str) -> WindowCounts:
+        """The ion's window as bin counts (what each worker exports, and what adds up exactly
+        across workers: the PSI of several workers' windows is the PSI of their summed counts)."""
         if ion not in self._windows:
             raise KeyError(f"no drift reference for ion {ion!r}")
         with self._lock:
             observations = list(self._windows[ion])
-        n = len(observations)
-        if n < self.min_samples:
-            return DriftStats(ion, n, math.nan, math.nan, math.nan)
         ref = self._reference[ion]
+        n = len(observations)
         volts = np.fromiter((o.volts for o in observations), dtype=float, count=n)
         sites = np.fromiter((o.nsites for o in observations), dtype=float, count=n)
-        unseen = sum(o.unseen for o in observations) / n
-        return DriftStats(
+        return WindowCounts(
             ion=ion,
             requests=n,
-            psi=psi(ref["voltage"]["fractions"], ref["voltage"]["edges"], volts, self.epsilon),
-            unseen_element_share=unseen,
-            sites_psi=psi(ref["sites"]["fractions"], ref["sites"]["edges"], sites, self.epsilon),
+            unseen=sum(o.unseen for o in observations),
+            voltage=tuple(int(c) for c in bin_counts(ref["voltage"]["edges"], volts)),
+            sites=tuple(int(c) for c in bin_counts(ref["sites"]["edges"], sites)),
         )
+
+    def stats_of(self, counts: WindowCounts) -> DriftStats:
+        """Drift of a window given as counts (one worker's, or several workers' summed)."""
+        return stats_from_counts(self._reference[counts.ion], counts, self.min_samples,
+                                 self.epsilon)  # fmt: skip
+
+    def stats(self, ion: str) -> DriftStats:
+        """PSI of windowed predictions and sites, and the unseen-element share, for ``ion``."""
+        return self.stats_of(self.counts(ion))
 
     def all_stats(self) -> dict[str, DriftStats]:
         """Stats for every reference ion (what a periodic gauge refresh needs)."""

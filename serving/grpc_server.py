@@ -7,8 +7,14 @@ target. The ``grpc.aio`` server runs on the worker's event loop (started from th
 kernel spreads connections.
 
 Errors: status code from :class:`serving.errors.ServingError` (INVALID_ARGUMENT, UNAVAILABLE,
-INTERNAL), details = the message, and trailing metadata ``voltage-error-kind`` plus
-``voltage-error-bin`` (a serialised ``Error``) for clients that want the structured form.
+RESOURCE_EXHAUSTED when the prediction queue is full, INTERNAL), details = the message, and
+trailing metadata ``voltage-error-kind`` plus ``voltage-error-bin`` (a serialised ``Error``,
+with ``request_id``) for clients that want the structured form; a shed call also carries
+``grpc-retry-pushback-ms`` and ``retry-after`` (seconds).
+
+Request ids: a call's ``x-request-id`` metadata (when it looks like an id) or a new one; it is
+returned as trailing metadata ``x-request-id`` on every answer, and the call's JSON access line
+(:mod:`serving.logs`: method, status code, ion, model version, latency, error kind) carries it.
 Standard health checking reports SERVING only while every configured ion has a model.
 """
 
@@ -16,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import voltage_pb2, voltage_pb2_grpc
+from serving import logs, voltage_pb2, voltage_pb2_grpc
 from serving.errors import ServingError
 from serving.predictor import Predictor, PredictRequest, PredictResult
 
@@ -71,92 +77,149 @@ def prediction_message(r: PredictResult) -> voltage_pb2.Prediction:
     return msg
 
 
-def error_message(e: ServingError) -> voltage_pb2.Error:
-    return voltage_pb2.Error(kind=e.kind, message=e.message, http_status=e.http_status)
+def error_message(e: ServingError, request_id: str = "") -> voltage_pb2.Error:
+    return voltage_pb2.Error(
+        kind=e.kind, message=e.message, http_status=e.http_status, request_id=request_id
+    )
 
 
 class VoltageServicer(voltage_pb2_grpc.VoltageServiceServicer):
-    """Translates between proto messages and the predictor; records gRPC latency."""
+    """Translates between proto messages and the predictor; records gRPC latency, logs one
+    access line per call and returns the call's request id (``x-request-id`` trailing metadata,
+    and ``Error.request_id``)."""
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.metrics = predictor.metrics
 
-    async def _abort(self, context: grpc.aio.ServicerContext, e: ServingError) -> None:
+    @staticmethod
+    def _context(context: grpc.aio.ServicerContext, endpoint: str) -> logs.RequestContext:
+        sent = None
+        for key, value in context.invocation_metadata() or ():
+            if key == logs.REQUEST_ID_KEY:
+                sent = value
+        return logs.RequestContext(logs.request_id_from(sent), PROTOCOL, endpoint)
+
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, e: ServingError, request_id: str
+    ) -> None:
+        metadata: list[tuple[str, str | bytes]] = [
+            (logs.REQUEST_ID_KEY, request_id),
+            ("voltage-error-kind", e.kind),
+            ("voltage-error-bin", error_message(e, request_id).SerializeToString()),
+        ]
+        if e.retry_after_header is not None:
+            # The standard pushback key (honoured by gRPC's retry policy) and a plain one.
+            metadata.append(("grpc-retry-pushback-ms", str(int(float(e.retry_after) * 1000))))
+            metadata.append(("retry-after", e.retry_after_header))
         await context.abort(
-            getattr(grpc.StatusCode, e.grpc_code_name),
-            e.message,
-            trailing_metadata=(
-                ("voltage-error-kind", e.kind),
-                ("voltage-error-bin", error_message(e).SerializeToString()),
-            ),
+            getattr(grpc.StatusCode, e.grpc_code_name), e.message, trailing_metadata=tuple(metadata)
         )
+
+    async def _answer(
+        self,
+        context: grpc.aio.ServicerContext,
+        endpoint: str,
+        method: str,
+        work: Callable[[logs.RequestContext], Awaitable[Any]],
+    ) -> Any:
+        """Run one call: bind its request context, answer or abort, record latency, log."""
+        ctx = self._context(context, endpoint)
+        status = "OK"
+        with logs.bound(ctx):
+            try:
+                msg = await work(ctx)
+            except ServingError as e:
+                status = e.grpc_code_name
+                ctx.note_error(e.kind)
+                await self._abort(context, e, ctx.request_id)
+                raise  # abort raises; this keeps type checkers aware
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            except Exception:
+                if status == "OK":  # not the abort of a ServingError: a bug
+                    status = "INTERNAL"
+                    ctx.note_error("internal")
+                    logger.exception("gRPC %s failed", method)
+                raise
+            finally:
+                self.metrics.observe_duration(endpoint, PROTOCOL, ctx.elapsed_ms() / 1000.0)
+                logs.access_line(ctx, status, method=method)
+        context.set_trailing_metadata(((logs.REQUEST_ID_KEY, ctx.request_id),))
+        return msg
 
     async def Predict(
         self, request: voltage_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> voltage_pb2.Prediction:
-        t0 = time.perf_counter()
-        try:
+        async def work(ctx: logs.RequestContext) -> voltage_pb2.Prediction:
             result = await self.predictor.predict(_request(request), "predict", PROTOCOL)
-        except ServingError as e:
-            self.metrics.observe_duration("predict", PROTOCOL, time.perf_counter() - t0)
-            await self._abort(context, e)
-            raise  # abort raises; this keeps type checkers aware
-        msg = prediction_message(result)
-        self.metrics.observe_duration("predict", PROTOCOL, time.perf_counter() - t0)
-        return msg
+            return prediction_message(result)
+
+        return await self._answer(context, "predict", "Predict", work)
 
     async def PredictBatch(
         self, request: voltage_pb2.PredictBatchRequest, context: grpc.aio.ServicerContext
     ) -> voltage_pb2.PredictBatchResponse:
-        t0 = time.perf_counter()
-        config = self.predictor.config
-        size = sum(len(item.structure) + len(item.discharged_structure) for item in request.items)
-        problem = None
-        if len(request.items) > config.max_batch_items:
-            problem = f"batch has {len(request.items)} items; the limit is {config.max_batch_items}"
-        elif size > config.max_body_bytes:
-            problem = f"batch structures total {size} bytes; the limit is {config.max_body_bytes}"
-        if problem is not None:
-            e = ServingError("too_large", problem)
-            self.metrics.record_request("predict_batch", PROTOCOL, None, e.status_label, e.kind)
-            self.metrics.observe_duration("predict_batch", PROTOCOL, time.perf_counter() - t0)
-            await self._abort(context, e)
-        outcomes = await self.predictor.predict_many(
-            [_request(item) for item in request.items], "predict_batch", PROTOCOL
-        )
-        results = []
-        for i, out in enumerate(outcomes):
-            if isinstance(out, ServingError):
-                results.append(voltage_pb2.BatchResult(index=i, error=error_message(out)))
-            else:
-                results.append(voltage_pb2.BatchResult(index=i, prediction=prediction_message(out)))
-        self.metrics.observe_duration("predict_batch", PROTOCOL, time.perf_counter() - t0)
-        return voltage_pb2.PredictBatchResponse(results=results)
+        async def work(ctx: logs.RequestContext) -> voltage_pb2.PredictBatchResponse:
+            ctx.items = len(request.items)
+            config = self.predictor.config
+            size = sum(
+                len(item.structure) + len(item.discharged_structure) for item in request.items
+            )
+            problem = None
+            if len(request.items) > config.max_batch_items:
+                problem = (
+                    f"batch has {len(request.items)} items; the limit is {config.max_batch_items}"
+                )
+            elif size > config.max_body_bytes:
+                problem = (
+                    f"batch structures total {size} bytes; the limit is {config.max_body_bytes}"
+                )
+            if problem is not None:
+                e = ServingError("too_large", problem)
+                self.metrics.record_request(
+                    "predict_batch", PROTOCOL, None, e.status_label, e.kind
+                )
+                raise e
+            outcomes = await self.predictor.predict_many(
+                [_request(item) for item in request.items], "predict_batch", PROTOCOL
+            )
+            results = []
+            for i, out in enumerate(outcomes):
+                if isinstance(out, ServingError):
+                    results.append(voltage_pb2.BatchResult(index=i, error=error_message(out)))
+                else:
+                    results.append(
+                        voltage_pb2.BatchResult(index=i, prediction=prediction_message(out))
+                    )
+            return voltage_pb2.PredictBatchResponse(results=results)
+
+        return await self._answer(context, "predict_batch", "PredictBatch", work)
 
     async def ListModels(
         self, request: voltage_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> voltage_pb2.ListModelsResponse:
-        t0 = time.perf_counter()
-        statuses = []
-        for row in self.predictor.list_models():
-            st = voltage_pb2.ModelStatus(
-                ion=row["ion"], loaded=row["loaded"], disabled=row["disabled"]
-            )
-            m = row["model"]
-            if m is not None:
-                st.model.CopyFrom(
-                    voltage_pb2.ModelRef(name=m["name"], version=m["version"], source=m["source"])
+        async def work(ctx: logs.RequestContext) -> voltage_pb2.ListModelsResponse:
+            statuses = []
+            for row in self.predictor.list_models():
+                st = voltage_pb2.ModelStatus(
+                    ion=row["ion"], loaded=row["loaded"], disabled=row["disabled"]
                 )
-                st.run_id = m["run_id"] or ""
-                st.loaded_at = m["loaded_at"]
-                st.backbone = m.get("backbone", "cgcnn")
-                if m["test_mae"] is not None:
-                    st.test_mae = m["test_mae"]
-            statuses.append(st)
-        self.metrics.record_request("models", PROTOCOL, "all", "ok")
-        self.metrics.observe_duration("models", PROTOCOL, time.perf_counter() - t0)
-        return voltage_pb2.ListModelsResponse(models=statuses)
+                m = row["model"]
+                if m is not None:
+                    st.model.CopyFrom(voltage_pb2.ModelRef(name=m["name"], version=m["version"],
+                                                           source=m["source"]))  # fmt: skip
+                    st.run_id = m["run_id"] or ""
+                    st.loaded_at = m["loaded_at"]
+                    st.backbone = m.get("backbone", "cgcnn")
+                    if m["test_mae"] is not None:
+                        st.test_mae = m["test_mae"]
+                statuses.append(st)
+            self.metrics.record_request("models", PROTOCOL, "all", "ok")
+            return voltage_pb2.ListModelsResponse(models=statuses)
+
+        return await self._answer(context, "models", "ListModels", work)
 
 
 class GrpcServer:

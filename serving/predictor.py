@@ -10,12 +10,19 @@ import here), so the three answer identically. A request goes through:
    (:mod:`voltage_model.models.physics`) -> ``physics`` when the pair is refused;
 4. inference in the process-wide :class:`~serving.batching.MicroBatcher`.
 
+Before step 1 a request must be admitted (:class:`~serving.batching.Admission`): at most
+``VOLTAGE_MAX_QUEUE`` structures per worker are being answered at once; beyond that the request
+is shed at once with an ``overloaded`` error (HTTP 503 + ``Retry-After``, gRPC
+RESOURCE_EXHAUSTED) instead of waiting in an unbounded queue until the client gives up.
+
 Model swaps are atomic: :meth:`Predictor.set_model` replaces the ion's immutable
 :class:`~serving.models.ServedModel` in a dict; a request reads it once, at step 1, and keeps
 that object until its answer, so requests in flight finish on the old model.
 
-The predictor counts requests, errors, stage times and predictions on :class:`ServiceMetrics`
-and feeds the drift window; the transports only add their own latency histogram.
+The predictor counts requests, errors, stage times and predictions on :class:`ServiceMetrics`,
+feeds the drift window and the prediction log (:mod:`serving.predlog`), and notes ion, model
+version and error kind on the current request (:mod:`serving.logs`) for its access log line;
+the transports only add their own latency histogram.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.batching import MicroBatcher
+from serving import logs
+from serving.batching import Admission, MicroBatcher
 from serving.config import ServingConfig
 from serving.drift import DriftWindow, element_symbols
 from serving.errors import ServingError, internal
@@ -38,10 +46,13 @@ from serving.inputs import to_structure
 from serving.lookup import MaterialLookup
 from serving.metrics import ServiceMetrics
 from serving.models import ServedModel
+from serving.predlog import PredictionLog, structure_hash
 
 logger = logging.getLogger(__name__)
 
-#: How often (seconds) drift gauges of one ion are recomputed on the request path at most.
+#: How often (seconds) drift gauges of one ion are recomputed at most: on the request path for
+#: the first prediction after a quiet second, else by the predictor's drift thread, which also
+#: exports the last predictions of a burst (the window must not look frozen after traffic stops).
 DRIFT_REFRESH_S = 1.0
 
 
@@ -142,15 +153,22 @@ class Predictor:
         metrics: ServiceMetrics | None = None,
         drift: DriftWindow | None = None,
         lookup: MaterialLookup | None = None,
+        predictions: PredictionLog | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or ServiceMetrics(ions=config.ions)
         self.drift = drift
+        self.predictions = predictions
         self.lookup = lookup or MaterialLookup(config.records_path)
+        self.admission = Admission(config.max_queue, on_change=self.metrics.set_queue_items)
         self._models: dict[str, ServedModel] = {}
         self._by_lower = {ion.lower(): ion for ion in config.ions}
         self._heads: dict[tuple[str, int, str], Any] = {}
         self._drift_refreshed: dict[str, float] = {}
+        self._drift_dirty: set[str] = set()
+        self._drift_stop = threading.Event()
+        self._drift_thread: threading.Thread | None = None
+        self._drift_export = threading.Lock()  # one export at a time: a later one never loses
         self._parsers_warm = False
         self._lock = threading.Lock()
         self.batcher = MicroBatcher(
@@ -164,10 +182,22 @@ class Predictor:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Predictor:
         self.batcher.start()
+        if self.drift is not None and self._drift_thread is None:
+            self._drift_stop.clear()
+            self._drift_thread = threading.Thread(
+                target=self._drift_loop, name="voltage-drift", daemon=True
+            )
+            self._drift_thread.start()
         return self
 
     def stop(self) -> None:
         self.batcher.stop()
+        self._drift_stop.set()
+        if self._drift_thread is not None:
+            self._drift_thread.join(5)
+            self._drift_thread = None
+        if self.predictions is not None:
+            self.predictions.close()
 
     # ------------------------------------------------------------------ models
     def warm(self, served: ServedModel) -> None:
@@ -202,6 +232,8 @@ class Predictor:
             self.metrics.set_model(ion, served.name, served.version)
         if self.drift is not None and old is not served:
             self.drift.clear(ion)  # the window describes one model's predictions
+            with self._lock:
+                self._drift_dirty.add(ion)
 
     def model_for(self, ion: str) -> ServedModel | None:
         return self._models.get(ion)
@@ -336,6 +368,9 @@ class Predictor:
             )
         self.metrics.observe_prediction(prep.ion, voltage)
         self._observe_drift(prep, voltage)
+        ctx = logs.current()
+        if ctx is not None:
+            ctx.note_prediction(prep.ion, prep.served.version)
         ref = None
         if prep.material_id is not None:
             ref = self.lookup.voltage(prep.material_id, prep.ion)
@@ -344,7 +379,7 @@ class Predictor:
             local, note = self._explain(prep)
             if note:
                 warnings = (*warnings, note)
-        return PredictResult(
+        result = PredictResult(
             ion=prep.ion,
             voltage=voltage,
             uncertainty=uncertainty,
@@ -360,6 +395,27 @@ class Predictor:
             local_voltages=local,
             physics_voltage=prep.physics_voltage,
         )
+        if self.predictions is not None:
+            self._log_prediction(prep, result, ctx)
+        return result
+
+    def _log_prediction(
+        self, prep: _Prepared, r: PredictResult, ctx: logs.RequestContext | None
+    ) -> None:
+        """One line of the prediction log; a failure to write never fails the answer."""
+        try:
+            self.predictions.write({  # type: ignore[union-attr]
+                "request_id": ctx.request_id if ctx is not None else None,
+                "protocol": ctx.protocol if ctx is not None else None,
+                "endpoint": ctx.endpoint if ctx is not None else None,
+                "ion": r.ion, "model": r.model_name, "version": r.model_version,
+                "source": r.model_source, "structure_sha256": structure_hash(prep.structure),
+                "formula": r.formula, "n_sites": r.n_sites, "voltage": r.voltage,
+                "uncertainty": r.uncertainty, "unseen_elements": list(r.unseen_elements),
+                "material_id": r.material_id,
+            })  # fmt: skip
+        except Exception:
+            logger.exception("writing the prediction log failed")
 
     def _local_head(self, served: ServedModel) -> Any:
         """The ion's local-voltage head (paper Eq. 2) for the served version, looked up once per
@@ -394,6 +450,21 @@ class Predictor:
         if now - self._drift_refreshed.get(prep.ion, -math.inf) >= DRIFT_REFRESH_S:
             self._drift_refreshed[prep.ion] = now
             self.refresh_drift(prep.ion)
+        else:
+            with self._lock:
+                self._drift_dirty.add(prep.ion)
+
+    def _drift_loop(self) -> None:
+        """Export the windows of ions with predictions not yet exported, once a second."""
+        while not self._drift_stop.wait(DRIFT_REFRESH_S):
+            with self._lock:
+                dirty, self._drift_dirty = self._drift_dirty, set()
+            for ion in dirty:
+                try:
+                    self._drift_refreshed[ion] = time.monotonic()
+                    self.refresh_drift(ion)
+                except Exception:
+                    logger.exception("drift refresh for %s failed", ion)
 
     def refresh_drift(self, ion: str | None = None) -> None:
         """Recompute drift gauges (one ion, or all reference ions that are served)."""
@@ -401,22 +472,47 @@ class Predictor:
             return
         ions = [ion] if ion is not None else [i for i in self.drift.ions if i in self.config.ions]
         for name in ions:
-            try:
-                self.metrics.set_drift(self.drift.stats(name))
-            except KeyError:
-                continue
+            with self._drift_export:
+                try:
+                    counts = self.drift.counts(name)
+                except KeyError:
+                    continue
+                self.metrics.set_drift(self.drift.stats_of(counts), counts)
 
     # ------------------------------------------------------------------ bookkeeping
     def _record(self, endpoint: str, protocol: str, ion: Any, outcome: Outcome) -> None:
         ion_label = ion if isinstance(ion, str) else None
         if ion_label is not None:
             ion_label = self._by_lower.get(ion_label.strip().lower(), ion_label)
+        ctx = logs.current()
         if isinstance(outcome, ServingError):
             self.metrics.record_request(
                 endpoint, protocol, ion_label, outcome.status_label, outcome.kind
             )
+            if ctx is not None:
+                ctx.note_error(outcome.kind)
+                if ion_label in self.config.ions:
+                    ctx.note_ion(ion_label)
         else:
             self.metrics.record_request(endpoint, protocol, outcome.ion, "ok")
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self, n: int, protocol: str) -> None:
+        """Admit ``n`` structures or raise ``overloaded`` (counted as shed, not yet as a request:
+        the caller settles it like any other outcome)."""
+        if self.admission.try_admit(n):
+            return
+        self.metrics.record_shed(protocol, "queue")
+        raise self.overloaded()
+
+    def overloaded(self) -> ServingError:
+        """The error of a shed request (also used by the HTTP guard's pre-check)."""
+        return ServingError(
+            "overloaded",
+            f"the service is at capacity ({self.admission.limit} structures queued per worker); "
+            f"retry in {self.config.retry_after_s:g} s",
+            retry_after=self.config.retry_after_s,
+        )
 
     def _submit(self, req: PredictRequest) -> tuple[_Prepared, Future[tuple[float, float]]]:
         try:
@@ -480,13 +576,20 @@ class Predictor:
         self, req: PredictRequest, endpoint: str = "predict", protocol: str = "http"
     ) -> PredictResult:
         """One prediction; raises ServingError (already counted) on failure."""
-        self.batcher.expect()
         try:
-            prep, fut = await asyncio.to_thread(self._submit, req)
-            result = await asyncio.wrap_future(fut)
-            outcome = self._outcome(prep, result)
-        except Exception as exc:
-            outcome = self._failure(exc)
+            self._admit(1, protocol)
+        except ServingError as exc:
+            return self._settle(endpoint, protocol, req, exc)
+        try:
+            self.batcher.expect()
+            try:
+                prep, fut = await asyncio.to_thread(self._submit, req)
+                result = await asyncio.wrap_future(fut)
+                outcome = self._outcome(prep, result)
+            except Exception as exc:
+                outcome = self._failure(exc)
+        finally:
+            self.admission.release(1)
         return self._settle(endpoint, protocol, req, outcome)
 
     async def predict_many(
@@ -495,8 +598,27 @@ class Predictor:
         endpoint: str = "predict_batch",
         protocol: str = "http",
     ) -> list[Outcome]:
-        """Many predictions in order; a failed item is a ServingError in its slot."""
+        """Many predictions in order; a failed item is a ServingError in its slot. A batch the
+        queue cannot take is refused whole: raises ``overloaded`` (every item counted)."""
         todo = [r for r in reqs if isinstance(r, PredictRequest)]
+        try:
+            self._admit(len(todo), protocol)
+        except ServingError as exc:
+            for req in reqs:
+                self._record(endpoint, protocol, getattr(req, "ion", None), exc)
+            raise
+        try:
+            return await self._predict_admitted(reqs, todo, endpoint, protocol)
+        finally:
+            self.admission.release(len(todo))
+
+    async def _predict_admitted(
+        self,
+        reqs: Sequence[PredictRequest | ServingError],
+        todo: list[PredictRequest],
+        endpoint: str,
+        protocol: str,
+    ) -> list[Outcome]:
         self.batcher.expect()
         staged = iter(await asyncio.to_thread(self._prepare_many, todo))
         results: list[Outcome] = []
@@ -526,10 +648,17 @@ class Predictor:
         self, req: PredictRequest, endpoint: str = "predict", protocol: str = "local"
     ) -> PredictResult:
         """Blocking variant (command line, tests); same behaviour as :meth:`predict`."""
-        self.batcher.expect()
         try:
-            prep, fut = self._submit(req)
-            outcome = self._outcome(prep, fut.result())
-        except Exception as exc:
-            outcome = self._failure(exc)
+            self._admit(1, protocol)
+        except ServingError as exc:
+            return self._settle(endpoint, protocol, req, exc)
+        try:
+            self.batcher.expect()
+            try:
+                prep, fut = self._submit(req)
+                outcome = self._outcome(prep, fut.result())
+            except Exception as exc:
+                outcome = self._failure(exc)
+        finally:
+            self.admission.release(1)
         return self._settle(endpoint, protocol, req, outcome)

@@ -15,6 +15,7 @@ from serving.config import ServingConfig
 from serving.drift import DriftWindow, load_reference
 from serving.metrics import ServiceMetrics
 from serving.predictor import Predictor
+from serving.predlog import PredictionLog
 from serving.watcher import ModelManager, PackagedModel
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,14 @@ class ServingRuntime:
         self.config = config
         self.metrics = ServiceMetrics(registry, ions=config.ions)
         self.drift = load_drift(config)
-        self.predictor = Predictor(config, self.metrics, self.drift)
+        predictions = None
+        if config.prediction_log is not None:
+            predictions = PredictionLog(
+                config.prediction_log,
+                config.prediction_log_max_bytes,
+                config.prediction_log_backups,
+            )
+        self.predictor = Predictor(config, self.metrics, self.drift, predictions=predictions)
         # warm=False: no warm-up prediction per model (a one-shot command line answers once)
         self.manager = ModelManager(config, self.predictor, packaged, warm=warm)
         self.started = False

@@ -4,8 +4,9 @@ Run from the repository root::
 
     bentoml serve serving.service:VoltageService --port 3000
 
-HTTP: ``POST /predict``, ``POST /predict_batch`` (a JSON list), ``POST|GET /models``;
-``/docs`` (Swagger UI), ``/docs.json`` (OpenAPI), ``/healthz``, ``/readyz``, ``/metrics``.
+HTTP: ``POST /predict`` (JSON, or a ``multipart/form-data`` upload), ``POST /predict_batch`` (a
+JSON list), ``POST|GET /models``; ``/docs`` (Swagger UI), ``/docs.json`` (OpenAPI, BentoML's
+document completed by :mod:`serving.openapi`), ``/healthz``, ``/readyz``, ``/metrics``.
 gRPC (``serving/voltage.proto``) on ``VOLTAGE_GRPC_HOST:VOLTAGE_GRPC_PORT`` (127.0.0.1:50051),
 started by the ``on_startup`` hook and stopped by ``on_shutdown``. Settings: docs/serving.md.
 
@@ -23,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,8 +35,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from serving import logs
 from serving.errors import ServingError
-from serving.http_guard import RequestGuard, error_body, note_of
+from serving.http_guard import RequestGuard, error_body, install_traffic_answers, note_of
 from serving.predictor import PredictRequest, PredictResult
 
 logger = logging.getLogger("serving.service")
@@ -49,23 +52,41 @@ def _loose(schema: dict[str, Any]) -> Any:
     return Annotated[Any, WithJsonSchema(schema)]
 
 
-IonField = _loose({"type": "string", "example": "Mg", "description": "working ion"})
+#: A structure is text (CIF, POSCAR, JSON text) or a pymatgen ``Structure.as_dict()`` object.
+#: ``oneOf``, not ``anyOf``: BentoML's generator keeps only the first member of an ``anyOf``.
+STRUCTURE_FORMS = [
+    {"type": "string", "title": "text",
+     "description": "CIF or POSCAR text (or pymatgen JSON text with format json)"},
+    {"type": "object", "title": "pymatgen Structure.as_dict()", "additionalProperties": True,
+     "required": ["lattice", "sites"],
+     "description": "with format json: lattice.matrix and sites[].species / sites[].abc are "
+     "read, nothing else"},
+]  # fmt: skip
+IonField = _loose(
+    {"type": "string", "description": "working ion: Li, Na, K, Mg, Ca, Zn or Al (as served, "
+     "see /models); case-insensitive"}
+)  # fmt: skip
 StructureField = _loose(
     {
-        "description": "structure text in `format` (CIF, POSCAR), or a pymatgen "
-        "Structure.as_dict() object / JSON text when format is json",
-        "anyOf": [{"type": "string"}, {"type": "object"}],
+        "description": "the electrode material in its **charged** (ion-poor) state: structure "
+        "text in `format` (CIF by default, POSCAR), or with `format` json a pymatgen "
+        "Structure.as_dict() object or JSON text. Required unless `material_id` is given.",
+        "oneOf": STRUCTURE_FORMS,
     }
 )
-FormatField = _loose({"type": "string", "enum": ["cif", "poscar", "json"], "default": "cif"})
+FormatField = _loose(
+    {"type": "string", "enum": ["cif", "poscar", "json"], "default": "cif",
+     "description": "format of `structure`"}
+)  # fmt: skip
 MaterialField = _loose(
-    {"type": "string", "example": "mp-10033", "description": "snapshot id instead of structure"}
-)
+    {"type": "string", "description": "instead of `structure`: a material id of the service's "
+     "local snapshot (e.g. mp-10033), when the service has one"}
+)  # fmt: skip
 DischargedField = _loose(
     {
         "description": "optional discharged (ion-rich) end of the same host, same formats as "
         "`structure`: the answer then adds `physics_voltage` (CHGNet energies)",
-        "anyOf": [{"type": "string"}, {"type": "object"}],
+        "oneOf": STRUCTURE_FORMS,
     }
 )
 DischargedFormatField = _loose(
@@ -76,23 +97,23 @@ DischargedFormatField = _loose(
 class PredictItem(BaseModel):
     """One item of ``/predict_batch`` (same fields as ``/predict``)."""
 
-    ion: str | None = None
-    structure: str | dict[str, Any] | None = None
-    format: str | None = Field(None, json_schema_extra={"enum": ["cif", "poscar", "json"]})
-    material_id: str | None = None
-    explain: bool = False
-    discharged_structure: str | dict[str, Any] | None = None
-    discharged_format: str | None = Field(
-        None, json_schema_extra={"enum": ["cif", "poscar", "json"]}
-    )
+    ion: IonField
+    structure: StructureField = None
+    format: FormatField = None
+    material_id: MaterialField = None
+    explain: bool = Field(False, description="also return per-site local voltages")
+    discharged_structure: DischargedField = None
+    discharged_format: DischargedFormatField = None
 
 
 BatchItem = _loose(PredictItem.model_json_schema())
 
 
 class ModelRef(BaseModel):
-    name: str
-    version: int
+    """The model that answered: registered name and version, and where it was loaded from."""
+
+    name: str = Field(description="registered model name, electrode-voltage-<Ion>")
+    version: int = Field(description="registry version (0: a release never registered)")
     source: str = Field(
         description="registry (the MLflow champion), bento (packaged in a built Bento) or "
         "release (the repository's pretrained release, for an ion without a champion)"
@@ -100,12 +121,18 @@ class ModelRef(BaseModel):
 
 
 class PredictionOut(BaseModel):
-    ion: str
-    voltage: float = Field(description="average voltage vs. the metal (V)")
-    uncertainty: float = Field(description="ensemble standard deviation (V)")
+    """One prediction (docs/serving.md, "Predict over HTTP")."""
+
+    ion: str = Field(description="working ion, as configured (e.g. Li)")
+    voltage: float = Field(description="predicted average voltage vs. the ion's metal (V)")
+    uncertainty: float = Field(
+        description="calibrated predictive standard deviation (V): voltage +- 1.645 x "
+        "uncertainty is meant to cover 90% of DFT voltages (GP posterior std and/or the spread "
+        "of the ensemble's heads, rescaled on validation data)"
+    )
     model: ModelRef
-    formula: str
-    n_sites: int
+    formula: str = Field(description="reduced formula of the structure sent")
+    n_sites: int = Field(description="sites in the structure sent")
     unseen_elements: list[str] = Field(
         default_factory=list, description="elements never seen in this ion's training data"
     )
@@ -123,12 +150,14 @@ class PredictionOut(BaseModel):
 
 
 class BatchItemOut(BaseModel):
-    index: int
+    """One item's outcome: a prediction, or the error it would have got from /predict."""
+
+    index: int = Field(description="position of the item in the request")
     ok: bool
     prediction: PredictionOut | None = None
-    error: str | None = None
-    kind: str | None = None
-    status: int | None = None
+    error: str | None = Field(None, description="what is wrong with this item")
+    kind: str | None = Field(None, description="error kind (docs/serving.md, Errors)")
+    status: int | None = Field(None, description="the HTTP status /predict would answer")
 
 
 class IonModel(BaseModel):
@@ -162,16 +191,36 @@ def _models_out(runtime: Any) -> ModelsOut:
 
 
 def _error_response(e: ServingError, ctx: bentoml.Context) -> Any:
-    """Errors bypass the output model: a JSON body with the message and kind. (BentoML copies
-    ``ctx.response.status_code`` onto any response of an API that takes a context.)"""
+    """Errors bypass the output model: the service's error body (message, kind, status, request
+    id) and ``Retry-After`` for a shed request. (BentoML copies ``ctx.response.status_code``
+    onto any response of an API that takes a context.)"""
     ctx.response.status_code = e.http_status
-    return Response(error_body(e), status_code=e.http_status, media_type="application/json")
-
-
-def _mark(ctx: bentoml.Context) -> None:
     note = note_of(ctx.request.state)
-    if note is not None:
-        note.recorded = True
+    headers = {"Retry-After": e.retry_after_header} if e.retry_after_header else None
+    body = error_body(e, note.request_id if note is not None else None)
+    return Response(body, status_code=e.http_status, media_type="application/json",
+                    headers=headers)  # fmt: skip
+
+
+class _request:  # lower case: used like a function, ``with _request(ctx) as note:``
+    """Mark the request as counted by the API method, and make its context current (it is
+    already, through the guard; binding again costs nothing and does not rely on BentoML
+    running the method in the guard's task). A class: see ``serving.logs.bound``."""
+
+    def __init__(self, ctx: bentoml.Context) -> None:
+        self.note = note_of(ctx.request.state)
+        self._bound = logs.bound(self.note) if self.note is not None else None
+
+    def __enter__(self) -> logs.RequestContext | None:
+        if self.note is not None:
+            self.note.recorded = True
+        if self._bound is not None:
+            self._bound.__enter__()
+        return self.note
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bound is not None:
+            self._bound.__exit__(*exc)
 
 
 # ------------------------------------------------------------------------------ packaged models
@@ -192,11 +241,19 @@ def _workers() -> int:
     return int(os.environ.get("VOLTAGE_WORKERS", "1"))
 
 
-def _access_log() -> dict[str, Any]:
-    """One log line per API request (VOLTAGE_ACCESS_LOG=0 turns it off: it costs CPU); probes
-    and scrapes are never logged."""
-    enabled = os.environ.get("VOLTAGE_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
-    return {"enabled": enabled, "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}
+def _traffic() -> dict[str, Any]:
+    """BentoML's own limits (read when the module is imported, like the worker count):
+    ``VOLTAGE_MAX_CONCURRENCY`` HTTP requests open at once over the whole service (BentoML splits
+    it over the workers; beyond it: 429 + Retry-After), ``VOLTAGE_TIMEOUT_S`` per request (504).
+    The default, 32 per worker, sits above what the prediction queue (``VOLTAGE_MAX_QUEUE``)
+    holds for single-structure requests on a small machine, so the queue sheds first (503) and
+    this limit catches what the queue does not see (slow uploads, page and docs requests)."""
+    workers = _workers()
+    concurrency = int(os.environ.get("VOLTAGE_MAX_CONCURRENCY") or 32 * workers)
+    timeout = float(os.environ.get("VOLTAGE_TIMEOUT_S") or 60)
+    if concurrency < 1 or timeout <= 0:
+        raise ValueError("VOLTAGE_MAX_CONCURRENCY must be >= 1 and VOLTAGE_TIMEOUT_S > 0")
+    return {"timeout": timeout, "max_concurrency": concurrency}
 
 
 def _with_packaged_models(cls: type) -> type:
@@ -209,8 +266,10 @@ def _with_packaged_models(cls: type) -> type:
 # ------------------------------------------------------------------------------ service
 @bentoml.service(
     workers=_workers(),
-    traffic={"timeout": 60},
-    logging={"access": _access_log()},
+    traffic=_traffic(),
+    # The service writes its own JSON access line per request (serving.logs, with request id,
+    # ion, model version and error kind); BentoML's plain-text one would only repeat it.
+    logging={"access": {"enabled": False}},
     envs=[
         {"name": "OMP_NUM_THREADS", "value": "1"},
         {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"},
@@ -231,9 +290,11 @@ class VoltageService:
 
         flush_subnormals()  # each worker, before its first torch op (voltage_model/numerics.py)
         torch.set_num_threads(int(os.environ.get("VOLTAGE_TORCH_THREADS", "1")))
-        logging.getLogger("serving").setLevel(os.environ.get("VOLTAGE_LOG_LEVEL", "INFO"))
         quiet_mlflow_defaults()
         self.config = ServingConfig.from_env()
+        logs.configure(os.environ.get("VOLTAGE_LOG_LEVEL", "INFO"), self.config.log_format)
+        if not self.config.access_log:
+            logging.getLogger(logs.ACCESS_LOGGER).setLevel(logging.WARNING)
         self.runtime: Any = None
         self.grpc: Any = None
 
@@ -287,6 +348,20 @@ class VoltageService:
     def __is_ready__(self) -> bool:
         return self.runtime is not None and self.runtime.predictor.ready()
 
+    def __metrics__(self, content: str) -> str:
+        """BentoML's scrape hook: add the drift gauges of all workers' windows together
+        (serving.metrics.aggregate_drift; the workers export only counts)."""
+        runtime = self.runtime
+        if runtime is None or not runtime.metrics.aggregate_drift_at_scrape:
+            return content
+        from serving.metrics import aggregate_drift
+
+        try:
+            return aggregate_drift(content, runtime.drift)
+        except Exception:  # a scrape must never fail because of the drift block
+            logger.exception("aggregating drift gauges failed")
+            return content
+
     @bentoml.api(route="/predict")
     async def predict(
         self,
@@ -294,7 +369,7 @@ class VoltageService:
         structure: StructureField = None,
         format: FormatField = None,
         material_id: MaterialField = None,
-        explain: bool = False,
+        explain: Annotated[bool, Field(description="also return per-site local voltages")] = False,
         discharged_structure: DischargedField = None,
         discharged_format: DischargedFormatField = None,
         *,
@@ -302,7 +377,16 @@ class VoltageService:
     ) -> PredictionOut:
         """Predict the average voltage (V) and its uncertainty for one structure (and, given
         its discharged end, the step's CHGNet physics voltage as a cross-check)."""
-        _mark(ctx)
+        with _request(ctx):
+            return await self._predict_one(
+                ctx, ion, structure, format, material_id, explain, discharged_structure,
+                discharged_format,
+            )  # fmt: skip
+
+    async def _predict_one(
+        self, ctx: bentoml.Context, ion: Any, structure: Any, format: Any, material_id: Any,
+        explain: bool, discharged_structure: Any, discharged_format: Any,
+    ) -> Any:  # fmt: skip
         try:
             req = PredictRequest.from_mapping(
                 {
@@ -317,6 +401,9 @@ class VoltageService:
             )
         except ServingError as e:
             self.runtime.metrics.record_request("predict", PROTOCOL, None, e.status_label, e.kind)
+            note = note_of(ctx.request.state)
+            if note is not None:
+                note.note_error(e.kind)
             return _error_response(e, ctx)
         try:
             result = await self.runtime.predictor.predict(req, "predict", PROTOCOL)
@@ -329,15 +416,23 @@ class VoltageService:
         self, items: list[BatchItem], /, *, ctx: bentoml.Context
     ) -> list[BatchItemOut]:
         """Predict a list of items (ions may differ), answered in order; a bad item gets its
-        own error entry and never fails the others."""
-        _mark(ctx)
-        reqs: list[PredictRequest | ServingError] = []
-        for item in items:
+        own error entry and never fails the others. A batch the service has no room for is
+        refused whole (503 + Retry-After)."""
+        with _request(ctx) as note:
+            if note is not None:
+                note.items = len(items)
+            reqs: list[PredictRequest | ServingError] = []
+            for item in items:
+                try:
+                    reqs.append(PredictRequest.from_mapping(item))
+                except ServingError as e:
+                    reqs.append(e)
             try:
-                reqs.append(PredictRequest.from_mapping(item))
+                outcomes = await self.runtime.predictor.predict_many(
+                    reqs, "predict_batch", PROTOCOL
+                )
             except ServingError as e:
-                reqs.append(e)
-        outcomes = await self.runtime.predictor.predict_many(reqs, "predict_batch", PROTOCOL)
+                return _error_response(e, ctx)
         out = []
         for i, o in enumerate(outcomes):
             if isinstance(o, ServingError):
@@ -354,9 +449,9 @@ class VoltageService:
     async def models(self, *, ctx: bentoml.Context) -> ModelsOut:
         """Per configured ion: the served registered model and version, its test MAE, when it
         was loaded (also ``GET /models``)."""
-        _mark(ctx)
-        self.runtime.metrics.record_request("models", PROTOCOL, "all", "ok")
-        return _models_out(self.runtime)
+        with _request(ctx):
+            self.runtime.metrics.record_request("models", PROTOCOL, "all", "ok")
+            return _models_out(self.runtime)
 
 
 # ------------------------------------------------------------------------------ extras
@@ -375,6 +470,21 @@ async def _get_models(request: Request) -> Response:
         return JSONResponse({"error": "starting"}, status_code=503)
     runtime.metrics.record_request("models", PROTOCOL, "all", "ok")
     return JSONResponse(_models_out(runtime).model_dump())
+
+
+@lru_cache(maxsize=1)
+def _openapi_document() -> bytes:
+    """BentoML's document for this service, completed (serving.openapi); built once per
+    worker: it depends only on the code."""
+    from serving.openapi import complete
+
+    return json.dumps(complete(VoltageService.openapi_spec.asdict())).encode()
+
+
+async def _openapi(request: Request) -> Response:
+    """``GET /docs.json``: the OpenAPI document Swagger UI (``/docs``) and client generators
+    read."""
+    return Response(_openapi_document(), media_type="application/json")
 
 
 async def _docs(request: Request) -> Response:
@@ -402,8 +512,9 @@ WEB_CSP = (
 
 
 def _not_found(message: str) -> Response:
-    """The API's error shape for a page file that is not served."""
-    body = json.dumps({"error": message, "kind": "not_found"}).encode()
+    """The API's error shape for a page file that is not served (the guard adds the request
+    id)."""
+    body = json.dumps({"error": message, "kind": "not_found", "status": 404}).encode()
     return Response(body, status_code=404, media_type="application/json")
 
 
@@ -447,8 +558,10 @@ EXTRAS = Starlette(
         Route("/web/{name}", _web_file),
         Route("/models", _get_models),
         Route("/docs", _docs),
+        Route("/docs.json", _openapi),
     ]
 )
 
+install_traffic_answers(_runtime)
 VoltageService.add_asgi_middleware(RequestGuard, runtime_of=_runtime)
 VoltageService.mount_asgi_app(EXTRAS, path="/")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15serving/voltage.proto\x12\x14\x65lectrode_voltage.v1\"\x9f\x01\n\x0ePredictRequest\x12\x0b\n\x03ion\x18\x01 \x01(\t\x12\x11\n\tstructure\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x13\n\x0bmaterial_id\x18\x04 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x05 \x01(\x08\x12\x1c\n\x14\x64ischarged_structure\x18\x06 \x01(\t\x12\x19\n\x11\x64ischarged_format\x18\x07 \x01(\t\"D\n\x0cLocalVoltage\x12\x0c\n\x04site\x18\x01 \x01(\x05\x12\x0f\n\x07\x65lement\x18\x02 \x01(\t\x12\x15\n\rlocal_voltage\x18\x03 \x01(\x01\"9\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\"\xf4\x02\n\nPrediction\x12\x0b\n\x03ion\x18\x01 \x01(\t\x12\x0f\n\x07voltage\x18\x02 \x01(\x01\x12\x13\n\x0buncertainty\x18\x03 \x01(\x01\x12-\n\x05model\x18\x04 \x01(\x0b\x32\x1e.electrode_voltage.v1.ModelRef\x12\x0f\n\x07\x66ormula\x18\x05 \x01(\t\x12\x0f\n\x07n_sites\x18\x06 \x01(\x05\x12\x17\n\x0funseen_elements\x18\x07 \x03(\t\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x13\n\x0bmaterial_id\x18\t \x01(\t\x12\x1e\n\x11reference_voltage\x18\n \x01(\x01H\x00\x88\x01\x01\x12:\n\x0elocal_voltages\x18\x0b \x03(\x0b\x32\".electrode_voltage.v1.LocalVoltage\x12\x1c\n\x0fphysics_voltage\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_reference_voltageB\x12\n\x10_physics_voltage\";\n\x05\x45rror\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\"J\n\x13PredictBatchRequest\x12\x33\n\x05items\x18\x01 \x03(\x0b\x32$.electrode_voltage.v1.PredictRequest\"\x8d\x01\n\x0b\x42\x61tchResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x36\n\nprediction\x18\x02 \x01(\x0b\x32 .electrode_voltage.v1.PredictionH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.electrode_voltage.v1.ErrorH\x00\x42\t\n\x07outcome\"J\n\x14PredictBatchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.electrode_voltage.v1.BatchResult\"\x13\n\x11ListModelsRequest\"\xc4\x01\n\x0bModelStatus\x12\x0b\n\x03ion\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x10\n\x08\x64isabled\x18\x03 \x01(\x08\x12-\n\x05model\x18\x04 \x01(\x0b\x32\x1e.electrode_voltage.v1.ModelRef\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\x15\n\x08test_mae\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tloaded_at\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x08 \x01(\tB\x0b\n\t_test_mae\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.electrode_voltage.v1.ModelStatus2\xab\x02\n\x0eVoltageService\x12Q\n\x07Predict\x12$.electrode_voltage.v1.PredictRequest\x1a .electrode_voltage.v1.Prediction\x12\x65\n\x0cPredictBatch\x12).electrode_voltage.v1.PredictBatchRequest\x1a*.electrode_voltage.v1.PredictBatchResponse\x12_\n\nListModels\x12\'.electrode_voltage.v1.ListModelsRequest\x1a(.electrode_voltage.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15serving/voltage.proto\x12\x14\x65lectrode_voltage.v1\"\x9f\x01\n\x0ePredictRequest\x12\x0b\n\x03ion\x18\x01 \x01(\t\x12\x11\n\tstructure\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x13\n\x0bmaterial_id\x18\x04 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x05 \x01(\x08\x12\x1c\n\x14\x64ischarged_structure\x18\x06 \x01(\t\x12\x19\n\x11\x64ischarged_format\x18\x07 \x01(\t\"D\n\x0cLocalVoltage\x12\x0c\n\x04site\x18\x01 \x01(\x05\x12\x0f\n\x07\x65lement\x18\x02 \x01(\t\x12\x15\n\rlocal_voltage\x18\x03 \x01(\x01\"9\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\"\xf4\x02\n\nPrediction\x12\x0b\n\x03ion\x18\x01 \x01(\t\x12\x0f\n\x07voltage\x18\x02 \x01(\x01\x12\x13\n\x0buncertainty\x18\x03 \x01(\x01\x12-\n\x05model\x18\x04 \x01(\x0b\x32\x1e.electrode_voltage.v1.ModelRef\x12\x0f\n\x07\x66ormula\x18\x05 \x01(\t\x12\x0f\n\x07n_sites\x18\x06 \x01(\x05\x12\x17\n\x0funseen_elements\x18\x07 \x03(\t\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x13\n\x0bmaterial_id\x18\t \x01(\t\x12\x1e\n\x11reference_voltage\x18\n \x01(\x01H\x00\x88\x01\x01\x12:\n\x0elocal_voltages\x18\x0b \x03(\x0b\x32\".electrode_voltage.v1.LocalVoltage\x12\x1c\n\x0fphysics_voltage\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_reference_voltageB\x12\n\x10_physics_voltage\"O\n\x05\x45rror\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"J\n\x13PredictBatchRequest\x12\x33\n\x05items\x18\x01 \x03(\x0b\x32$.electrode_voltage.v1.PredictRequest\"\x8d\x01\n\x0b\x42\x61tchResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x36\n\nprediction\x18\x02 \x01(\x0b\x32 .electrode_voltage.v1.PredictionH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.electrode_voltage.v1.ErrorH\x00\x42\t\n\x07outcome\"J\n\x14PredictBatchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.electrode_voltage.v1.BatchResult\"\x13\n\x11ListModelsRequest\"\xc4\x01\n\x0bModelStatus\x12\x0b\n\x03ion\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x10\n\x08\x64isabled\x18\x03 \x01(\x08\x12-\n\x05model\x18\x04 \x01(\x0b\x32\x1e.electrode_voltage.v1.ModelRef\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\x15\n\x08test_mae\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tloaded_at\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x08 \x01(\tB\x0b\n\t_test_mae\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.electrode_voltage.v1.ModelStatus2\xab\x02\n\x0eVoltageService\x12Q\n\x07Predict\x12$.electrode_voltage.v1.PredictRequest\x1a .electrode_voltage.v1.Prediction\x12\x65\n\x0cPredictBatch\x12).electrode_voltage.v1.PredictBatchRequest\x1a*.electrode_voltage.v1.PredictBatchResponse\x12_\n\nListModels\x12\'.electrode_voltage.v1.ListModelsRequest\x1a(.electrode_voltage.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,19 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION']._serialized_start=339
   _globals['_PREDICTION']._serialized_end=711
   _globals['_ERROR']._serialized_start=713
-  _globals['_ERROR']._serialized_end=772
-  _globals['_PREDICTBATCHREQUEST']._serialized_start=774
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=848
-  _globals['_BATCHRESULT']._serialized_start=851
-  _globals['_BATCHRESULT']._serialized_end=992
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=994
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=1068
-  _globals['_LISTMODELSREQUEST']._serialized_start=1070
-  _globals['_LISTMODELSREQUEST']._serialized_end=1089
-  _globals['_MODELSTATUS']._serialized_start=1092
-  _globals['_MODELSTATUS']._serialized_end=1288
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1290
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1361
-  _globals['_VOLTAGESERVICE']._serialized_start=1364
-  _globals['_VOLTAGESERVICE']._serialized_end=1663
+  _globals['_ERROR']._serialized_end=792
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=794
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=868
+  _globals['_BATCHRESULT']._serialized_start=871
+  _globals['_BATCHRESULT']._serialized_end=1012
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=1014
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=1088
+  _globals['_LISTMODELSREQUEST']._serialized_start=1090
+  _globals['_LISTMODELSREQUEST']._serialized_end=1109
+  _globals['_MODELSTATUS']._serialized_start=1112
+  _globals['_MODELSTATUS']._serialized_end=1308
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1310
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1381
+  _globals['_VOLTAGESERVICE']._serialized_start=1384
+  _globals['_VOLTAGESERVICE']._serialized_end=1683
 # @@protoc_insertion_point(module_scope)

@@ -74,14 +74,16 @@ class Prediction(_message.Message):
     def __init__(self, ion: _Optional[str] = ..., voltage: _Optional[float] = ..., uncertainty: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., formula: _Optional[str] = ..., n_sites: _Optional[int] = ..., unseen_elements: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ..., material_id: _Optional[str] = ..., reference_voltage: _Optional[float] = ..., local_voltages: _Optional[_Iterable[_Union[LocalVoltage, _Mapping]]] = ..., physics_voltage: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("kind", "message", "http_status")
+    __slots__ = ("kind", "message", "http_status", "request_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     message: str
     http_status: int
-    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
     __slots__ = ("items",)

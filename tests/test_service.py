@@ -307,7 +307,7 @@ BAD_INPUTS = [
     ("empty structure", {"ion": "Li", "structure": "  "}, 400, "empty", ["structure is empty"]),
     ("too many sites", {"ion": "Li", "structure": None, "format": "cif"}, 400,
      "too_many_sites", ["64 sites", f"limit is {MAX_SITES}"]),
-    ("body too large", {"ion": "Li", "structure": "x" * (MAX_BODY + 10)}, 400, "too_large",
+    ("body too large", {"ion": "Li", "structure": "x" * (MAX_BODY + 10)}, 413, "too_large",
      ["limit", str(MAX_BODY)]),
     ("element outside encoding", {"ion": "Li", "structure": _poscar_with("0.5 0.5 0.5", "Md O"),
      "format": "poscar"}, 400, "unknown_element", ["outside the encoding", "Md"]),
@@ -337,7 +337,7 @@ def test_bad_input_http(server, case, payload, status, kind, words) -> None:
     else:
         got, body = predict_http(server, payload)
     assert got == status, body
-    assert body["kind"] == kind
+    assert body["kind"] == kind and body["status"] == status and body["request_id"]
     for word in words:
         assert word in body["error"], body
     ok, _ = predict_http(server, {"ion": "Li", "structure": cif(rocksalt())})
@@ -369,7 +369,7 @@ def test_bad_input_grpc(stub, case, payload, status, kind, words) -> None:
         format=payload.get("format") or "", material_id=payload.get("material_id") or "",
     )  # fmt: skip
     code, details, err = grpc_error(stub.Predict, req)
-    want = grpc.StatusCode.INVALID_ARGUMENT if status == 400 else grpc.StatusCode.UNAVAILABLE
+    want = grpc.StatusCode.UNAVAILABLE if status == 503 else grpc.StatusCode.INVALID_ARGUMENT
     assert code == want and err.kind == kind and err.http_status == status
     for word in words:
         assert word in details

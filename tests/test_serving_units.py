@@ -4,6 +4,7 @@ HTTP guard. Fast; the end-to-end behaviour is in tests/test_service.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from pymatgen.core import Structure
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving import watcher as watcher_mod
-from serving.batching import MicroBatcher
+from serving.batching import Admission, MicroBatcher
 from serving.config import ServingConfig
 from serving.drift import DriftWindow, load_reference
 from serving.errors import ServingError
@@ -110,17 +112,79 @@ def test_input_errors_have_kinds(text: Any, fmt: str, kind: str) -> None:
 
 
 def test_error_mappings() -> None:
-    bad = ServingError("too_many_sites", "m")
-    assert (bad.http_status, bad.status_label, bad.grpc_code_name) == (
-        400, "client_error", "INVALID_ARGUMENT",
-    )  # fmt: skip
-    none = ServingError("no_champion", "m")
-    assert (none.http_status, none.status_label, none.grpc_code_name) == (
-        503, "unavailable", "UNAVAILABLE",
-    )  # fmt: skip
-    assert ServingError("internal", "m").status_label == "server_error"
+    def forms(kind: str) -> tuple[int, str, str]:
+        e = ServingError(kind, "m")
+        return e.http_status, e.status_label, e.grpc_code_name
+
+    assert forms("too_many_sites") == (400, "client_error", "INVALID_ARGUMENT")
+    assert forms("too_large") == (413, "client_error", "INVALID_ARGUMENT")
+    assert forms("no_champion") == (503, "unavailable", "UNAVAILABLE")
+    assert forms("overloaded") == (503, "unavailable", "RESOURCE_EXHAUSTED")
+    assert forms("too_many_requests") == (429, "unavailable", "RESOURCE_EXHAUSTED")
+    assert forms("timeout") == (504, "unavailable", "DEADLINE_EXCEEDED")
+    assert forms("internal") == (500, "server_error", "INTERNAL")
+    assert ServingError("overloaded", "m", retry_after=0.2).retry_after_header == "1"
+    assert ServingError("overloaded", "m", retry_after=2.5).retry_after_header == "3"
+    assert ServingError("parse", "m").retry_after_header is None
     with pytest.raises(ValueError):
         ServingError("made_up", "m")
+
+
+def test_admission_bounds_pending_items_and_admits_a_big_batch_alone() -> None:
+    seen: list[int] = []
+    a = Admission(4, on_change=seen.append)
+    assert a.try_admit(3) and a.try_admit(1) and a.full
+    assert not a.try_admit(1)  # the fifth structure is shed
+    a.release(4)
+    assert a.pending == 0 and a.try_admit(10)  # larger than the limit, but alone: admitted
+    assert not a.try_admit(1)
+    a.release(10)
+    assert a.try_admit(0) and seen[-1] == 0
+
+
+def test_predictor_sheds_beyond_the_queue_and_counts_it(models) -> None:
+    """Requests beyond VOLTAGE_MAX_QUEUE get ``overloaded`` at once (nothing parsed), are
+    counted as shed and unavailable, and the queue drains back to zero."""
+    p = predictor(max_queue=2, retry_after_s=2.0)
+    p.set_model("Li", served(models[1], 1))
+    gate = threading.Event()
+    real_infer = p._infer
+
+    def slow_infer(served_model: Any, graphs: Any) -> Any:
+        gate.wait(10)
+        return real_infer(served_model, graphs)
+
+    p.batcher._infer = slow_infer
+    text = cif(rocksalt())
+
+    async def burst() -> list[Any]:
+        async def one() -> Any:
+            try:
+                return await p.predict(PredictRequest("Li", text), "predict", "http")
+            except ServingError as e:
+                return e
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(6)]
+        await asyncio.sleep(0.5)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        out = asyncio.run(burst())
+        shed = [o for o in out if isinstance(o, ServingError)]
+        assert len(shed) == 4 and {e.kind for e in shed} == {"overloaded"}
+        assert shed[0].http_status == 503 and shed[0].retry_after_header == "2"
+        assert "capacity" in shed[0].message
+        # A batch larger than the queue still runs when nothing else is pending.
+        many = asyncio.run(p.predict_many([PredictRequest("Li", text)] * 3, "predict_batch"))
+        assert all(not isinstance(o, ServingError) for o in many)
+    finally:
+        p.stop()
+    s = _samples(p.metrics)
+    assert s[("voltage_requests_shed_total", (("protocol", "http"), ("reason", "queue")))] == 4
+    assert s[("voltage_errors_total", (("kind", "overloaded"), ("protocol", "http")))] == 4
+    assert s[("voltage_queue_items", ())] == 0
+    assert p.admission.pending == 0
 
 
 # ------------------------------------------------------------------------------ batching
@@ -235,6 +299,38 @@ def test_drift_window_feeds_gauges(models, tmp_path) -> None:
     assert load_drift(ServingConfig(ions=("Li",), drift_reference=tmp_path / "none.json")) is None
 
 
+def test_drift_of_several_workers_is_the_drift_of_their_windows_together(tmp_path) -> None:
+    """Each worker exports counts (livesum); the scrape computes PSI from their sum, which
+    equals the PSI of one window holding every worker's predictions."""
+    from prometheus_client import generate_latest
+
+    from serving.metrics import aggregate_drift
+
+    ref = load_reference(write_drift_reference(tmp_path / "ref.json", ["Li", "Mg"]))
+    rng = np.random.default_rng(0)
+    workers = [DriftWindow(ref, size=500, min_samples=100) for _ in range(2)]
+    together = DriftWindow(ref, size=1000, min_samples=100)
+    for i, v in enumerate(rng.normal(4.5, 1.0, 300)):  # shifted vs the reference's 2-7 V
+        elements = {"Li", "O", "Zr"} if i % 5 == 0 else {"Li", "O"}
+        for w in (workers[i % 3 == 0], together):
+            w.observe("Li", float(v), elements, nsites=int(8 + i % 40))
+    summed = workers[0].counts("Li") + workers[1].counts("Li")
+    scrape = ServiceMetrics(CollectorRegistry(), ("Li", "Mg"), aggregate_drift_at_scrape=True)
+    scrape.set_drift(workers[0].stats_of(summed), summed)
+    text = generate_latest(scrape.registry).decode()
+    assert "voltage_drift_psi{" not in text  # not set by a worker in multiprocess mode
+    out = aggregate_drift(text, workers[0])
+    families = {f.name: f for f in text_string_to_metric_families(out)}
+    want = together.stats("Li")
+    got = {f: families[f].samples[0].value for f in ("voltage_drift_psi",
+           "voltage_drift_sites_psi", "voltage_drift_unseen_element_share")}  # fmt: skip
+    assert got["voltage_drift_psi"] == pytest.approx(want.psi, rel=1e-12) and want.psi > 0.25
+    assert got["voltage_drift_sites_psi"] == pytest.approx(want.sites_psi, rel=1e-12)
+    assert got["voltage_drift_unseen_element_share"] == pytest.approx(60 / 300)
+    assert [s.labels for s in families["voltage_drift_psi"].samples] == [{"ion": "Li"}]
+    assert aggregate_drift(text, None) == text
+
+
 # ------------------------------------------------------------------------------ metrics
 def test_metrics_precreate_reload_series_and_zero_old_versions() -> None:
     m = ServiceMetrics(CollectorRegistry(), ("Li", "Na"))
@@ -293,11 +389,18 @@ class _FakeRuntime:
     def __init__(self) -> None:
         self.config = ServingConfig(ions=("Li",), max_body_bytes=200, max_batch_items=2)
         self.metrics = ServiceMetrics(CollectorRegistry(), ("Li",))
+        config = self.config
 
         class _P:
+            admission = Admission(2)
+
             @staticmethod
             def missing() -> list[str]:
                 return ["Li"]
+
+            @staticmethod
+            def overloaded() -> ServingError:
+                return ServingError("overloaded", "full", retry_after=config.retry_after_s)
 
         self.predictor = _P()
 
@@ -328,8 +431,13 @@ def guarded() -> tuple[TestClient, _FakeRuntime]:
 )
 def test_guard_refuses_bad_bodies(guarded, path: str, body: bytes, kind: str) -> None:
     client, runtime = guarded
-    resp = client.post(path, content=body, headers={"Content-Type": "application/json"})
-    assert resp.status_code == 400 and resp.json()["kind"] == kind
+    resp = client.post(path, content=body, headers={"Content-Type": "application/json",
+                                                     "X-Request-ID": "req-42"})  # fmt: skip
+    status = 413 if kind == "too_large" else 400
+    assert resp.status_code == status
+    assert resp.json() == {"error": resp.json()["error"], "kind": kind, "status": status,
+                           "request_id": "req-42"}  # fmt: skip
+    assert resp.headers["X-Request-ID"] == "req-42"
     s = _samples(runtime.metrics)
     assert s[("voltage_errors_total", (("kind", kind), ("protocol", "http")))] == 1
 
@@ -340,6 +448,79 @@ def test_guard_replays_accepted_bodies_and_answers_readyz(guarded) -> None:
     assert resp.status_code == 200 and resp.json() == {"got": {"ion": "Li"}}
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["missing"] == ["Li"]
+
+
+def test_guard_turns_a_multipart_upload_into_the_json_body(guarded) -> None:
+    client, runtime = guarded
+    runtime.config = dataclasses.replace(runtime.config, max_body_bytes=1000)
+    text = "data_x\n"
+    resp = client.post("/predict", files={"file": ("cell.cif", text.encode())},
+                       data={"ion": "Li", "explain": "true"})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["got"] == {"structure": text, "format": "cif", "ion": "Li",
+                                  "explain": True}  # fmt: skip
+    resp = client.post("/predict", files={"file": ("POSCAR_7", b"p")}, data={"ion": "Mg"})
+    assert resp.json()["got"]["format"] == "poscar"
+    resp = client.post("/predict", files={"file": ("x.cif", b"p")},
+                       data={"ion": "Mg", "format": "json"})  # fmt: skip
+    assert resp.json()["got"]["format"] == "json"  # an explicit format wins
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "status", "words"),
+    [
+        ({"file": ("a.cif", b"\xff\xfe")}, {"ion": "Li"}, 400, "not UTF-8"),
+        ({"file": ("a.cif", b"x")}, {"ion": "Li", "ions": "Mg"}, 400, "unknown form field"),
+        ({"file": ("a.cif", b"x" * 1200)}, {"ion": "Li"}, 413, "limit"),
+        ({"file": ("a.cif", b"x")}, {"ion": "Li", "explain": "maybe"}, 400, "explain"),
+    ],
+)
+def test_guard_refuses_bad_uploads(guarded, files, data, status, words) -> None:
+    client, runtime = guarded
+    runtime.config = dataclasses.replace(runtime.config, max_body_bytes=1000)
+    resp = client.post("/predict", files=files, data=data)
+    assert resp.status_code == status and words in resp.json()["error"], resp.text
+    # Uploads are for /predict only: /predict_batch still wants JSON.
+    resp = client.post("/predict_batch", files={"file": ("a.cif", b"x")}, data={"ion": "Li"})
+    assert resp.status_code == 400 and resp.json()["kind"] == "format"
+
+
+def test_guard_reshapes_other_error_bodies_and_sets_request_ids() -> None:
+    runtime = _FakeRuntime()
+
+    async def validation(request: Request) -> JSONResponse:  # BentoML's shape
+        return JSONResponse({"error": "1 validation error for Input", "detail": [
+            {"loc": ["explain"], "msg": "Input should be a valid boolean"}]}, status_code=400)
+
+    app = Starlette(routes=[Route("/predict", validation, methods=["POST"])])
+    app.add_middleware(RequestGuard, runtime_of=lambda: runtime)
+    client = TestClient(app)
+    resp = client.post("/predict", json={"ion": "Li", "explain": [1]},
+                       headers={"X-Request-ID": "has spaces, so not kept"})  # fmt: skip
+    body = resp.json()
+    assert resp.status_code == 400 and body["kind"] == "parse" and body["status"] == 400
+    assert "explain: Input should be a valid boolean" in body["error"]
+    assert body["request_id"] == resp.headers["X-Request-ID"] and len(body["request_id"]) == 32
+    missing = client.get("/nowhere")  # Starlette's plain-text 404
+    assert missing.status_code == 404 and missing.json()["kind"] == "not_found"
+    assert missing.json()["request_id"] == missing.headers["X-Request-ID"]
+    s = _samples(runtime.metrics)  # refused before any API method: counted by the guard
+    assert s[("voltage_errors_total", (("kind", "parse"), ("protocol", "http")))] == 1
+
+
+def test_guard_sheds_at_once_when_the_queue_is_full(guarded) -> None:
+    client, runtime = guarded
+    admission = runtime.predictor.admission
+    assert admission.try_admit(2) and admission.full
+    try:
+        resp = client.post("/predict", json={"ion": "Li"})
+    finally:
+        admission.release(2)
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+    assert resp.json()["kind"] == "overloaded" and resp.json()["request_id"]
+    s = _samples(runtime.metrics)
+    assert s[("voltage_requests_shed_total", (("protocol", "http"), ("reason", "queue")))] == 1
+    assert client.post("/predict", json={"ion": "Li"}).status_code == 200
 
 
 def test_config_from_env(tmp_path: Path) -> None:
@@ -359,6 +540,17 @@ def test_config_from_env(tmp_path: Path) -> None:
         ServingConfig.from_env({**env, "VOLTAGE_MAX_SITES": "0"})
     from_params = ServingConfig.from_env({"VOLTAGE_PARAMS": "params.yaml"})
     assert from_params.ions[0] == "Li" and len(from_params.ions) >= 1
+    assert (from_params.max_queue, from_params.prediction_log, from_params.log_format) == (
+        128, None, "json",
+    )  # fmt: skip
+    c = ServingConfig.from_env({**env, "VOLTAGE_MAX_QUEUE": "8", "VOLTAGE_RETRY_AFTER_S": "3",
+                                "VOLTAGE_PREDICTION_LOG": str(tmp_path / "p.jsonl"),
+                                "VOLTAGE_LOG_FORMAT": "text", "VOLTAGE_ACCESS_LOG": "0"})
+    assert (c.max_queue, c.retry_after_s, c.log_format, c.access_log) == (8, 3.0, "text", False)
+    assert c.prediction_log == tmp_path / "p.jsonl"
+    for bad in ({"VOLTAGE_MAX_QUEUE": "0"}, {"VOLTAGE_LOG_FORMAT": "xml"}):
+        with pytest.raises(ValueError):
+            ServingConfig.from_env({**env, **bad})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ CIF fast path
