@@ -626,7 +626,8 @@ def screen(
     batch_size: Annotated[int, typer.Option(help="structures per inference batch")] = 64,
     shard: Annotated[str | None, typer.Option(help="i/n: only shard i (0-based) of n")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume")] = True,
-    workers: Annotated[int, typer.Option(help="processes (parse, graphs, inference)")] = 2,
+    workers: Annotated[int, typer.Option(
+        help="processes (parse, graphs, inference) with --engine local")] = 2,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     rescore_top: Annotated[int, typer.Option(
         help="tier 2: per CHGNet-serving ion, re-score the K highest tier-1 voltages with the "

@@ -23,6 +23,12 @@ served re-scores that ion's ``rescore_top`` highest and ``rescore_uncertain`` mo
 structures (tier 2, appended to the partial file as ``{"id", "tier2": {ion: ...}}`` lines). Every
 row says which tier produced its figure and keeps the tier-1 figure beside it.
 
+Engines: ``run_screen`` owns what decides the outputs (selection, resume, partial file, tier-2
+plan, CSVs, summary); where the batches run is an ``Engine``: ``LocalEngine`` (this machine, a
+process pool) or ``training.screen_ray.RayEngine`` (a Ray cluster). Both run the same batches
+through the same functions (``screen_chunk``, ``screen_tiers.Rescorer``), so the outputs do not
+depend on the engine, and a partial file written by one is resumed by the other.
+
 Throughput: pymatgen's CIF parser costs ~10 ms per structure, more than graph building and
 inference together, so CIFs in the plain P1 layout that pymatgen and Materials Project write are
 read by a small exact-path parser (``fast_p1_cif``, ``voltage_model/cif.py``) that falls back to
@@ -46,7 +52,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -596,6 +602,39 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict], fmt: di
 
 
 # =============================================================================== the screen
+def storage_order(inputs: Path, ids: Iterable[str]) -> list[str]:
+    """The ids in the order ``iter_contents`` yields them (a tar's storage order, else sorted).
+
+    The local run cuts its batches from that stream; an engine that plans the batches before
+    reading (``training.screen_ray``) cuts the same ones from this list, so every structure is
+    predicted in the same batch by both and the figures are bit-identical. One pass over a tar's
+    headers (a ``.tar.gz`` is decompressed once)."""
+    wanted = set(ids)
+    if not _is_tar(inputs):
+        return sorted(wanted)
+    order: dict[str, None] = {}
+    with tarfile.open(inputs, "r:*") as tar:
+        for member in tar:
+            key = member.name.removeprefix("./")
+            if member.isfile() and key in wanted:
+                order.setdefault(key)
+    return list(order)
+
+
+def tier1_batches(order: Sequence[str], batch_size: int) -> list[list[str]]:
+    """Tier-1 batches: consecutive ``batch_size`` ids of the storage order (as ``_chunks``)."""
+    return [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def tier2_batches(order: Sequence[str]) -> list[list[str]]:
+    """Tier-2 batches: the storage order cut by ``tiers.chunk_sizes`` (as ``_tier2_jobs``)."""
+    out, start = [], 0
+    for size in tiers.chunk_sizes(len(order)):
+        out.append(list(order[start : start + size]))
+        start += size
+    return out
+
+
 def _chunks(
     inputs: Path, todo: Sequence[str], formats: Mapping[str, str], size: int
 ) -> Iterator[list[tuple[str, str, bytes]]]:
@@ -675,22 +714,77 @@ class Rescore:
         tiers.check_counts(self.top, self.uncertain)
 
 
+@dataclass(frozen=True)
+class Work:
+    """What an engine needs to run a screen's batches: where the files are, their formats, the
+    ions and their models, and the batch and size limits."""
+
+    inputs: Path
+    formats: Mapping[str, str]
+    ions: Sequence[str]
+    models: Mapping[str, VoltageModel]
+    batch_size: int
+    max_sites: int
+
+
+class Engine(Protocol):
+    """Where a screen's batches run. ``run_screen`` owns everything else (selection, resume,
+    partial file, outputs), so every engine gives the same files for the same inputs.
+
+    ``tier1`` yields the records of the ``todo`` ids batch by batch (``screen_chunk`` on
+    consecutive ``batch_size`` ids of the storage order); ``tier2`` the tier-2 lines of
+    ``todo`` (id -> ions to re-score; ``tiers.Rescorer.lines`` on the ``tier2_batches``), in
+    any order of batches. ``report`` is what the summary keeps about the engine."""
+
+    workers: int
+
+    def tier1(self, work: Work, todo: Sequence[str]) -> Iterator[list[dict[str, Any]]]: ...
+
+    def tier2(
+        self, work: Work, todo: Mapping[str, tuple[str, ...]]
+    ) -> Iterator[list[dict[str, Any]]]: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+
+class LocalEngine:
+    """This machine: the parent reads the inputs, ``workers`` processes (or the parent itself)
+    parse, build graphs and predict."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+
+    def tier1(self, work: Work, todo: Sequence[str]) -> Iterator[list[dict[str, Any]]]:
+        predictor = _Predictor(work.ions, work.models)
+        chunks = _chunks(work.inputs, todo, work.formats, work.batch_size)
+        return _record_stream(chunks, predictor, work.max_sites, self.workers)
+
+    def tier2(
+        self, work: Work, todo: Mapping[str, tuple[str, ...]]
+    ) -> Iterator[list[dict[str, Any]]]:
+        ions = sorted({i for v in todo.values() for i in v})
+        rescorer = tiers.Rescorer({i: work.models[i] for i in ions}, work.max_sites,
+                                  served_structure)  # fmt: skip
+        jobs = _tier2_jobs(work.inputs, todo, work.formats)
+        return tiers.stream(jobs, rescorer, self.workers)
+
+    def report(self) -> dict[str, Any]:
+        return {"name": "local", "workers": self.workers}
+
+
 def _tier2(
-    fh: io.TextIOBase, records: dict[str, dict], kept: Mapping[str, dict], inputs: Path,
-    formats: Mapping[str, str], models: Mapping[str, VoltageModel], ions: Sequence[str],
-    rescore: Rescore, max_sites: int, workers: int, progress: bool,
+    fh: io.TextIOBase, records: dict[str, dict], kept: Mapping[str, dict], work: Work,
+    engine: Engine, rescore: Rescore, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """Re-score the selection of every CHGNet-serving ion (ids already done are skipped)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    two_tier = [i for i in ions if tiers.needs_tier2(models[i])]
+    two_tier = [i for i in work.ions if tiers.needs_tier2(work.models[i])]
     todo = tiers.plan(kept, two_tier, rescore.top, rescore.uncertain)
     if todo:
-        rescorer = tiers.Rescorer({i: models[i] for i in two_tier}, max_sites, served_structure)
-        jobs = _tier2_jobs(inputs, todo, formats)
         with tqdm(total=len(todo), unit="struct", disable=not progress, desc="tier 2") as bar:
-            for lines in tiers.stream(jobs, rescorer, workers):
+            for lines in engine.tier2(work, todo):
                 _append(fh, lines)
                 for line in lines:
                     records[line["id"]].setdefault("tier2", {}).update(line["tier2"])
@@ -715,6 +809,7 @@ def run_screen(
     limit: int | None = None,
     progress: bool = True,
     rescore: Rescore | None = None,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Screen ``inputs`` with one model per ion; returns the summary (see module docstring).
 
@@ -725,8 +820,11 @@ def run_screen(
     the shard (previews, benchmarks). With ``resume`` the ids already in
     ``<out>.partial.jsonl`` are skipped (tier-2 figures too); without it that file starts
     afresh. ``rescore`` (default ``Rescore()``) sets tier 2 (``training.screen_tiers``).
+    ``engine`` runs the batches elsewhere (``training.screen_ray.RayEngine``: a Ray cluster);
+    default ``LocalEngine(workers)``. The outputs do not depend on the engine.
     """
     rescore = rescore or Rescore()
+    engine = engine or LocalEngine(workers)
     missing = [i for i in ions if i not in models]
     if not ions or missing:
         raise ValueError(f"need a model for every ion; missing: {missing or 'no ions given'}")
@@ -735,7 +833,6 @@ def run_screen(
     t0 = time.perf_counter()
     formats = list_inputs(inputs)
     selected = select_shard(formats, shard)[:limit]
-    predictor = _Predictor(ions, models)
     header = {
         "format": PARTIAL_FORMAT, "ions": list(ions),
         "models": {i: model_ident(models[i]) for i in ions},
@@ -747,24 +844,23 @@ def run_screen(
     found, records, _ = read_partial(part) if resume else (None, {}, None)
     _check_header(found, header, part)
     todo = [k for k in selected if k not in records]
-    chunks = _chunks(inputs, todo, formats, batch_size)
+    work = Work(inputs, formats, list(ions), dict(models), batch_size, max_sites)
     with part.open("a" if found else "w") as fh:
         if not found:
             _append(fh, [{"_header": header}])
-        stream = _record_stream(chunks, predictor, max_sites, workers)
+        stream = engine.tier1(work, todo) if todo else iter(())
         tier1 = _tier1(fh, records, stream, len(todo), progress)
         kept = {k: records[k] for k in selected if k in records}
-        tier2 = _tier2(fh, records, kept, inputs, formats, models, ions, rescore, max_sites,
-                       workers, progress)  # fmt: skip
+        tier2 = _tier2(fh, records, kept, work, engine, rescore, progress)
         seconds = time.perf_counter() - t0
         done = {"n_selected": len(selected), "n_new": len(todo), "seconds": round(seconds, 3),
                 "tier1": tier1, "tier2": tier2}  # fmt: skip
         _append(fh, [{"_done": done}])
     extra = {
         "shard": header["shard"], "ions": list(ions), "models": header["models"],
-        "seconds": round(seconds, 3), "n_new": len(todo), "workers": workers,
+        "seconds": round(seconds, 3), "n_new": len(todo), "workers": engine.workers,
         "structures_per_second": round(len(todo) / seconds, 1) if seconds > 0 else None,
-        "tiers": {"tier1": tier1, "tier2": tier2},
+        "tiers": {"tier1": tier1, "tier2": tier2}, "engine": engine.report(),
     }  # fmt: skip
     return write_outputs(kept, ions, out_csv, summary_json, threshold, extra, header["backbones"])
 
@@ -883,4 +979,20 @@ def report_lines(summary: Mapping[str, Any], threshold: float) -> list[str]:
         ions = f": {', '.join(t['ions'])}" if t.get("ions") else ""
         lines.append(f"{name.replace('tier', 'tier ')} ({what}{ions}): {t.get('structures', 0)} "
                      f"structures in {t.get('seconds', 0)} s, {shown}")  # fmt: skip
+    return lines + worker_lines(summary)
+
+
+def worker_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Per-worker throughput of an engine that reports it (Ray: one line per actor and tier),
+    so a slow node or a starved actor shows up in the command's output."""
+    per_worker = (summary.get("engine") or {}).get("per_worker") or {}
+    lines = []
+    for tier, workers in per_worker.items():
+        for w in workers:
+            rate = w.get("structures_per_second")
+            lines.append(f"{tier.replace('tier', 'tier ')} worker {w['worker']}: "
+                         f"{w['structures']} structures in {w['batches']} batches, "
+                         f"{w['busy_seconds']} s busy, "
+                         f"{f'{rate} structures/s' if rate else 'n/a'} "
+                         f"(models loaded in {w['load_seconds']} s)")  # fmt: skip
     return lines
