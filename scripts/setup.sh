@@ -74,3 +74,9 @@ install_browser() {
 if ! install_browser; then
   echo "setup: chromium/chromedriver not installed; the web page's browser tests will skip" >&2
 fi
+
+# The pretrained release's weights (release/*.pt) are DVC-tracked, not in git: fetch them from
+# the DVC remote when it is reachable. Without them the service and CLI serve registry champions
+# only (and say so); `dvc repro` + `voltage release` rebuild them.
+.venv/bin/dvc pull -q release/*.pt.dvc 2>/dev/null \
+  || echo "setup: release weights not pulled (DVC remote not reachable); run dvc repro + voltage release" >&2

@@ -555,7 +555,7 @@ def release(
         typer.echo(f"{ion}: {out / m['file']} {m['bytes'] / 1e6:.1f} MB "
                    f"(source {m['source']['bytes'] / 1e6:.1f} MB); {checked}")  # fmt: skip
     typer.echo(f"release: {manifest['total_bytes'] / 1e6:.1f} MB in {out} "
-               f"(manifest.json, MODEL_CARD.md); commit it with git")  # fmt: skip
+               f"(manifest.json, MODEL_CARD.md); dvc add + push the .pt")  # fmt: skip
 
 
 @app.command("drift-reference")

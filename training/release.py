@@ -25,23 +25,7 @@ predictions then within ~1e-6 V of the source (checked, against 1e-4 V by defaul
 
 Reading a release (``load_release``, ``read_release_file``, ``verify_release``, and the
 recomputation of the factors) is ``voltage_model/release.py``, the part the service needs.
-Loading recomputes the factors; the distances over input columns that several heads share are
-computed once (:func:`shared_sqdists`). Li's three CGCNN GP heads of 1578 crystals take about
-0.5 s on one core; that and importing torch and the featuriser are most of a cold start.
-
-Layout of ``release/<Ion>.pt`` (``torch.save``; only tensors and plain values, so it loads with
-``weights_only=True``)::
-
-    {"format": "electrode-voltage-release", "release_version": 1, "ion": "Li",
-     "checkpoint": {...the source checkpoint; each GP head state without x_train and chol,
-                    with x_cols (int64: >= 0 a float32 pool column, < 0 float64 column -1-k)
-                    and x_rows (int64 [n])...},
-     "x_pools": {"<n>": {"f32": (k32, n) float32, "f64": (k64, n) float64}},
-     "encoding_table": (101, 92) float32,   # the element encoding the model was trained with
-     "source": {"file": "models/ions/Li.pt", "sha256": "..."}}
-
-The element encoding travels with the model (checked against the checkpoint's recorded
-fingerprint), so loading a release does not rebuild it from mendeleev (about 2 s).
+The file layout and how loading recomputes the factors are described there, in one place.
 """
 
 from __future__ import annotations
