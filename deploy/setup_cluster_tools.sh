@@ -43,56 +43,18 @@ if bin=$(pg_bin); then
   exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "setup_cluster_tools.sh: initdb/pg_ctl are missing and apt-get is not available;" >&2
-  echo "  install the PostgreSQL server (>= 13) by other means." >&2
-  exit 1
-fi
-
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO="sudo -n"
-  else
-    echo "setup_cluster_tools.sh: installing postgresql needs root (or passwordless sudo)." >&2
-    exit 1
-  fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-policy=/usr/sbin/policy-rc.d
-added_policy=0
-apt_log=$(mktemp)
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
-  $SUDO chmod 755 "$policy"
-  added_policy=1
-fi
-cleanup() {
-  rm -f "$apt_log"
-  if [ "$added_policy" = 1 ]; then
-    $SUDO rm -f "$policy"
-  fi
-}
-trap cleanup EXIT
-
-if [ -z "$(apt-cache policy postgresql 2>/dev/null | awk '/Candidate:/ {print $2}' | grep -v '(none)')" ]; then
-  $SUDO apt-get update -qq
-fi
-if ! $SUDO apt-get install -y -qq --no-install-recommends postgresql >"$apt_log" 2>&1; then
-  echo "setup_cluster_tools.sh: apt-get install postgresql failed; last lines:" >&2
-  tail -n 20 "$apt_log" >&2
-  exit 1
-fi
+# shellcheck source=../scripts/lib/apt.sh
+source "$(dirname "$0")/../scripts/lib/apt.sh"
+apt_install setup_cluster_tools.sh postgresql
 
 # The package creates a default cluster; make sure it is not running or starting at boot.
 if command -v pg_lsclusters >/dev/null 2>&1; then
   pg_lsclusters --no-header 2>/dev/null | while read -r ver name _; do
-    $SUDO pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true
+    $APT_SUDO pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true
   done
 fi
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-  $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+  $APT_SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
 fi
 
 if ! bin=$(pg_bin); then

@@ -39,36 +39,13 @@ fi
 
 # Chromium + chromedriver (Debian packages) for the web page's browser tests
 # (tests/test_web_page.py). Optional like Prometheus: without root or apt those tests skip.
+# shellcheck source=lib/apt.sh
+source scripts/lib/apt.sh
 install_browser() {
   if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
     return 0
   fi
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: chromium/chromedriver are missing and apt-get is not available" >&2
-    return 1
-  fi
-  local sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-      sudo="sudo -n"
-    else
-      echo "setup: installing chromium needs root (or passwordless sudo)" >&2
-      return 1
-    fi
-  fi
-  if [ -z "$(apt-cache policy chromium-driver 2>/dev/null | awk '/Candidate:/ {print $2}' | grep -v '(none)')" ]; then
-    $sudo apt-get update -qq >/dev/null 2>&1 || true
-  fi
-  local log
-  log=$(mktemp)
-  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      chromium chromium-driver >"$log" 2>&1; then
-    echo "setup: apt-get install chromium chromium-driver failed; last lines:" >&2
-    tail -n 10 "$log" >&2
-    rm -f "$log"
-    return 1
-  fi
-  rm -f "$log"
+  apt_install setup chromium chromium-driver || return 1
   command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1
 }
 if ! install_browser; then
