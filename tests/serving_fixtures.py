@@ -202,7 +202,7 @@ class MlflowStore:
         """
         import mlflow
 
-        from training.train.logging import log_pyfunc
+        from training.train.pyfunc import log_pyfunc
 
         ckpt_dir = self.root / "checkpoints"
         if checkpoint is None:

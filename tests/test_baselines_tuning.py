@@ -346,6 +346,10 @@ def test_cli_stage_writes_every_method_with_cv_mae_and_val_predictions(
     assert len(svr["search"]) == 2 and svr["cv_mae"] == min(e["cv_mae"] for e in svr["search"])
     assert set(report["uncertainty"]) == {"gp_comp", "gp_comp_pooled"}
     assert report["rf_importance_top15"]
+    # Permutation importances of the fitted forest, scored on validation (never test).
+    perm = report["rf_permutation_val"]
+    assert perm["split"] == "val" and perm["n_rows"] == len(ion["va"]) and perm["top"]
+    assert all(len(row) == 3 and row[2] >= 0 for row in perm["top"])
 
     # The comparison reads every column as a method row.
     data = load_ion_data(records, splits, "Mg")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from training.chgnet_heads import fit_chgnet_head, served_part, variant_predictions
+from training.data.ion_inputs import IonInputs
 from training.datasets import load_ion_data
 from training.gp_cv import mixture
 from training.graphs.store import GraphStore
@@ -33,15 +34,16 @@ def store(tiny_data):
 def served(ions, store, source, chgnet_features, tmp_path_factory):
     """Mg's ion_model outputs with CHGNet features, and its artifact written with the average
     variant forced (whatever the tiny CV chose), so every path of a mixed model is exercised."""
+    from training.train.settings import gp_config
     from training.transfer import TransferSettings
 
     cfg = TransferSettings(seeds=[0], n_heads=2, epochs=40, patience=10, bn_modes=["frozen"],
                            scratch={"epochs": 2, "batch_size": 8, "optimizer": "adamw",
                                     "lr": 2e-3, "scheduler": "none"})  # fmt: skip
     mg, na = ions["Mg"], ions["Na"]
-    report, final, part = evaluate_target(mg, store, source, cfg, [na], frozenset(),
-                                          chgnet_features)  # fmt: skip
-    fit = fit_chgnet_head(mg, store, chgnet_features, cfg.chgnet.gp)
+    inputs = IonInputs(mg, store, "Li", [na], frozenset(), chgnet_features)
+    report, final, part = evaluate_target(inputs, source, cfg)
+    fit = fit_chgnet_head(mg, store, chgnet_features, gp_config(cfg.chgnet.gp))
     path = tmp_path_factory.mktemp("chg") / "Mg.pt"
     save_transfer_checkpoint(path, final, source, mg, {**report, "served_variant": "average"},
                              run_id="run", chgnet=served_part("average", fit))  # fmt: skip
@@ -174,16 +176,17 @@ def test_cv_check_adds_the_chgnet_rows_and_serves_the_average(
     """With CHGNet features the CV check scores the CHGNet GP (pooled as served, and alone) and
     the average; under the chemsys grouping an ``average``-serving ion runs both parts."""
     from training.baselines.models import BaselineConfig
-    from training.stages.cv import run_cv_stage
+    from training.config import CvSettings
+    from training.stages.cv import CvPaths, CvPlan, run_cv_stage
     from voltage_model.models.gp_head import GPConfig
 
     small = BaselineConfig(svr_grid={"C": [10.0]}, krr_grid={"alpha": [0.1]},
                            rf_grid={"min_samples_leaf": [1]}, cv_rf_trees=10)  # fmt: skip
     gp = GPConfig(descriptor_weights=(0.0,))
-    report = run_cv_stage(ions["Mg"], store, "Li", load_checkpoint(source), tmp_path / "f.npz",
-                          small, gp, 3, tmp_path / "cv.json", [ions["Na"]], frozenset(),
-                          tmp_path / "cv.csv", None, ("average", "transfer_gp", True), "krr",
-                          None, chgnet_features, gp)  # fmt: skip
+    inputs = IonInputs(ions["Mg"], store, "Li", [ions["Na"]], frozenset(), chgnet_features)
+    plan = CvPlan(small, gp, CvSettings(folds=3), gp, ("average", "transfer_gp", True), "krr")
+    report = run_cv_stage(inputs, load_checkpoint(source), plan,
+                          CvPaths(tmp_path / "f.npz", tmp_path / "cv.json", tmp_path / "cv.csv"))
     host = report["groupings"]["host"]["methods"]
     assert {"chgnet_gp", "chgnet_gp_alone", "average"} <= set(host)
     chem = report["groupings"]["chemsys"]["methods"]

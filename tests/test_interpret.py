@@ -187,6 +187,9 @@ def test_element_medians_respect_mask_and_minimum():
 
 # =============================================================================== the stage
 def test_interpret_stage_writes_figures_json_head_and_mlflow(tiny_data, tmp_path, monkeypatch):
+    from training.data.ion_inputs import IonInputs
+    from training.datasets import load_ion_data
+    from training.graphs.store import GraphStore
     from training.stages.interpret import InterpretPaths, InterpretSettings, run_interpret
     from training.tracking import MlflowSettings, setup_mlflow
 
@@ -207,10 +210,9 @@ def test_interpret_stage_writes_figures_json_head_and_mlflow(tiny_data, tmp_path
         }))  # fmt: skip
         paths = InterpretPaths(tmp_path / "plots", tmp_path / "interpret.json", tmp_path / "h.json")
         settings = InterpretSettings(tsne_max_points=200, tsne_perplexity=5, batch_size=16)
-        report = run_interpret(
-            "Li", ckpt, tiny_data["clean"], tiny_data["splits"], tiny_data["graphs"],
-            baselines, paths, settings, mls,
-        )  # fmt: skip
+        data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+        inputs = IonInputs(data, GraphStore.load(tiny_data["graphs"]), "Li")
+        report = run_interpret(inputs, ckpt, baselines, paths, settings, mls)
         names = {"element_pca", "local_voltage", "environments", "rf_importance"}
         assert {p.stem for p in paths.plots_dir.glob("*.png")} == names
         saved = json.loads(paths.metrics.read_text())

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from training.data.ion_inputs import IonInputs
 from training.datasets import IonData, load_ion_data
 from training.graphs.store import GraphStore
 from training.protocol import best_baseline, holm, paired_test, primary_table
@@ -64,8 +65,8 @@ def test_no_decision_or_served_artifact_reads_test_labels(source, tiny_data, tra
     runs = {}
     for name, (ion, partner) in {"real": (mg, na), "scrambled": (
             _scrambled(mg, ("test",)), _scrambled(na, ("val", "test"), seed=1))}.items():
-        report, final, part = evaluate_target(ion, store, source, transfer_cfg, [partner], hosts,
-                                              chgnet_features)  # fmt: skip
+        inputs = IonInputs(ion, store, "Li", [partner], hosts, chgnet_features)
+        report, final, part = evaluate_target(inputs, source, transfer_cfg)
         ckpt = tmp_path / f"{name}.pt"
         save_transfer_checkpoint(ckpt, final, source, ion, report, run_id="run", chgnet=part)
         runs[name] = (report, torch.load(ckpt, weights_only=True))

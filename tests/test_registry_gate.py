@@ -280,10 +280,11 @@ def test_ion_stage_logs_the_served_models_validation_predictions(
     validation predictions, logs it in the run the registered version points to, and the gate
     reads back exactly that (the production path: log_pyfunc, register, fetch)."""
     from tests.serving_fixtures import build_checkpoint
+    from training.data.ion_inputs import IonInputs
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
     from training.registry import fetch_val_predictions, read_val_predictions, register
-    from training.stages.ion_model import run_ion_stage
+    from training.stages.ion_model import IonModelPaths, run_ion_stage
     from training.tracking import MlflowSettings
     from training.train.core import split_loader
     from training.transfer import TransferSettings
@@ -299,9 +300,9 @@ def test_ion_stage_logs_the_served_models_validation_predictions(
     ))  # fmt: skip
     out = tmp_path / "out"
     report = run_ion_stage(
-        data, store, "Li", ckpt, baselines, TransferSettings(), MlflowSettings(experiment="reg"),
-        out / "Li.pt", out / "ion_Li.json", out / "ion_Li.csv",
-    )  # fmt: skip
+        IonInputs(data, store, "Li"), ckpt, TransferSettings(), MlflowSettings(experiment="reg"),
+        IonModelPaths(baselines, out / "Li.pt", out / "ion_Li.json", out / "ion_Li.csv"),
+    )
     assert "val_predictions" not in report and "test_predictions" not in report
     written = read_val_predictions(out / "ion_Li_val.csv")
     assert list(written) == data.ids("val")

@@ -49,9 +49,11 @@ def champions(
     """Mg champions of the three kinds from one transfer run: ``blend`` (weight 0.5), ``chgnet``
     (weight 1) and ``cgcnn`` (no CHGNet section)."""
     from training.chgnet_heads import fit_chgnet_head, served_part
+    from training.data.ion_inputs import IonInputs
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
     from training.stages.ion_model import evaluate_target, save_transfer_checkpoint
+    from training.train.settings import gp_config
     from training.transfer import TransferSettings
 
     # The settings of conftest's ``transfer_cfg`` (function-scoped, so not usable here).
@@ -62,8 +64,9 @@ def champions(
                   for i in ("Mg", "Na", "Li"))  # fmt: skip
     store = GraphStore.load(tiny_data["graphs"])
     hosts = frozenset(li.host_ids("train"))
-    report, final, picked = evaluate_target(mg, store, source, cfg, [na], hosts, chgnet_features)
-    fit = fit_chgnet_head(mg, store, chgnet_features, cfg.chgnet.gp)
+    inputs = IonInputs(mg, store, "Li", [na], hosts, chgnet_features)
+    report, final, picked = evaluate_target(inputs, source, cfg)
+    fit = fit_chgnet_head(mg, store, chgnet_features, gp_config(cfg.chgnet.gp))
     parts = {"blend": served_part("average", fit), "chgnet": served_part("chgnet", fit),
              "cgcnn": None}  # fmt: skip
     if picked is not None:  # the CV's own choice, as the stage would serve it

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from training.data.ion_inputs import IonInputs
 from training.datasets import load_ion_data
 from training.gp_cv import chemsys_keys
 from training.graphs.store import GraphStore
@@ -114,7 +115,7 @@ def test_comparison_offset_and_uncertainty(source, tiny_data, cfg):
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
     na = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Na")
     store = GraphStore.load(tiny_data["graphs"])
-    report, final, _ = evaluate_target(data, store, source, cfg, partners=[na])
+    report, final, _ = evaluate_target(IonInputs(data, store, "Li", partners=[na]), source, cfg)
     src = load_checkpoint(source)
     unchanged, _ = source_predictions(src, data, store)
     offset = np.mean(data.targets("train") - unchanged["train"])
@@ -172,7 +173,7 @@ def registry(tmp_path, monkeypatch, source):
     mlflow.set_tracking_uri(uri)
     exp = mlflow.create_experiment("reg", artifact_location=(tmp_path / "art").as_uri())
     mlflow.set_experiment(experiment_id=exp)
-    from training.train.logging import log_pyfunc
+    from training.train.pyfunc import log_pyfunc
 
     def log(mae: float, split: str = "s1"):
         # every validation crystal off by ``mae``: the gate's paired differences are constant
@@ -235,7 +236,8 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
     source, tiny_data, tmp_path
 ):
     from training.baselines.models import BaselineConfig
-    from training.stages.cv import run_cv_stage, summarise
+    from training.config import CvSettings
+    from training.stages.cv import CvPaths, CvPlan, run_cv_stage, summarise
     from voltage_model.models.gp_head import GPConfig
 
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
@@ -243,8 +245,10 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
     gp = GPConfig(descriptor_weights=(0.0, 1.0))  # the descriptor path, chosen per fold
     small = BaselineConfig(svr_grid={"C": [10.0]}, krr_grid={"alpha": [0.03]},
                            rf_grid={"min_samples_leaf": [1]}, cv_rf_trees=20)  # fmt: skip
-    args = (store, "Li", load_checkpoint(source), tmp_path / "f.npz", small, gp, 4)
-    report = run_cv_stage(data, *args, tmp_path / "cv.json")
+    plan = CvPlan(small, gp, CvSettings(folds=4))
+    src = load_checkpoint(source)
+    report = run_cv_stage(IonInputs(data, store, "Li"), src, plan,
+                          CvPaths(tmp_path / "f.npz", tmp_path / "cv.json"))  # fmt: skip
     host = report["groupings"]["host"]
     n = sum(len(data.parts[s]) for s in data.parts)
     assert host["n"] == host["n_scored"] == n and host["folds"] == 4  # no source hosts given
@@ -262,7 +266,8 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
     # the stage's file is what it returned; the source ion is refused, not cross-validated
     assert json.loads((tmp_path / "cv.json").read_text()) == report
     li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
-    assert "not_applicable" in run_cv_stage(li, *args, tmp_path / "li.json")
+    assert "not_applicable" in run_cv_stage(IonInputs(li, store, "Li"), src, plan,
+                                            CvPaths(tmp_path / "f.npz", tmp_path / "li.json"))
     # paired differences: a constant 0.1 V gap has zero spread; unscored rows do not count
     y = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     gp_pred = y + np.array([0.1, 0.3, 0.2, 0.5, 9.0])
@@ -327,8 +332,9 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
     import csv
 
     from training.baselines.models import BaselineConfig
+    from training.config import CvSettings
     from training.gp_cv import load_partners
-    from training.stages.cv import run_cv_stage
+    from training.stages.cv import CvPaths, CvPlan, run_cv_stage
     from voltage_model.models.gp_head import GPConfig
 
     mg, na, li = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i)
@@ -346,8 +352,10 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
                            rf_grid={"min_samples_leaf": [1]}, cv_rf_trees=20)  # fmt: skip
     seen = frozenset(li.host_ids("train"))
     out = {k: tmp_path / f"cv.{k}" for k in ("json", "csv", "png")}
-    report = run_cv_stage(mg, store, "Li", load_checkpoint(source), tmp_path / "f.npz", small,
-                          gp, 3, out["json"], [na], seen, out["csv"], out["png"])  # fmt: skip
+    inputs = IonInputs(mg, store, "Li", [na], seen)
+    paths = CvPaths(tmp_path / "f.npz", out["json"], out["csv"], out["png"])
+    report = run_cv_stage(inputs, load_checkpoint(source), CvPlan(small, gp, CvSettings(folds=3)),
+                          paths)
     assert report["pool_ions"] == ["Na"] and out["png"].stat().st_size > 0
     unseen = [h not in seen for s in ("train", "val", "test") for h in mg.host_ids(s)]
     for grouping, rep in report["groupings"].items():

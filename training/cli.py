@@ -364,6 +364,33 @@ def compare(
     typer.echo(markdown.read_text())
 
 
+@app.command()
+@_user_errors
+def plots(
+    predictions_dir: Annotated[Path, typer.Option(help="folder with ion_<ion>.csv predictions")],
+    cv_dir: Annotated[Path, typer.Option(help="folder with the cv stage's <ion>.csv/.json")],
+    metrics_dir: Annotated[Path, typer.Option(help="folder with baselines_<ion>.json reports")],
+    models_dir: Annotated[Path, typer.Option(help="folder with the served <ion>.pt models")],
+    records: RecordsOpt,
+    splits: SplitsOpt,
+    graphs: GraphsOpt,
+    out_dir: Annotated[Path, typer.Option(help="folder for the parity/reliability PNGs")],
+    importance_dir: Annotated[Path, typer.Option(help="folder for the RF importance PNGs")],
+    test_predictions: Annotated[Path, typer.Option(help="CSV out: test predictions + std")],
+    summary: Annotated[Path, typer.Option(help="JSON out: the numbers the figures show")],
+    chgnet_features: ChgnetFeaturesOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Figures people read: parity with uncertainty bars, reliability, RF importances."""
+    from training.stages import plots as stage
+
+    for path in stage.run(stage.Options(
+        predictions_dir, cv_dir, metrics_dir, models_dir, records, splits, graphs, out_dir,
+        importance_dir, test_predictions, summary, chgnet_features, params,
+    )):  # fmt: skip
+        typer.echo(f"wrote {path}")
+
+
 @app.command("docs")
 @_user_errors
 def docs(
@@ -469,7 +496,7 @@ def promote(
     """
     from training.registry import NoSuchVersion, PromotionRefused
     from training.registry import promote as do_promote
-    from training.tracking import MlflowSettings, setup_mlflow
+    from training.tracking import setup_mlflow
     from voltage_model.naming import model_name
 
     try:
@@ -477,7 +504,7 @@ def promote(
     except UsageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    mls = MlflowSettings.model_validate(p.section("mlflow"))
+    mls = p.mlflow
     setup_mlflow(mls)
     try:
         info, reason = do_promote(model_name(mls.model_name_prefix, ion), version, force)
@@ -519,7 +546,6 @@ def release(
     """Write the pretrained release (release/<Ion>.pt, manifest.json, MODEL_CARD.md) from the
     served models and the reports. Run on purpose after a pipeline run; no DVC stage runs it."""
     from training.release import ReleaseInputs, ReleaseTooLarge, write_release
-    from training.tracking import MlflowSettings
     from voltage_model.release import ReleaseError
 
     p = load_params(params)
@@ -531,7 +557,7 @@ def release(
             if not path.is_file():
                 raise UsageError(f"{path} not found: the check predicts test crystals from it "
                                  "(run the pipeline, or pass --check 0)")  # fmt: skip
-    prefix = MlflowSettings.model_validate(p.section("mlflow")).model_name_prefix
+    prefix = p.mlflow.model_name_prefix
     inputs = ReleaseInputs(models_dir, reports, records, splits)
     def write(rounded: bool) -> dict[str, Any]:
         limit = tol if tol is not None else (1e-4 if rounded else 1e-6)
@@ -655,7 +681,7 @@ def screen(
         report_lines,
         run_screen,
     )
-    from training.tracking import MlflowSettings, setup_mlflow
+    from training.tracking import setup_mlflow
 
     try:
         rescore = Rescore(rescore_top, rescore_uncertain)
@@ -684,7 +710,7 @@ def screen(
     rest = [i for i in names if i not in paths]
     prefix = ""
     if rest:
-        mls = MlflowSettings.model_validate(p.section("mlflow"))
+        mls = p.mlflow
         setup_mlflow(mls)
         prefix = mls.model_name_prefix
     try:

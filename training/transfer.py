@@ -32,9 +32,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from training.config import TransferSettings
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
 from training.train.core import model_predictor, score, split_loader, train_from_scratch
@@ -51,6 +51,7 @@ from training.train.heads import (
 )
 from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
+from training.train.settings import gp_config
 from training.train.uncertainty import calibration, fit_std_scale
 from voltage_model.artifact import LoadedModel, ensemble_volts
 from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, GraphBatchLike, Head
@@ -66,47 +67,12 @@ GP_KINDS = ("gp", "gp_alone")
 VOLTS = Normalizer(mean=0.0, std=1.0)  # member predictions are already in volts
 
 
-class ChgnetSettings(BaseModel):
-    """params.yaml ``transfer.chgnet``: GP heads over frozen CHGNet features (issue 16) and the
-    served variants grouped CV may choose from (``gp_cv.choose_variant``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    enabled: bool = True
-    gp: GPConfig = GPConfig()
-    variants: list[Literal["cgcnn", "chgnet", "average"]] = Field(
-        default=["cgcnn", "chgnet", "average"], min_length=1
-    )
-    cv_folds: int = Field(default=5, ge=2)
-
-
-class TransferSettings(BaseModel):
-    """params.yaml ``transfer``: heads fine-tuning, the comparison's seeds and scratch training."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
-    bn_modes: list[Literal["adapt", "frozen"]] = ["adapt", "frozen"]
-    select_heads: list[HeadKind] = Field(default=["gp", "fc"], min_length=1)
-    gp: GPConfig = GPConfig()
-    # Grouped CV folds over train+val deciding whether an ion with pool partners pools them
-    # (``training.gp_cv.choose_pooling``); 0 always pools.
-    pool_cv_folds: int = Field(default=5, ge=0)
-    chgnet: ChgnetSettings = ChgnetSettings()
-    n_heads: int = 3
-    epochs: int = 600
-    lr: float = 3e-3
-    weight_decay: float = 1e-3
-    patience: int = 80
-    bootstrap: bool = True
-    scratch: dict = Field(
-        default_factory=lambda: {"epochs": 100, "batch_size": 32, "optimizer": "adamw", "lr": 2e-3,
-                                 "weight_decay": 1e-4, "scheduler": "cosine"}
+def head_config(cfg: TransferSettings, seed: int) -> HeadConfig:
+    """The fine-tuned MLP heads' settings of ``transfer`` (``fc`` heads), with ``seed``."""
+    return HeadConfig(
+        n_heads=cfg.n_heads, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        bootstrap=cfg.bootstrap, patience=cfg.patience, seed=seed,
     )  # fmt: skip
-
-    def head_config(self, seed: int) -> HeadConfig:
-        return HeadConfig(
-            n_heads=self.n_heads, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
-            bootstrap=self.bootstrap, patience=self.patience, seed=seed,
-        )  # fmt: skip
 
 
 @dataclass
@@ -168,9 +134,10 @@ def transfer(
     normalizer = Normalizer.fit(data.targets("train"))
     loaders = {s: split_loader(store, data, s) for s in data.parts}
     is_gp = head_kind in GP_KINDS
-    desc = split_descriptors(store, data, cfg.gp) if is_gp else None
+    gp = gp_config(cfg.gp)
+    desc = split_descriptors(store, data, gp) if is_gp else None
     pool = list(partners) if head_kind == "gp" else []
-    pool_desc = _partner_descriptors(store, pool, cfg.gp)
+    pool_desc = _partner_descriptors(store, pool, gp)
     members = []
     for i, (src_model, src_heads) in enumerate(source.backbones()):
         model = frozen_backbone(src_model, bn_mode, loaders["train"])
@@ -178,12 +145,12 @@ def transfer(
         if is_gp:
             pool_feats = [pooled_features(model, split_loader(store, p, "train")) for p in pool]
             rows = pooled_rows(pool, pool_feats, pool_desc)
-            members.append(_gp_member(model, feats, desc, data, normalizer, cfg.gp, rows))
+            members.append(_gp_member(model, feats, desc, data, normalizer, gp, rows))
             continue
         start = src_heads[0] if src_heads else Head.from_model(src_model)
         heads = fit_heads(
             start, feats["train"], data.targets("train"), feats["val"], data.targets("val"),
-            normalizer, cfg.head_config(seed * 100 + i),
+            normalizer, head_config(cfg, seed * 100 + i),
         )  # fmt: skip
         preds = {s: heads_volts(heads, f, normalizer) for s, f in feats.items()}
         members.append(Member(model=model, heads=heads, preds=preds))
@@ -259,7 +226,7 @@ def scratch_cgcnn(
     data: IonData, store: GraphStore, model_cfg: CGCNNConfig, cfg: TransferSettings, seed: int
 ) -> dict[str, np.ndarray]:
     """CGCNN trained from scratch on the target ion alone: test predictions per split."""
-    train_cfg = replace(TrainConfig.from_dict(cfg.scratch), seed=seed)
+    train_cfg = replace(TrainConfig.from_dict(cfg.scratch.model_dump()), seed=seed)
     trained = train_from_scratch(data, store, model_cfg, train_cfg)
     scored = score(model_predictor(trained.model, trained.normalizer), data, store)
     return {s: np.array([scored.predictions[s][b] for b in data.ids(s)]) for s in data.parts}

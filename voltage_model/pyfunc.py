@@ -5,7 +5,8 @@ size; this pyfunc instead loads the weights-only checkpoint artifact and predict
 ``voltage_model.predict``. Input: a DataFrame with ``structure`` (text) and ``format``
 (``cif``/``poscar``/``json``) columns; output: ``voltage`` and ``uncertainty`` in volts.
 This file is what ``log_model(python_model=...)`` records, so it must stay import-light; the
-logged model carries the ``voltage_model`` package as its code (``training/train/logging.py``).
+logged model carries the ``voltage_model`` package as its code, and its pip requirements are
+derived from what this package imports (``training/train/pyfunc.py``).
 """
 
 from __future__ import annotations

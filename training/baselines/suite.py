@@ -24,6 +24,7 @@ from training.baselines.models import (
     model_family,
     regression_metrics,
     rf_importances,
+    rf_permutation_importances,
     seeded_name,
 )
 from training.baselines.tuning import FittedBaseline, PartnerRows, fit_fixed, fit_tuned
@@ -38,6 +39,9 @@ class BaselineResult:
     metrics: split -> {"mae", "rmse", "r2"}. predictions: split -> id -> predicted voltage
     (val and test). std: the GP methods' predictive std per split (val, test), else None.
     importances: the own-crystal forest only, (feature, Gini importance) sorted descending.
+    permutation: the same forest's permutation importances on the validation split, (feature,
+    mean, std) of the increase in validation MAE (V), sorted descending (None: fewer than 2
+    validation rows, or not the own-crystal forest).
     search: every grid point with its inner-CV MAE; cv_mae: the chosen point's (None for the
     further-seed forests, which reuse their first seed's choice).
     """
@@ -48,6 +52,7 @@ class BaselineResult:
     predictions: dict[str, dict[str, float]]
     std: dict[str, np.ndarray] | None = None
     importances: list[tuple[str, float]] | None = None
+    permutation: list[tuple[str, float, float]] | None = None
     search: list[dict[str, Any]] = field(default_factory=list)
     cv_mae: float | None = None
     seconds: float = 0.0
@@ -157,6 +162,11 @@ def _run_method(
         return out
     if name == "rf" and fitted.estimator is not None:
         result.importances = rf_importances(fitted.estimator, feature_names)
+        if len(data.y["val"]) >= 2:  # scored on validation, never test; refits nothing
+            result.permutation = rf_permutation_importances(
+                fitted.estimator, data.X["val"], data.y["val"], feature_names,
+                seed=cfg.first_seed,
+            )  # fmt: skip
     pool = None if partners is None else partners.without_hosts(data.groups["val"])
     for seed in list(cfg.seeds or [])[1:]:
         start = time.perf_counter()

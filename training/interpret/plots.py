@@ -25,6 +25,49 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def place_labels(
+    ax: Any, xy: np.ndarray, labels: Sequence[str], order: Sequence[int], fontsize: float = 7.5,
+    offset: float = 5.0,
+) -> list[int]:  # fmt: skip
+    """Label points beside their markers without overlap (no adjustText in the environment):
+    in ``order`` (most important first), each label tries eight positions around its point and
+    takes the first whose box overlaps no label already placed, no other marker and stays inside
+    the axes; a label with no free position is left out. Returns the indices labelled."""
+    import matplotlib.patheffects as pe
+
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the layout, so display coordinates are final
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    points = ax.transData.transform(np.asarray(xy, float))
+    radius = 4.0 * fig.dpi / 72.0  # a marker's half-width, in pixels
+    moves = [(0, 1, "center", "bottom"), (1, 0, "left", "center"), (0, -1, "center", "top"),
+             (-1, 0, "right", "center"), (1, 1, "left", "bottom"), (-1, 1, "right", "bottom"),
+             (1, -1, "left", "top"), (-1, -1, "right", "top")]  # fmt: skip
+    placed: list[Any] = []
+    done: list[int] = []
+    for i in order:
+        for dx, dy, ha, va in moves:
+            text = ax.annotate(
+                labels[i], xy[i], xytext=(dx * offset, dy * offset), textcoords="offset points",
+                ha=ha, va=va, fontsize=fontsize,
+                path_effects=[pe.withStroke(linewidth=2.2, foreground="white")],
+            )  # fmt: skip
+            box = text.get_window_extent(renderer).expanded(1.04, 1.08)
+            inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0
+                      and box.y1 <= frame.y1)  # fmt: skip
+            hits_marker = any(
+                box.x0 - radius < px < box.x1 + radius and box.y0 - radius < py < box.y1 + radius
+                for k, (px, py) in enumerate(points) if k != i
+            )  # fmt: skip
+            if inside and not hits_marker and not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                done.append(i)
+                break
+            text.remove()
+    return done
+
+
 def element_pca_plot(
     symbols: Sequence[str],
     coords: np.ndarray,
@@ -33,20 +76,39 @@ def element_pca_plot(
     path: Path,
     title: str,
 ) -> Path:
-    """Elements in the first two PCs of their learned embedding, coloured by group (0 = f-block)."""
+    """Elements in the first two PCs of their learned embedding, coloured by periodic-table group
+    (0 = f-block) on a continuous colour scale. Symbols sit beside their markers, the elements
+    farthest from the centre first (the spread-out ones the eye looks for); a symbol that would
+    overlap another label or marker is left out, and the title says how many are shown."""
     plt = _pyplot()
     coords = np.asarray(coords, dtype=float)
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
-    cmap = plt.get_cmap("tab20", 19)
-    sc = ax.scatter(coords[:, 0], coords[:, 1], c=list(groups), cmap=cmap, vmin=-0.5, vmax=18.5,
-                    s=60, edgecolors="k", linewidths=0.4)  # fmt: skip
-    for (x, y), s in zip(coords, symbols, strict=True):
-        ax.annotate(s, (x, y), fontsize=7, ha="center", va="center")
+    fig, ax = plt.subplots(figsize=(7.2, 6.0), dpi=120)
+    cmap = plt.get_cmap("viridis")
+    sc = ax.scatter(coords[:, 0], coords[:, 1], c=list(groups), cmap=cmap, vmin=0, vmax=18,
+                    s=46, edgecolors="k", linewidths=0.4, zorder=2)  # fmt: skip
     cbar = fig.colorbar(sc, ax=ax, ticks=range(0, 19, 2))
     cbar.set_label("periodic-table group (0 = f-block)")
-    ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}% var.)")
-    ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}% var.)")
-    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(f"PC1 of the element embedding ({100 * explained[0]:.0f}% of variance; a.u.)")
+    ax.set_ylabel(f"PC2 of the element embedding ({100 * explained[1]:.0f}% of variance; a.u.)")
+    if len(coords):
+        span = coords.max(axis=0) - coords.min(axis=0)
+        ax.set_xlim(coords[:, 0].min() - 0.08 * span[0] - 1e-9,
+                    coords[:, 0].max() + 0.08 * span[0] + 1e-9)  # fmt: skip
+        ax.set_ylim(coords[:, 1].min() - 0.08 * span[1] - 1e-9,
+                    coords[:, 1].max() + 0.08 * span[1] + 1e-9)  # fmt: skip
+        scaled = (coords - coords.mean(axis=0)) / np.where(span > 0, span, 1.0)
+        order = np.argsort(-np.linalg.norm(scaled, axis=1), kind="stable")
+    else:
+        order = np.array([], dtype=int)
+
+    def note(k: int) -> str:
+        rest = " (the others would overlap)" if k < len(symbols) else ""
+        return f"{title}\n{k} of {len(symbols)} elements labelled{rest}"
+
+    head = ax.set_title(note(len(symbols)), fontsize=9)
+    fig.tight_layout()  # the final layout (the title keeps its two lines), then the labels
+    shown = place_labels(ax, coords, list(symbols), [int(i) for i in order])
+    head.set_text(note(len(shown)))
     return _save(fig, path)
 
 
@@ -113,6 +175,9 @@ def environments_plot(pca: np.ndarray, tsne: np.ndarray, values: np.ndarray, pat
         ax.set_title(f"{name} of O-coordinated atom vectors", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+        axis = "PC" if name == "PCA" else "t-SNE "
+        ax.set_xlabel(f"{axis}1 (arbitrary units)")
+        ax.set_ylabel(f"{axis}2 (arbitrary units)")
     fig.colorbar(sc, ax=axes, fraction=0.03).set_label("local voltage (V)")
     fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +196,9 @@ def rf_importance_plot(top: Sequence[Sequence[Any]], by_property: Sequence[Seque
         vals = [float(r[1]) for r in rows][::-1]
         ax.barh(range(len(vals)), vals, color="tab:blue")
         ax.set_yticks(range(len(vals)), labels, fontsize=7)
-        ax.set_xlabel("Gini importance")
+        ax.set_xlabel("Gini importance (share of impurity decrease, sums to 1)")
+        ax.set_ylabel("composition feature (Magpie statistic)" if name == "feature"
+                      else "elemental property (its statistics summed)")  # fmt: skip
         ax.set_title(f"top {len(vals)} by {name}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)

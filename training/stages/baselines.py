@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from training.baselines.models import SEED_SEP, BaselineConfig, rf_importance_groups
+from training.baselines.models import (
+    SEED_SEP,
+    BaselineConfig,
+    rf_importance_groups,
+    rf_permutation_report,
+)
 from training.baselines.suite import BaselineResult, run_baselines
 from training.baselines.tuning import PartnerRows
 from training.config import load_params
@@ -152,6 +157,7 @@ def _report(data: IonData, cfg: BaselineConfig, results: dict[str, BaselineResul
         "uncertainty": {n: _uncertainty(r, data) for n, r in results.items() if r.std},
         "rf_importance_top15": [[n, round(v, 4)] for n, v in importances[:15]],
         "rf_importance_by_property": [[n, round(v, 4)] for n, v in groups[:15]],
+        **rf_permutation_report(rf.permutation if rf else None, len(data.parts["val"])),
     }  # fmt: skip
 
 
@@ -244,7 +250,7 @@ def run(opts: Options) -> dict[str, dict[str, Any]]:
     data = load_ion_data(opts.records, opts.splits, opts.ion)
     return run_baseline_stage(
         data,
-        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
+        BaselineConfig.from_settings(p.baselines, p.transfer.gp),
         p.mlflow,
         opts.features_cache,
         opts.metrics,

@@ -39,19 +39,21 @@ import numpy as np
 from training.baselines.models import OWN_METHODS, BaselineConfig
 from training.baselines.suite import BaselineResult, run_baselines
 from training.chgnet_store import ChgnetFeatures, load_optional
-from training.config import SplitSettings, load_params
+from training.config import Params, SplitSettings, load_params
+from training.data.ion_inputs import IonInputs
 from training.data.records import Record, read_records
 from training.data.split import SPLITS, assign_groups
 from training.datasets import IonData
 from training.gp_cv import chemsys_keys
 from training.graphs.store import GraphStore
 from training.train.core import Trained, model_predictor, score, train_from_scratch
-from training.train.settings import TrainSettings
+from training.train.settings import TrainSettings, gp_config
 from voltage_model.composition import composition_features
 from voltage_model.models.gp_head import GPConfig
 
 log = logging.getLogger(__name__)
 GROUPING = "chemical system of the host without the working ion (gp_cv.chemsys_keys)"
+ALL = "all"  # the one part of the stage's ``IonInputs.data``: every row, split here
 
 
 def ion_records(records_path: Path, ion: str) -> list[Record]:
@@ -64,7 +66,7 @@ def ion_records(records_path: Path, ion: str) -> list[Record]:
 
 def row_chemsys(ion: str, rows: Sequence[Record]) -> list[str]:
     """Each row's chemical system, by the rule the leave-chemical-system-out CV groups on."""
-    return chemsys_keys(IonData(ion, {"all": list(rows)}), ("all",))
+    return chemsys_keys(IonData(ion, {ALL: list(rows)}), (ALL,))
 
 
 def chemsys_split(ion: str, rows: Sequence[Record], split: SplitSettings) -> IonData:
@@ -216,16 +218,42 @@ def _split_metrics(data: IonData, preds: dict[str, np.ndarray]) -> dict[str, dic
                 if k in keep} for s in SPLITS}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ChemsysPlan:
+    """The stage's settings: ``split`` (fractions and seed), the CGCNN's (tuned parameters
+    merged, the epoch cap applied), the baselines' and the CHGNet GP's (None: defaults)."""
+
+    split: SplitSettings
+    train: TrainSettings
+    baselines: BaselineConfig
+    chgnet_gp: GPConfig | None = None
+
+    @classmethod
+    def from_params(cls, p: Params, best: dict | None = None) -> ChemsysPlan:
+        """As the train stage merges ``best`` over ``model``/``train`` (one member, its own
+        head); ``chemsys_split.epochs`` caps the epochs."""
+        settings = TrainSettings.from_params(p.model, p.train, None, best)
+        if p.chemsys_split.epochs is not None:
+            train = replace(settings.train, epochs=p.chemsys_split.epochs)
+            settings = replace(settings, train=train)
+        return cls(
+            split=p.split,
+            train=settings,
+            baselines=BaselineConfig.from_settings(p.baselines, p.transfer.gp),
+            chgnet_gp=gp_config(p.transfer.chgnet.gp),
+        )
+
+
 def run_chemsys_split(
-    ion: str, rows: Sequence[Record], store: GraphStore, split: SplitSettings,
-    settings: TrainSettings, baselines: BaselineConfig, out: Path, predictions_out: Path,
-    chg: ChgnetFeatures | None = None, chgnet_gp: GPConfig | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Split, train the CGCNN, fit the baselines (and, with ``chg``, the CHGNet GP and its
-    average with the CGCNN), score all once on test, write the report and the test
-    predictions. A split sharing a chemical system or a test formula with training is refused
-    (it cannot happen by construction)."""
-    data = chemsys_split(ion, rows, split)
+    inputs: IonInputs, plan: ChemsysPlan, out: Path, predictions_out: Path
+) -> dict[str, Any]:
+    """Split the ion's rows (``inputs.data``'s one part, ``ALL``), train the CGCNN, fit the
+    baselines (and, with ``inputs.chg``, the CHGNet GP and its average with the CGCNN), score
+    all once on test, write the report and the test predictions. A split sharing a chemical
+    system or a test formula with training is refused (it cannot happen by construction)."""
+    ion, store, chg = inputs.ion, inputs.store, inputs.chg
+    split, settings, baselines = plan.split, plan.train, plan.baselines
+    data = chemsys_split(ion, inputs.data.parts[ALL], split)
     check = leak_check(data)
     if not check["disjoint"]:
         raise RuntimeError(f"chemical-system split leaks: {check}")
@@ -238,7 +266,7 @@ def run_chemsys_split(
     report = _report(data, split, settings, trained, cgcnn, fitted, preds, check)
     if chg is not None:
         y, best = data.targets("test"), report["best_baseline"]
-        for name, by_split in chgnet_rows(data, store, chg, chgnet_gp or GPConfig(),
+        for name, by_split in chgnet_rows(data, store, chg, plan.chgnet_gp or GPConfig(),
                                           scored.predictions).items():  # fmt: skip
             report["methods"][name] = _split_metrics(data, by_split)
             preds[name] = by_split["test"]
@@ -262,16 +290,10 @@ class Options:
 
 
 def run(opts: Options) -> dict[str, Any]:
-    from training.transfer import TransferSettings
-
     p = load_params(opts.params).require_ion(opts.ion)
     best = json.loads(opts.best_params.read_text()) if opts.best_params else None
-    settings = TrainSettings.from_sections(p.section("model"), p.section("train"), {}, best)
-    if p.chemsys_split.epochs is not None:
-        settings = replace(settings, train=replace(settings.train, epochs=p.chemsys_split.epochs))
-    return run_chemsys_split(
-        opts.ion, ion_records(opts.records, opts.ion), GraphStore.load(opts.graphs), p.split,
-        settings, BaselineConfig.from_dict(p.section("baselines"), p.section("transfer")["gp"]),
-        opts.out, opts.predictions, load_optional(opts.chgnet_features),
-        TransferSettings.model_validate(p.section("transfer")).chgnet.gp,
-    )  # fmt: skip
+    rows = IonData(opts.ion, {ALL: ion_records(opts.records, opts.ion)})
+    inputs = IonInputs(
+        rows, GraphStore.load(opts.graphs), p.source_ion, chg=load_optional(opts.chgnet_features)
+    )
+    return run_chemsys_split(inputs, ChemsysPlan.from_params(p, best), opts.out, opts.predictions)

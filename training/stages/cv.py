@@ -37,7 +37,7 @@ import csv
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,10 @@ import torch
 
 from training.baselines.models import BASELINE_METHODS, OWN_METHODS, BaselineConfig
 from training.baselines.tuning import PartnerRows, fit_tuned
-from training.chgnet_store import ChgnetFeatures, load_optional
-from training.config import load_params
-from training.datasets import IonData, load_ion_data, pool_partners, source_train_hosts
+from training.chgnet_store import ChgnetFeatures
+from training.config import CvSettings, Params, load_params
+from training.data.ion_inputs import IonFiles, IonInputs
+from training.datasets import IonData
 from training.gp_cv import (
     SPLITS,
     CVBackbone,
@@ -64,6 +65,7 @@ from training.gp_cv import (
     unseen_by_source,
 )
 from training.graphs.store import GraphStore
+from training.train.settings import gp_config
 from training.train.uncertainty import (
     coverage_band,
     cross_fitted_scale,
@@ -102,14 +104,53 @@ class IonRows:
     chgnet: CVBackbone | None = None  # CHGNet features of the rows and partners, its GP
 
 
+@dataclass(frozen=True)
+class CvPlan:
+    """What the CV runs: the baselines as tuned, the GP heads' settings (``transfer.gp``, and
+    ``transfer.chgnet.gp`` for the CHGNet head; None: ``gp``), ``cv``, and what the reports say
+    the ion serves: ``served`` (served column, its CGCNN GP column, whether the CHGNet head
+    pools: ``protocol.served_cv_columns``) and the baselines stage's ``best_baseline``."""
+
+    baselines: BaselineConfig
+    gp: GPConfig
+    cv: CvSettings = field(default_factory=CvSettings)
+    chgnet_gp: GPConfig | None = None
+    served: tuple[str, str, bool] = ("transfer_gp", "transfer_gp", False)
+    best_baseline: str = "krr"
+
+    @classmethod
+    def from_params(
+        cls, p: Params, ion_metrics: Path | None = None, baseline_metrics: Path | None = None
+    ) -> CvPlan:
+        served, best = served_and_best(ion_metrics, baseline_metrics)
+        return cls(
+            baselines=BaselineConfig.from_settings(p.baselines, p.transfer.gp),
+            gp=gp_config(p.transfer.gp),
+            cv=p.cv,
+            chgnet_gp=gp_config(p.transfer.chgnet.gp),
+            served=served,
+            best_baseline=best,
+        )
+
+
+@dataclass(frozen=True)
+class CvPaths:
+    """The composition feature cache (read and filled) and where the stage writes."""
+
+    features_cache: Path
+    out: Path
+    rows: Path | None = None
+    plot: Path | None = None
+
+
 def load_rows(
-    data: IonData, store: GraphStore, source: LoadedModel, features_cache: Path, gp: GPConfig,
-    partners: Sequence[IonData], source_train_hosts: set[str], backbones: int | None = None,
-    chg: ChgnetFeatures | None = None, chgnet_gp: GPConfig | None = None,
-) -> IonRows:  # fmt: skip
+    inputs: IonInputs, source: LoadedModel, plan: CvPlan, features_cache: Path
+) -> IonRows:
     """The ion's crystals of every split with their features (pooled vectors of the first
-    ``backbones`` source backbones; None: all; CHGNet features when ``chg`` is given), and its
-    partners' crystals."""
+    ``plan.cv.backbones`` source backbones; None: all; CHGNet features when ``inputs.chg`` is
+    given), and its partners' crystals."""
+    data, store, partners, chg = inputs.data, inputs.store, inputs.partners, inputs.chg
+    gp, backbones = plan.gp, plan.cv.backbones
     hosts, y = rows_of(data, SPLITS)
     x, _ = featurize_cached([f for s in SPLITS for f in data.formulas(s)], features_cache)
     pool = load_partners(partners, store, source, gp, SPLITS, backbones)
@@ -122,10 +163,11 @@ def load_rows(
         ids=[b for s in SPLITS for b in data.ids(s)], hosts=hosts, y=y, x=x,
         feats=pooled_by_backbone(source, store, hosts, backbones),
         desc=host_descriptors(store, hosts, gp),
-        scored=unseen_by_source(hosts, source_train_hosts), chemsys=chemsys_keys(data, SPLITS),
-        partners=pool, partner_rows=partner_rows,
+        scored=unseen_by_source(hosts, set(inputs.source_train_hosts)),
+        chemsys=chemsys_keys(data, SPLITS), partners=pool, partner_rows=partner_rows,
         partner_chemsys=None if pool is None else pool.chemsys,
-        chgnet=None if chg is None else _chgnet_rows(chg, chgnet_gp or gp, store, hosts, partners),
+        chgnet=None if chg is None else _chgnet_rows(chg, plan.chgnet_gp or gp, store, hosts,
+                                                     partners),
     )  # fmt: skip
 
 
@@ -182,12 +224,17 @@ def _gp_runs(
 
 
 def run_grouping(
-    rows: IonRows, grouping: str, folds: int, gp: GPConfig, baselines: BaselineConfig,
-    gp_methods: Sequence[str], baseline_methods: Sequence[str], chgnet_pool: bool = False,
+    rows: IonRows,
+    grouping: str,
+    plan: CvPlan,
+    methods: tuple[Sequence[str], Sequence[str]],
     average_of: tuple[str, str] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Out-of-fold predictions (and GP stds) of the given methods under one grouping;
-    ``average_of``: the (CGCNN, CHGNet) GP columns whose mixture is the ``average`` method."""
+) -> dict[str, Any]:
+    """Out-of-fold predictions (and GP stds) of ``methods`` (GP methods, baselines) under one
+    grouping, ``plan.cv.folds`` folds; ``average_of``: the (CGCNN, CHGNet) GP columns whose
+    mixture is the ``average`` method."""
+    gp_methods, baseline_methods = methods
+    gp, baselines, chgnet_pool = plan.gp, _cv_baselines(plan.baselines), plan.served[2]
     keys = rows.hosts if grouping == "host" else rows.chemsys
     pool, prows = _partners_for(rows, grouping)
     n = len(rows.y)
@@ -196,7 +243,7 @@ def run_grouping(
     std = {m: np.zeros(n) for m in names}
     fold_of = np.zeros(n, dtype=int)
     gp_runs = _gp_runs(rows, grouping, gp, pool, chgnet_pool)
-    splits = group_folds(keys, folds)
+    splits = group_folds(keys, plan.cv.folds)
     for k, (tr, te) in enumerate(splits):
         fold_of[te] = k
         held_out = {keys[i] for i in te}
@@ -257,22 +304,14 @@ def summarise(
 
 
 def cross_validate(
-    data: IonData, store: GraphStore, source: LoadedModel, features_cache: Path,
-    baselines: BaselineConfig, gp: GPConfig, folds: int, partners: Sequence[IonData] = (),
-    source_train_hosts: set[str] = frozenset(),
-    served: tuple[str, str, bool] = ("transfer_gp", "transfer_gp", False),
-    best_baseline: str = "krr", backbones: int | None = None,
-    chg: ChgnetFeatures | None = None, chgnet_gp: GPConfig | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]], IonRows]:  # fmt: skip
-    """Both groupings: (report, out-of-fold results per grouping, rows). ``served``: the CV
-    columns of what the ion_model stage serves (served, its CGCNN GP, whether the CHGNet head
-    pools: ``protocol.served_cv_columns``); ``best_baseline``: the baselines stage's inner-CV
-    pick (the chemsys grouping runs the served model and this one only); ``backbones``: how
-    many source backbones the CGCNN GP heads use (None: all); ``chg``: CHGNet features, which
-    add the CHGNet GP and its average with the CGCNN GP."""
-    column, cgcnn_col, chgnet_pool = served
-    rows = load_rows(data, store, source, features_cache, gp, partners, set(source_train_hosts),
-                     backbones, chg, chgnet_gp)  # fmt: skip
+    inputs: IonInputs, source: LoadedModel, plan: CvPlan, features_cache: Path
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], IonRows]:
+    """Both groupings: (report, out-of-fold results per grouping, rows). The chemsys grouping
+    runs what ``plan.served`` names and ``plan.best_baseline`` only; ``inputs.chg`` (CHGNet
+    features) adds the CHGNet GP and its average with the CGCNN GP."""
+    column, cgcnn_col, chgnet_pool = plan.served
+    partners, best_baseline = inputs.partners, plan.best_baseline
+    rows = load_rows(inputs, source, plan, features_cache)
     gp_methods = ["transfer_gp", "transfer_gp_backbone_only"]
     if partners:
         gp_methods.insert(1, "transfer_gp_alone")
@@ -281,16 +320,15 @@ def cross_validate(
         gp_methods += ["chgnet_gp", *(["chgnet_gp_alone"] if partners and chgnet_pool else [])]
         average_of = (cgcnn_col, "chgnet_gp")
     served_parts = [cgcnn_col, "chgnet_gp"] if column == "average" else [column]
-    plan = {"host": (gp_methods, list(cv_methods(bool(partners)))),
-            "chemsys": (served_parts, [best_baseline])}  # fmt: skip
+    methods_of = {"host": (gp_methods, list(cv_methods(bool(partners)))),
+                  "chemsys": (served_parts, [best_baseline])}  # fmt: skip
     report: dict[str, Any] = {"groupings": {}, "served": column, "best_baseline": best_baseline,
                               "backbones": len(rows.feats)}  # fmt: skip
     results = {}
     for grouping in GROUPINGS:
-        gps, bases = plan[grouping]
+        gps, bases = methods_of[grouping]
         avg = average_of if average_of and set(average_of) <= set(gps) else None
-        res = run_grouping(rows, grouping, folds, gp, _cv_baselines(baselines), gps, bases,
-                           chgnet_pool, avg)  # fmt: skip
+        res = run_grouping(rows, grouping, plan, (gps, bases), avg)
         results[grouping] = res
         refs = [m for m in ("transfer_gp", "transfer_gp_alone", column) if m in res["pred"]]
         report["groupings"][grouping] = summarise(rows.y, rows.scored, res,
@@ -372,33 +410,28 @@ def _not_applicable_outputs(ion: str, rows_out: Path | None, plot_out: Path | No
 
 
 def run_cv_stage(
-    data: IonData, store: GraphStore, source_ion: str, source: LoadedModel,
-    features_cache: Path, baselines: BaselineConfig, gp: GPConfig, folds: int, out: Path,
-    partners: Sequence[IonData] = (), source_train_hosts: set[str] = frozenset(),
-    rows_out: Path | None = None, plot_out: Path | None = None,
-    served: tuple[str, str, bool] = ("transfer_gp", "transfer_gp", False),
-    best_baseline: str = "krr", backbones: int | None = None,
-    chg: ChgnetFeatures | None = None, chgnet_gp: GPConfig | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    if data.ion == source_ion:
+    inputs: IonInputs, source: LoadedModel | None, plan: CvPlan, paths: CvPaths
+) -> dict[str, Any]:
+    """The ion's CV report (the source ion's: why there is none), written with its rows and
+    reliability diagram where ``paths`` asks for them."""
+    ion = inputs.ion
+    if inputs.is_source:
         report: dict[str, Any] = {
             "not_applicable": "the source backbone was trained on this ion's targets"
         }
-        _not_applicable_outputs(data.ion, rows_out, plot_out)
+        _not_applicable_outputs(ion, paths.rows, paths.plot)
     else:
-        report, results, rows = cross_validate(data, store, source, features_cache, baselines,
-                                               gp, folds, partners, source_train_hosts, served,
-                                               best_baseline, backbones, chg,
-                                               chgnet_gp)  # fmt: skip
-        report["pool_ions"] = [p.ion for p in partners]
+        assert source is not None, "a transferred ion's CV needs the source model"
+        report, results, rows = cross_validate(inputs, source, plan, paths.features_cache)
+        report["pool_ions"] = [p.ion for p in inputs.partners]
         report["scored"] = "crystals on hosts the source backbones never trained on"
-        if rows_out is not None:
-            write_rows(rows_out, rows, results)
-        if plot_out is not None:
-            reliability_plot(plot_out, data.ion, rows, results)
-    report = {"ion": data.ion, "source_ion": source_ion, **report}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        if paths.rows is not None:
+            write_rows(paths.rows, rows, results)
+        if paths.plot is not None:
+            reliability_plot(paths.plot, ion, rows, results)
+    report = {"ion": ion, "source_ion": inputs.source_ion, **report}
+    paths.out.parent.mkdir(parents=True, exist_ok=True)
+    paths.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -436,20 +469,14 @@ def served_and_best(
 
 
 def run(opts: Options) -> dict[str, Any]:
-    from training.transfer import TransferSettings
     from voltage_model.artifact import load_checkpoint
 
     p = load_params(opts.params).require_ion(opts.ion)
-    transfer_cfg = TransferSettings.model_validate(p.section("transfer"))
     source = None if opts.ion == p.source_ion else load_checkpoint(opts.source_checkpoint)
+    files = IonFiles(opts.records, opts.splits, opts.graphs, opts.chgnet_features)
     return run_cv_stage(
-        load_ion_data(opts.records, opts.splits, opts.ion), GraphStore.load(opts.graphs),
-        p.source_ion, source, opts.features_cache,
-        BaselineConfig.from_dict(p.section("baselines"), p.section("transfer").get("gp")),
-        transfer_cfg.gp, int(p.section("cv")["folds"]), opts.out,
-        pool_partners(p, opts.ion, opts.records, opts.splits),
-        source_train_hosts(p, opts.records, opts.splits), opts.rows_out, opts.plot,
-        *served_and_best(opts.ion_metrics, opts.baseline_metrics),
-        p.section("cv").get("backbones"), load_optional(opts.chgnet_features),
-        transfer_cfg.chgnet.gp,
-    )  # fmt: skip
+        IonInputs.load(p, opts.ion, files),
+        source,
+        CvPlan.from_params(p, opts.ion_metrics, opts.baseline_metrics),
+        CvPaths(opts.features_cache, opts.out, opts.rows_out, opts.plot),
+    )

@@ -21,6 +21,7 @@ import numpy as np
 
 from training.chgnet_store import ChgnetFeatures, load_optional
 from training.config import InterpretSettings, load_params
+from training.data.ion_inputs import IonInputs
 from training.datasets import IonData, load_ion_data
 from training.graphs.store import GraphStore
 from training.interpret import plots
@@ -257,23 +258,19 @@ def _figures(report: dict[str, Any], proj: dict[str, Any], paths: InterpretPaths
 
 
 def run_interpret(
-    ion: str,
+    inputs: IonInputs,
     checkpoint: Path,
-    records: Path,
-    splits: Path,
-    graphs: Path | None,
     baselines_metrics: Path | None,
     paths: InterpretPaths,
     settings: InterpretSettings,
     mlflow_settings: MlflowSettings | None = None,
-    chg: ChgnetFeatures | None = None,
 ) -> dict[str, Any]:
     """Compute every analysis, write PNGs + JSON + head sidecar, log to MLflow; returns the JSON.
-    A model that serves a CHGNet head also gets a CHGNet local-voltage head (needs ``chg``)."""
+    ``inputs.store`` None: graphs built from the structures. A model that serves a CHGNet head
+    also gets a CHGNet local-voltage head (needs ``inputs.chg``)."""
     t0 = time.perf_counter()
+    ion, data, store, chg = inputs.ion, inputs.data, inputs.store, inputs.chg
     model = VoltageModel.from_checkpoint(checkpoint)
-    data = load_ion_data(records, splits, ion)
-    store = GraphStore.load(graphs) if graphs is not None and graphs.is_file() else None
     ids, crystal_graphs, skipped = _graphs_for(data, store, model)
     act = compute_activations(
         model.loaded, crystal_graphs, ids, model.converter, model.encoding, settings.batch_size
@@ -393,8 +390,13 @@ class Options:
 
 def run(opts: Options) -> dict[str, Any]:
     p = load_params(opts.params).require_ion(opts.ion)
+    graphs = opts.graphs
+    inputs = IonInputs(
+        load_ion_data(opts.records, opts.splits, opts.ion),
+        GraphStore.load(graphs) if graphs is not None and graphs.is_file() else None,
+        p.source_ion,
+        chg=load_optional(opts.chgnet_features),
+    )
     return run_interpret(
-        opts.ion, opts.checkpoint, opts.records, opts.splits, opts.graphs, opts.baselines_metrics,
-        opts.paths, p.interpret,
-        p.mlflow, load_optional(opts.chgnet_features),
-    )  # fmt: skip
+        inputs, opts.checkpoint, opts.baselines_metrics, opts.paths, p.interpret, p.mlflow
+    )

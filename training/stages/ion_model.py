@@ -26,26 +26,20 @@ from training.chgnet_heads import (
     variant_predictions,
     variant_report,
 )
-from training.chgnet_store import ChgnetFeatures, load_optional
-from training.config import UsageError, load_params
-from training.datasets import (
-    IonData,
-    load_ion_data,
-    pool_partners,
-    source_train_hosts,
-    train_elements,
-    uncleaned_data,
-)
+from training.chgnet_store import ChgnetFeatures
+from training.config import TransferSettings, UsageError, load_params
+from training.data.ion_inputs import IonFiles, IonInputs
+from training.datasets import IonData, train_elements
 from training.gp_cv import choose_pooling, choose_variant
 from training.graphs.store import GraphStore
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.metrics import regression_metrics
+from training.train.settings import gp_config
 from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
     GP_KINDS,
     HEAD_KINDS,
     TransferResult,
-    TransferSettings,
     member_predictions,
     metrics_by_split,
     scratch_cgcnn,
@@ -134,14 +128,13 @@ def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[
 
 
 def evaluate_target(
-    data: IonData, store: GraphStore, checkpoint: Path, cfg: TransferSettings,
-    partners: Sequence[IonData] = (), source_train_hosts: frozenset[str] = frozenset(),
-    chg: ChgnetFeatures | None = None,
-) -> tuple[dict[str, Any], TransferResult, ChgnetPart | None]:  # fmt: skip
+    inputs: IonInputs, checkpoint: Path, cfg: TransferSettings
+) -> tuple[dict[str, Any], TransferResult, ChgnetPart | None]:
     """Every comparison row of a transferred ion and the model it serves: the CGCNN transfer
-    variant chosen on validation among ``select_heads`` (pooling by CV), the CHGNet head (when
-    ``chg`` is given), and which of CGCNN / CHGNet / their average is served, by grouped CV on
-    train+val (``gp_cv.choose_variant``)."""
+    variant chosen on validation among ``select_heads`` (pooling by CV, with the ion's
+    ``partners``), the CHGNet head (when ``inputs.chg`` is given), and which of CGCNN / CHGNet /
+    their average is served, by grouped CV on train+val (``gp_cv.choose_variant``)."""
+    data, store, partners = inputs.data, inputs.store, inputs.partners
     src = load_checkpoint(checkpoint)
     methods: dict[str, Any] = {}
     y_train = data.targets("train")
@@ -157,11 +150,11 @@ def evaluate_target(
     scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
     methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
 
-    variant = _variant_selection(data, store, src, cfg, partners, source_train_hosts, chg)
+    variant = _variant_selection(inputs, src, cfg)
     if variant is not None and partners:
         pool_selection = variant["pooling"]["cgcnn"]
     else:
-        pool_selection = _pool_selection(data, store, src, cfg, partners, source_train_hosts)
+        pool_selection = _pool_selection(inputs, src, cfg)
     runs = transfer_variants(src, data, store, cfg, partners)
     per_variant = {
         name: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
@@ -177,7 +170,7 @@ def evaluate_target(
     for name, summ in per_variant.items():
         methods[name] = summ
     cgcnn_preds = {s: final.mean_std(s) for s in data.parts}
-    chgnet, served = _chgnet_rows(data, store, cfg, partners, chg, variant, methods)
+    chgnet, served = _chgnet_rows(inputs, cfg, variant, methods)
     choice = "cgcnn" if variant is None else variant["choice"]
     served_preds = variant_predictions(choice, cgcnn_preds, chgnet)
     methods["served"] = _summary([metrics_by_split(data, {s: m for s, (m, _) in
@@ -208,30 +201,35 @@ def evaluate_target(
 
 
 def _variant_selection(
-    data: IonData, store: GraphStore, src: LoadedModel, cfg: TransferSettings,
-    partners: Sequence[IonData], source_train_hosts: frozenset[str], chg: ChgnetFeatures | None,
-) -> dict[str, Any] | None:  # fmt: skip
+    inputs: IonInputs, src: LoadedModel, cfg: TransferSettings
+) -> dict[str, Any] | None:
     """The train+val grouped CV choosing CGCNN / CHGNet / average (None: no CHGNet features or
     CHGNet disabled, or no GP head may be served)."""
+    data, store, partners, chg = inputs.data, inputs.store, inputs.partners, inputs.chg
     if chg is None or not cfg.chgnet.enabled or "gp" not in cfg.select_heads:
         return None
-    backbones = cv_backbones(data, store, src, chg, cfg.gp, cfg.chgnet.gp, partners)
-    return choose_variant(data, backbones, cfg.chgnet.cv_folds, partners, source_train_hosts,
-                          cfg.chgnet.variants)  # fmt: skip
+    cgcnn_gp, chgnet_gp = gp_config(cfg.gp), gp_config(cfg.chgnet.gp)
+    backbones = cv_backbones(data, store, src, chg, cgcnn_gp, chgnet_gp, partners)
+    return choose_variant(data, backbones, cfg.chgnet.cv_folds, partners,
+                          inputs.source_train_hosts, cfg.chgnet.variants)  # fmt: skip
 
 
 def _chgnet_rows(
-    data: IonData, store: GraphStore, cfg: TransferSettings, partners: Sequence[IonData],
-    chg: ChgnetFeatures | None, variant: dict[str, Any] | None, methods: dict[str, Any],
-) -> tuple[ChgnetFit | None, ChgnetPart | None]:  # fmt: skip
+    inputs: IonInputs,
+    cfg: TransferSettings,
+    variant: dict[str, Any] | None,
+    methods: dict[str, Any],
+) -> tuple[ChgnetFit | None, ChgnetPart | None]:
     """The CHGNet heads' comparison rows (``chgnet_gp``: as the variant CV pools it;
     ``chgnet_gp_alone``/``chgnet_gp_pooled`` both for ions with partners), the fit the served
     model would use and the artifact's CHGNet section for the chosen variant."""
+    data, store, partners, chg = inputs.data, inputs.store, inputs.partners, inputs.chg
     if variant is None or chg is None:
         return None, None
-    fits = {"alone": fit_chgnet_head(data, store, chg, cfg.chgnet.gp)}
+    gp = gp_config(cfg.chgnet.gp)
+    fits = {"alone": fit_chgnet_head(data, store, chg, gp)}
     if partners:
-        fits["pooled"] = fit_chgnet_head(data, store, chg, cfg.chgnet.gp, partners)
+        fits["pooled"] = fit_chgnet_head(data, store, chg, gp, partners)
     pool = bool((variant["pooling"].get("chgnet") or {}).get("pool", False))
     chosen = fits["pooled" if pool and "pooled" in fits else "alone"]
     for name, fit in fits.items():
@@ -267,17 +265,16 @@ def _offset(
 
 
 def _pool_selection(
-    data: IonData, store: GraphStore, src: LoadedModel, cfg: TransferSettings,
-    partners: Sequence[IonData], source_train_hosts: frozenset[str] = frozenset(),
-) -> dict[str, Any] | None:  # fmt: skip
+    inputs: IonInputs, src: LoadedModel, cfg: TransferSettings
+) -> dict[str, Any] | None:
     """The train+val CV deciding whether the GP head pools its partners (None: no partners, or
     no GP head may be served; ``pool_cv_folds: 0``: always pool, no CV)."""
-    if not partners or "gp" not in cfg.select_heads:
+    if not inputs.partners or "gp" not in cfg.select_heads:
         return None
     if cfg.pool_cv_folds == 0:
         return {"pool": True, "rule": "always (pool_cv_folds: 0)"}
-    report = choose_pooling(data, store, src, partners, cfg.gp, cfg.pool_cv_folds,
-                            source_train_hosts)  # fmt: skip
+    report = choose_pooling(inputs.data, inputs.store, src, inputs.partners, gp_config(cfg.gp),
+                            cfg.pool_cv_folds, inputs.source_train_hosts)  # fmt: skip
     return {**report, "rule": "lower grouped-CV MAE on train+val"}
 
 
@@ -378,19 +375,19 @@ def source_uncertainty(data: IonData, store: GraphStore, checkpoint: Path) -> di
 
 
 def source_variant(
-    report: dict[str, Any], data: IonData, store: GraphStore, checkpoint: Path,
-    cfg: TransferSettings, chg: ChgnetFeatures | None,
-) -> ChgnetPart | None:  # fmt: skip
+    report: dict[str, Any], inputs: IonInputs, checkpoint: Path, cfg: TransferSettings
+) -> ChgnetPart | None:
     """The source ion's served variant: its CGCNN ensemble, a CHGNet GP head fitted on its
     training split, or their average, chosen on the validation split (grouped CV is no option
     here: the Li backbones trained on every train crystal, so their out-of-fold figures would be
     training fits). Adds the CHGNet rows, the decision and the served predictions to
     ``report``; returns the artifact's CHGNet section (None: the CGCNN alone)."""
+    data, store, chg = inputs.data, inputs.store, inputs.chg
     if chg is None or not cfg.chgnet.enabled:
         return None
     src = load_checkpoint(checkpoint)
     cgcnn = {s: served_mean_std(src, store, data, s) for s in ("train", "val", "test")}
-    fit = fit_chgnet_head(data, store, chg, cfg.chgnet.gp)
+    fit = fit_chgnet_head(data, store, chg, gp_config(cfg.chgnet.gp))
     report["methods"]["chgnet_gp"] = _summary([metrics_by_split(data, fit.means())])
     preds = {v: variant_predictions(v, cgcnn, fit) for v in cfg.chgnet.variants}
     y_val = data.targets("val")
@@ -464,33 +461,35 @@ def _seed_mean(per_seed: list[dict[str, float]]) -> dict[str, Any]:
             "n_seeds": len(per_seed)}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class IonModelPaths:
+    """The baselines stage's predictions the comparison reads, and where the stage writes."""
+
+    baselines: Path  # test predictions of the ion's baselines
+    checkpoint: Path
+    metrics: Path
+    predictions: Path
+    baselines_uncleaned: Path | None = None  # their predictions of the uncleaned test rows
+
+
 def run_ion_stage(
-    data: IonData,
-    store: GraphStore,
-    source_ion: str,
+    inputs: IonInputs,
     source_checkpoint: Path,
-    baseline_csv: Path,
     cfg: TransferSettings,
     mlflow_settings: MlflowSettings,
-    checkpoint_out: Path,
-    metrics_out: Path,
-    predictions_out: Path,
-    partners: Sequence[IonData] = (),
-    source_train_hosts: frozenset[str] = frozenset(),
-    uncleaned: IonData | None = None,
-    uncleaned_baseline_csv: Path | None = None,
-    chg: ChgnetFeatures | None = None,
+    paths: IonModelPaths,
 ) -> dict[str, Any]:
-    """One ion's model and comparison. ``source_train_hosts``: the hosts the source backbones
-    trained on (the pooling CV scores no crystal on one); ``uncleaned``: the ion's rows before
-    cleaning, to report the served model on every test row too, and the baselines as well when
-    ``uncleaned_baseline_csv`` holds their predictions of those rows."""
+    """One ion's model and comparison. ``inputs.source_train_hosts``: the hosts the source
+    backbones trained on (the pooling CV scores no crystal on one); ``inputs.uncleaned``: the
+    ion's rows before cleaning, to report the served model on every test row too, and the
+    baselines as well when ``paths.baselines_uncleaned`` holds their predictions of those rows."""
     import mlflow
 
-    from training.train.logging import log_pyfunc
+    from training.train.pyfunc import log_pyfunc
 
+    data, store, chg, source_ion = inputs.data, inputs.store, inputs.chg, inputs.source_ion
     setup_mlflow(mlflow_settings)
-    is_source = data.ion == source_ion
+    is_source = inputs.is_source
     with mlflow.start_run(run_name=f"{'evaluate' if is_source else 'transfer'}-{data.ion}") as run:
         mlflow.set_tags({"stage": "ion_model", "ion": data.ion, "source_ion": source_ion,
                          **standard_tags(Path("."), DATA_OUTPUTS)})  # fmt: skip
@@ -498,21 +497,21 @@ def run_ion_stage(
         if is_source:
             report = evaluate_source(data, store, source_checkpoint)
             report["uncertainty"] = source_uncertainty(data, store, source_checkpoint)
-            part = source_variant(report, data, store, source_checkpoint, cfg, chg)
-            copy_source_artifact(source_checkpoint, checkpoint_out, part, report)
+            part = source_variant(report, inputs, source_checkpoint, cfg)
+            copy_source_artifact(source_checkpoint, paths.checkpoint, part, report)
         else:
-            report, final, part = evaluate_target(data, store, source_checkpoint, cfg, partners,
-                                                  source_train_hosts, chg)  # fmt: skip
+            report, final, part = evaluate_target(inputs, source_checkpoint, cfg)
             save_transfer_checkpoint(
-                checkpoint_out, final, source_checkpoint, data, report, run.info.run_id, part
+                paths.checkpoint, final, source_checkpoint, data, report, run.info.run_id, part
             )
-        report["methods"].update(baseline_rows(data, baseline_csv))
-        if uncleaned is not None:
-            report["test_uncleaned"] = uncleaned_test(checkpoint_out, store, data, uncleaned,
-                                                      uncleaned_baseline_csv, chg)  # fmt: skip
+        report["methods"].update(baseline_rows(data, paths.baselines))
+        if inputs.uncleaned is not None:
+            report["test_uncleaned"] = uncleaned_test(
+                paths.checkpoint, store, data, inputs.uncleaned, paths.baselines_uncleaned, chg
+            )
         preds = report.pop("test_predictions")
-        _write_predictions(predictions_out, data, preds)
-        _log_val_predictions(predictions_out, data, report.pop("val_predictions"))
+        _write_predictions(paths.predictions, data, preds)
+        _log_val_predictions(paths.predictions, data, report.pop("val_predictions"))
         report.update({"ion": data.ion, "source_ion": source_ion,
                        "n": {s: len(v) for s, v in data.parts.items()}})  # fmt: skip
         for name, summ in report["methods"].items():
@@ -520,13 +519,13 @@ def run_ion_stage(
         mlflow.log_metrics({f"unc_{k}": v for k, v in report["uncertainty"].items()
                             if isinstance(v, int | float)})  # fmt: skip
         example = str(CifWriter(data.parts["test"][0].structure()))
-        info = log_pyfunc(checkpoint_out, example)
+        info = log_pyfunc(paths.checkpoint, example)
         report["model_uri"] = info.model_uri
         report["run_id"] = run.info.run_id
-        metrics_out.parent.mkdir(parents=True, exist_ok=True)
-        metrics_out.write_text(json.dumps(report, indent=2) + "\n")
-        mlflow.log_artifact(str(metrics_out))
-        mlflow.log_artifact(str(predictions_out))
+        paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+        paths.metrics.write_text(json.dumps(report, indent=2) + "\n")
+        mlflow.log_artifact(str(paths.metrics))
+        mlflow.log_artifact(str(paths.predictions))
     return report
 
 
@@ -581,20 +580,13 @@ def run(opts: Options) -> dict[str, Any]:
     p = load_params(opts.params).require_ion(opts.ion)
     if opts.baselines_uncleaned is not None and opts.splits_all is None:
         raise UsageError("--baselines-uncleaned needs --records-all and --splits-all")
+    files = IonFiles(
+        opts.records, opts.splits, opts.graphs, opts.chgnet_features, opts.records_all,
+        opts.splits_all,
+    )
+    paths = IonModelPaths(
+        opts.baselines, opts.checkpoint, opts.metrics, opts.predictions, opts.baselines_uncleaned
+    )
     return run_ion_stage(
-        load_ion_data(opts.records, opts.splits, opts.ion),
-        GraphStore.load(opts.graphs),
-        p.source_ion,
-        opts.source_checkpoint,
-        opts.baselines,
-        TransferSettings.model_validate(p.section("transfer")),
-        p.mlflow,
-        opts.checkpoint,
-        opts.metrics,
-        opts.predictions,
-        pool_partners(p, opts.ion, opts.records, opts.splits),
-        source_train_hosts(p, opts.records, opts.splits),
-        uncleaned_data(opts.records_all, opts.splits_all, opts.ion),
-        opts.baselines_uncleaned,
-        load_optional(opts.chgnet_features),
-    )  # fmt: skip
+        IonInputs.load(p, opts.ion, files), opts.source_checkpoint, p.transfer, p.mlflow, paths
+    )

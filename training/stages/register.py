@@ -117,7 +117,7 @@ def run(opts: Options, on_ion: Callable[[dict[str, Any]], None] = lambda _: None
     p = load_params(opts.params)
     mls = p.mlflow
     experiment_id = setup_mlflow(mls)  # where the ion_model runs (the test looks) are counted
-    auto = bool(p.section("registry").get("auto_promote_first", True))
+    auto = p.registry.auto_promote_first
     split_ids = load_splits(opts.splits)
     data_hash = dataset_version(Path("."), ("data/clean/records.jsonl.gz",)).get(
         "data/clean/records.jsonl.gz", "unknown"

@@ -205,7 +205,7 @@ def train_members(data: IonData, store: GraphStore, settings: TrainSettings) -> 
 
 
 def log_pyfunc_model(checkpoint: Path, example_cif: str) -> Any:
-    from training.train.logging import log_pyfunc
+    from training.train.pyfunc import log_pyfunc
 
     return log_pyfunc(checkpoint, example_cif)
 
@@ -286,9 +286,7 @@ class Options:
 def run(opts: Options) -> dict[str, Any]:
     p = load_params(opts.params).require_ion(opts.ion)
     best = json.loads(opts.best_params.read_text()) if opts.best_params else None
-    settings = TrainSettings.from_sections(
-        p.section("model"), p.section("train"), p.section("ensemble"), best
-    )
+    settings = TrainSettings.from_params(p.model, p.train, p.ensemble, best)
     if opts.epochs is not None:
         settings = replace(settings, train=replace(settings.train, epochs=opts.epochs))
     return run_train_stage(

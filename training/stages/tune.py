@@ -32,9 +32,7 @@ def run(opts: Options) -> dict[str, Any]:
     settings = p.tune
     if opts.storage:
         settings = settings.model_copy(update={"storage": opts.storage})
-    base = TrainSettings.from_sections(
-        p.section("model"), p.section("train"), p.section("ensemble")
-    )
+    base = TrainSettings.from_params(p.model, p.train, p.ensemble)
     settings = settings.model_copy(update={"study_name": study_key(settings, base, opts.splits)})
     setup_mlflow(p.mlflow)
     return run_tune(
