@@ -342,6 +342,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    return load_payload(payload, path)
+
+
+def load_payload(payload: Any, path: Path) -> LoadedModel:
+    """A checkpoint payload already read (``torch.load(..., weights_only=True)``, or a release
+    file expanded by ``voltage_model.release``) brought to life, with every check; ``path`` names
+    it in errors. The one place a model is built from stored weights."""
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     version = payload.get("schema_version")

@@ -213,47 +213,11 @@ def expand_checkpoint(compact: Mapping[str, Any], pools: Mapping[str, Any]) -> d
 
 
 def loaded_from_payload(payload: dict[str, Any], where: str) -> LoadedModel:
-    """A checkpoint payload brought to life with ``load_checkpoint``'s own checks.
+    """A checkpoint payload brought to life by ``voltage_model.artifact``'s own loader and checks
+    (the expanded release is never written to a temporary file)."""
+    from voltage_model.artifact import load_payload
 
-    ``voltage_model.artifact`` reads checkpoints from files only; rather than write the expanded
-    payload to a temporary file, this runs the same steps on the dict (its helpers, in its order).
-    """
-    from voltage_model import artifact as art
-    from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, EnsembleHead
-    from voltage_model.normalizer import Normalizer
-
-    load_payload = getattr(art, "load_payload", None)  # /tmp/patches: artifact.load_payload
-    if load_payload is not None:
-        return load_payload(payload, Path(where))
-    path = Path(where)
-    if not isinstance(payload, dict) or payload.get("format") != art.CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{where} is not a {art.CHECKPOINT_FORMAT} checkpoint")
-    version = payload.get("schema_version")
-    if version not in art.SUPPORTED_SCHEMA_VERSIONS:
-        raise CheckpointError(f"{where}: checkpoint schema_version {version!r} is not supported "
-                              f"(supported: {sorted(art.SUPPORTED_SCHEMA_VERSIONS)})")  # fmt: skip
-    config = CGCNNConfig.from_dict(art._require(payload, "model_config", dict))
-    normalizer = Normalizer.from_dict(art._require(payload, "normalizer", dict))
-    if not (math.isfinite(normalizer.mean) and normalizer.std > 0):
-        raise CheckpointError(f"{where}: invalid normaliser {normalizer}")
-    model = CGCNN(config)
-    model.load_state_dict(art._require(payload, "state_dict", dict))
-    model.eval()
-    heads = art._load_heads(config, payload.get("heads"))
-    ensemble = EnsembleHead(model, heads).eval() if heads else None
-    members = []
-    for i, member in enumerate(payload.get("members") or []):
-        m = CGCNN(config)
-        m.load_state_dict(art._require(member, "state_dict", dict))
-        members.append((m.eval(), art._load_heads(config, member.get("heads"), f"member {i}")))
-    loaded = LoadedModel(
-        model=model, model_config=config,
-        converter_dict=dict(art._require(payload, "converter", dict)), normalizer=normalizer,
-        extra=dict(payload.get("extra") or {}), ensemble=ensemble, schema_version=int(version),
-        members=members, chgnet=art._load_chgnet(payload.get("chgnet"), path),
-    )  # fmt: skip
-    art._check_descriptors(loaded, path)
-    return loaded
+    return load_payload(payload, Path(where))
 
 
 # ------------------------------------------------------------------------------ reading
