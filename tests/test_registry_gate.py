@@ -286,7 +286,7 @@ def test_ion_stage_logs_the_served_models_validation_predictions(
     from training.registry import fetch_val_predictions, read_val_predictions, register
     from training.stages.ion_model import IonModelPaths, run_ion_stage
     from training.tracking import MlflowSettings
-    from training.train.core import split_loader
+    from training.train.loaders import split_loader
     from training.transfer import TransferSettings
     from voltage_model.artifact import load_checkpoint
 

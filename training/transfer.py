@@ -37,7 +37,6 @@ from torch import Tensor
 from training.config import TransferSettings
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
-from training.train.core import model_predictor, score, split_loader, train_from_scratch
 from training.train.heads import (
     HeadConfig,
     PooledRows,
@@ -49,8 +48,11 @@ from training.train.heads import (
     pooled_rows,
     split_descriptors,
 )
+from training.train.loaders import split_loader
 from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
+from training.train.scoring import model_predictor, score
+from training.train.scratch import train_from_scratch
 from training.train.settings import gp_config
 from training.train.uncertainty import calibration, fit_std_scale
 from voltage_model.artifact import LoadedModel, ensemble_volts

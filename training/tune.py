@@ -29,7 +29,7 @@ from typing import Any
 from training.config import SearchSpace, TuneSettings
 from training.datasets import IonData
 from training.graphs.store import GraphStore
-from training.train.core import train_from_scratch
+from training.train.scratch import train_from_scratch
 from training.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,8 @@ from training.data.split import SPLITS, assign_groups
 from training.datasets import IonData
 from training.gp_cv import chemsys_keys
 from training.graphs.store import GraphStore
-from training.train.core import Trained, model_predictor, score, train_from_scratch
+from training.train.scoring import model_predictor, score
+from training.train.scratch import Trained, train_from_scratch
 from training.train.settings import TrainSettings, gp_config
 from voltage_model.composition import composition_features
 from voltage_model.models.gp_head import GPConfig

@@ -348,7 +348,7 @@ def served_mean_std(
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(mean, std) in volts of a loaded artifact as served (CGCNN, CHGNet head or both), on a
     split's cached graphs and CHGNet features; std before the artifact's ``std_scale``."""
-    from training.train.core import split_loader
+    from training.train.loaders import split_loader
 
     feats = None
     if model.needs_chgnet:

@@ -19,14 +19,6 @@ from training.datasets import IonData, load_ion_data, train_elements
 from training.graphs.store import GraphStore
 from training.plots import parity_plot
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
-from training.train.core import (
-    Scored,
-    Trained,
-    model_predictor,
-    score,
-    split_loader,
-    train_from_scratch,
-)
 from training.train.heads import (
     GPFit,
     HeadConfig,
@@ -36,7 +28,10 @@ from training.train.heads import (
     pooled_features,
     split_descriptors,
 )
+from training.train.loaders import split_loader
 from training.train.metrics import regression_metrics
+from training.train.scoring import Scored, model_predictor, score
+from training.train.scratch import Trained, train_from_scratch
 from training.train.settings import TrainSettings
 from training.train.uncertainty import calibration, fit_std_scale
 from voltage_model.artifact import ensemble_volts, save_checkpoint
