@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the PostgreSQL server (Debian package `postgresql`) for the one-machine cluster rehearsal
-# (tests/test_cluster.py, scripts/rehearse_cluster.sh). Idempotent, non-interactive, safe for CI
-# running as root: does nothing when initdb and pg_ctl are already there.
+# (tests/project/test_cluster.py, scripts/rehearse_cluster.sh). Idempotent, non-interactive, safe
+# for CI running as root: does nothing when initdb and pg_ctl are already there.
 #
 # Why Debian's package: it is reachable from every project machine (no binary downloads) and it
 # is the PostgreSQL a team runs. The rehearsal starts its own throwaway server (initdb + pg_ctl on

@@ -3,7 +3,7 @@
 # safe for CI running as root: does nothing when both binaries are already on PATH.
 #
 # Why the Debian package: it is reachable from every project machine (no binary downloads), and
-# it ships both the server (used by the integration test in tests/test_monitoring.py) and
+# it ships both the server (used by the integration test in tests/project/test_monitoring.py) and
 # promtool (config/rule checks and rule unit tests).
 #
 # The package's own daemon is never left running: service starts are blocked during the install

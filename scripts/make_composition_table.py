@@ -4,8 +4,8 @@ the composition descriptors, taken from matminer (the field's maintained source)
 Why a table: matminer's featurisers import scikit-learn, pandas and scipy.stats (seconds) for
 what is, per formula, a handful of weighted statistics over 22 elemental properties. The served
 model and the command line compute the same numbers from this table with numpy
-(``voltage_model.composition``); ``tests/test_descriptors.py`` checks that the shipped table is
-what the installed matminer holds and that the numbers equal matminer's, so an upgrade that
+(``voltage_model.composition``); ``tests/voltage_model/test_descriptors.py`` checks that the shipped
+table is what the installed matminer holds and that the numbers equal matminer's, so an upgrade that
 changes either is caught. Run after upgrading matminer::
 
     .venv/bin/python scripts/make_composition_table.py

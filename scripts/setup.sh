@@ -31,14 +31,15 @@ if ! bash monitoring/setup_prometheus.sh; then
   echo "setup: prometheus/promtool not installed; the monitoring tests that need them will skip" >&2
 fi
 
-# PostgreSQL server (Debian package) for the one-machine cluster rehearsal (tests/test_cluster.py,
-# docs/deploy.md). Optional like Prometheus: without root or apt the rehearsal skips.
+# PostgreSQL server (Debian package) for the one-machine cluster rehearsal
+# (tests/project/test_cluster.py, docs/deploy.md). Optional like Prometheus: without root or apt the
+# rehearsal skips.
 if ! bash deploy/setup_cluster_tools.sh; then
-  echo "setup: PostgreSQL server not installed; the cluster rehearsal (tests/test_cluster.py) will skip" >&2
+  echo "setup: PostgreSQL server not installed; the cluster rehearsal (tests/project/test_cluster.py) will skip" >&2
 fi
 
 # Chromium + chromedriver (Debian packages) for the web page's browser tests
-# (tests/test_web_page.py). Optional like Prometheus: without root or apt those tests skip.
+# (tests/serving/test_web_page.py). Optional like Prometheus: without root or apt those tests skip.
 # shellcheck source=lib/apt.sh
 source scripts/lib/apt.sh
 install_browser() {

@@ -35,7 +35,7 @@ BentoML's own traffic limits sit *outside* this middleware (``traffic.max_concur
 :func:`install_traffic_answers` replaces those two BentoML middleware classes (looked up by
 BentoML when it builds the app, after the service module is imported) with subclasses that answer
 in the service's shape, with ``Retry-After`` on 429, counted in ``voltage_requests_shed_total``
-and logged; tests/test_overload.py fails if a BentoML upgrade stops using them.
+and logged; tests/serving/test_overload.py fails if a BentoML upgrade stops using them.
 
 The runtime (config, metrics, predictor) is looked up per request through ``runtime_of``: the
 middleware is created by BentoML before the service instance exists.

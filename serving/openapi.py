@@ -16,8 +16,8 @@ fixed at the source, in :mod:`serving.service`), but it cannot express
 * ``info.version`` (the package version, not BentoML's "None") and a description that says what
   to send.
 
-:func:`complete` does only that, on a copy; tests/test_openapi.py posts every request example to
-a real server and checks each documented status and body against this document.
+:func:`complete` does only that, on a copy; tests/serving/test_openapi.py posts every request
+example to a real server and checks each documented status and body against this document.
 """
 
 from __future__ import annotations

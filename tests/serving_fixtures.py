@@ -14,6 +14,12 @@ Usage (any test, or a bench)::
         v1 = store.publish("Li", seed=1)            # registered, alias champion
         v2 = store.publish("Li", seed=2, alias="candidate")
 
+A module's server (tests that start a real ``bentoml serve``)::
+
+    store = MlflowStore.published(workdir / "mlflow", {"Li": 1, "Mg": 2}, candidates={"Na": 3})
+    with served(workdir, store, VOLTAGE_IONS="Li,Mg,Na", VOLTAGE_WORKERS="1") as server:
+        yield server                                # stopped when the fixture is torn down
+
 The store is a sqlite file plus an artifact folder under ``root``; ``store.env`` is what a
 subprocess (``bentoml serve``, ``mlflow models serve``) needs to see the same registry.
 """
@@ -31,7 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +141,10 @@ def chgnet_part(seed: int, weight: float) -> Any:
     return ChgnetPart(head, Normalizer(mean=3.0, std=1.0), chgnet_backbone.spec(), weight)
 
 
+def _publish_kwargs(spec: int | Mapping[str, Any]) -> dict[str, Any]:
+    return {"seed": spec} if isinstance(spec, int) else dict(spec)
+
+
 @dataclass(frozen=True)
 class MlflowStore:
     """A sqlite tracking/registry store with a local artifact folder."""
@@ -146,6 +156,25 @@ class MlflowStore:
         root.mkdir(parents=True, exist_ok=True)
         (root / "artifacts").mkdir(exist_ok=True)
         return cls(root)
+
+    @classmethod
+    def published(
+        cls,
+        root: Path,
+        champions: Mapping[str, int | Mapping[str, Any]],
+        candidates: Mapping[str, int | Mapping[str, Any]] | None = None,
+    ) -> MlflowStore:
+        """A new store at ``root`` with one tiny model per ion, published in the order given:
+        each of ``champions`` as its ion's champion, then each of ``candidates`` with alias
+        ``candidate`` only (registered, no champion). A value is the seed, or the keyword
+        arguments of :meth:`publish` (``{"seed": 1, "test_mae": 0.41}``)."""
+        store = cls.create(root)
+        with store.active():
+            for ion, spec in champions.items():
+                store.publish(ion, **_publish_kwargs(spec))
+            for ion, spec in (candidates or {}).items():
+                store.publish(ion, **{**_publish_kwargs(spec), "alias": "candidate"})
+        return store
 
     @property
     def tracking_uri(self) -> str:
@@ -368,6 +397,26 @@ def start_bento(
     return server
 
 
+@contextlib.contextmanager
+def served(
+    workdir: Path, store: MlflowStore | None = None, *, env: dict[str, str] | None = None,
+    wait_ready: bool = False, **settings: str,
+) -> Iterator[Server]:  # fmt: skip
+    """A test module's ``bentoml serve``, stopped on exit: started in ``workdir`` (its log there)
+    with ``serve_env(workdir / "bentoml_home", store, **settings)``, or with ``env`` when the
+    test built it (then neither ``store`` nor ``settings``). ``wait_ready`` as in
+    :func:`start_bento`."""
+    if env is None:
+        env = serve_env(workdir / "bentoml_home", store, **settings)
+    elif store is not None or settings:
+        raise TypeError("served: pass env, or store and settings, not both")
+    server = start_bento(workdir, env, wait_ready=wait_ready)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------------------ data files
 def write_drift_reference(path: Path, ions: Sequence[str]) -> Path:
     """A drift reference (CONTRACTS.md shape) where every ion saw TRAIN_ELEMENTS."""
@@ -398,7 +447,7 @@ def write_records(path: Path, rows: Sequence[tuple[str, str, Structure, float]])
 def write_local_head(checkpoint: Path, path: Path, seed: int = 0, scale: float = 0.3) -> Path:
     """A local-voltage sidecar (``<Ion>.json``) for a checkpoint built here: seeded random linear
     maps on its real backbones' atom vectors (bias 3 V), so ``"explain": true`` answers with
-    per-site voltages that differ between sites (the fit itself: tests/test_explain.py)."""
+    per-site voltages that differ between sites (the fit itself: tests/serving/test_explain.py)."""
     from voltage_model.local_voltage import LocalVoltageHead, backbone_fingerprint
     from voltage_model.predict import VoltageModel
 

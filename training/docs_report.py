@@ -4,8 +4,8 @@ Why: figures typed into prose go stale the moment the pipeline reruns (a README 
 version no longer served; docs quoted MAEs two runs old). Here every run-derived number in the
 README and docs/ sits between generation markers and is rendered from ``reports/`` by
 ``voltage docs`` (the ``docs`` stage runs it); ``voltage docs --check`` and
-``tests/test_docs_figures.py`` fail when a rendered block disagrees with its reports, or when a
-volt figure appears outside a rendered block.
+``tests/project/test_docs_figures.py`` fail when a rendered block disagrees with its reports, or
+when a volt figure appears outside a rendered block.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ descriptors, CHGNet backbone, CHGNet physics voltage), the self-describing check
 pretrained release reader (``release``), the MLflow pyfunc (``pyfunc``) and the names a model is
 registered and served by (``naming``).
 
-Import rule (tests/test_architecture.py, docs/architecture.md): this package imports neither
+Import rule (tests/project/test_architecture.py, docs/architecture.md): this package imports neither
 ``training`` nor ``serving``; both import it. Nothing is imported here, so ``import
 voltage_model.naming`` stays cheap.
 """

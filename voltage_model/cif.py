@@ -11,14 +11,14 @@ rounding of coordinates near 1/3 and 2/3, wrapping into [0, 1), the final
 ``get_sorted_structure``), and returns None for anything else (symmetry operations, partial
 occupancies, oxidation states, labels instead of element symbols, magnetic CIFs, sites closer
 than pymatgen's merge tolerance, ...) so the caller falls back to ``Structure.from_str``.
-tests/test_serving_units.py compares the two on real and synthetic cells.
+tests/serving/test_serving_units.py compares the two on real and synthetic cells.
 
 Two fast paths live here, one per caller, under the same rule (the plain case exactly, else None):
 ``parse_p1_cif`` (the service: a ``Structure`` through pymatgen's tokenizer) and ``fast_p1_cif``
 (the screen, ``training/screen.py``: plain arrays through a line tokenizer, ~5x cheaper than
 pymatgen, with ``served_structure`` giving the service's ``Structure`` from them). They share
-CifParser's constants (``FRAC_TOLERANCE``, the 1/3 and 2/3 snapping); tests/test_screen.py and
-tests/test_screen_tiers.py compare the second with pymatgen.
+CifParser's constants (``FRAC_TOLERANCE``, the 1/3 and 2/3 snapping); tests/training/test_screen.py
+and tests/training/test_screen_tiers.py compare the second with pymatgen.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ writes it from the installed matminer): importing matminer's featurisers pulls i
 pandas and scipy.stats, seconds that a served model's cold start (the command line, a new worker)
 should not pay for a few weighted statistics. Each statistic below repeats matminer's operation
 for operation (``matminer.featurizers.utils.stats.PropertyStats``, ``ValenceOrbital``,
-``Stoichiometry``), so the numbers are identical, not just close: ``tests/test_descriptors.py``
-compares both on many formulas and checks the table against the installed matminer.
+``Stoichiometry``), so the numbers are identical, not just close:
+``tests/voltage_model/test_descriptors.py`` compares both on many formulas and checks the table
+against the installed matminer.
 
 Featurising ~2000 formulas still takes a moment, so `featurize_cached` keeps a compressed
 ``.npz`` keyed by formula that every pipeline stage can share. The cache holds only plain

@@ -23,7 +23,7 @@ CHAMPION = "champion"
 CHECKPOINT_KEY = "checkpoint"
 
 #: The pipeline's default tracking store, relative to the project root (``training/tracking.py``
-#: keeps its own ``DEFAULT_DB``, equal to this one: tests/test_architecture.py checks it).
+#: keeps its own ``DEFAULT_DB``, equal to this one: tests/project/test_architecture.py checks it).
 DEFAULT_TRACKING_DB = Path("work/mlflow/mlflow.db")
 
 

@@ -232,7 +232,7 @@ class ReleasedModel(VoltageModel):
     The only difference: the element encoding comes from the file (the table the model was
     trained with, checked against the checkpoint's recorded fingerprint) instead of being rebuilt
     from mendeleev, which costs about 2 s of a cold start and can only be less faithful.
-    ``tests/test_release.py`` pins the attributes to ``VoltageModel``'s.
+    ``tests/training/test_release.py`` pins the attributes to ``VoltageModel``'s.
     """
 
     def __init__(self, loaded: LoadedModel, encoding: np.ndarray) -> None:

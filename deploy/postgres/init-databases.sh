@@ -8,7 +8,7 @@
 #
 # Run once on a new server as a superuser. The postgres image runs it from
 # /docker-entrypoint-initdb.d (deploy/compose.yaml, deploy/k8s/postgres.yaml); the rehearsal
-# (tests/test_cluster.py) runs it against its throwaway server. Connection: psql's usual PG*
+# (tests/project/test_cluster.py) runs it against its throwaway server. Connection: psql's usual PG*
 # variables or the local socket; the user is $POSTGRES_USER (default postgres).
 # Passwords: $MLFLOW_DB_PASSWORD and $OPTUNA_DB_PASSWORD (psql quotes them: any characters).
 set -eu

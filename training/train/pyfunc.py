@@ -16,16 +16,16 @@ serve`` failed outside this virtualenv): :func:`pyfunc_requirements` derives the
    requires are dropped: ``mlflow.pyfunc`` -> ``mlflow`` (not ``mlflow-skinny``/``-tracing``),
    ``pymatgen.core`` -> ``pymatgen-core``.
 4. Each distribution's version from ``requirements.lock``, the one place versions are pinned
-   (scripts/setup.sh installs it, the Bento packs it, tests/test_pyfunc_requirements.py checks
-   pyproject.toml agrees with it). A local version label is dropped (``torch==2.13.0+cpu`` ->
-   ``torch==2.13.0``): it names a build, not a version; pip with PyTorch's CPU index picks the
-   CPU build, plain PyPI the default one. A distribution missing from the lock is an error.
+   (scripts/setup.sh installs it, the Bento packs it, tests/training/test_pyfunc_requirements.py
+   checks pyproject.toml agrees with it). A local version label is dropped (``torch==2.13.0+cpu`` ->
+   ``torch==2.13.0``): it names a build, not a version; pip with PyTorch's CPU index picks the CPU
+   build, plain PyPI the default one. A distribution missing from the lock is an error.
 
 What those distributions pull in is not a requirement but is pinned too: the lock's versions of
 their dependency closure (as installed here) go to the model's ``constraints.txt``
 (:func:`pyfunc_constraints`, MLflow's ``-c`` support), so a fresh environment gets the tested
-combination. tests/test_pyfunc_requirements.py loads and runs a logged model in a process that
-can import nothing but what the requirements install; bench/portable_pyfunc.py serves a
+combination. tests/training/test_pyfunc_requirements.py loads and runs a logged model in a process
+that can import nothing but what the requirements install; bench/portable_pyfunc.py serves a
 registered version with ``mlflow models serve`` from a fresh virtualenv of its requirements.
 """
 

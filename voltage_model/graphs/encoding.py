@@ -5,7 +5,7 @@ its provenance is a package version rather than an opaque file, and its conventi
 down (here and in docs/encoding.md).  The conventions below were reverse-engineered from the
 reference table so that ours agrees with it wherever the element data agrees; the remaining
 differences come from the data source and are listed in docs/encoding.md and asserted, element by
-element, in tests/test_encoding.py.
+element, in tests/voltage_model/test_encoding.py.
 
 Layout (offsets into the 92-vector)::
 

@@ -10,8 +10,8 @@ unfamiliar chemistries needs.
 Fitting uses scikit-learn (``GaussianProcessRegressor``: constant * Matern + white noise, inputs
 standardised). The fitted posterior (training inputs, ``alpha = K^-1 y``, the Cholesky factor of
 ``K``, kernel hyperparameters) is stored as tensors, so a checkpoint stays ``weights_only``
-loadable and inference is a few torch ops; ``tests/test_gp_head.py`` pins it to scikit-learn's
-own ``predict(return_std=True)``.
+loadable and inference is a few torch ops; ``tests/voltage_model/test_gp_head.py`` pins it to
+scikit-learn's own ``predict(return_std=True)``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from training.data.split import SPLITS
 from training.datasets import IonData
 from training.stages.chemsys_split import chemsys_split, ion_records, leak_check, row_chemsys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 25
 
 

@@ -3,7 +3,7 @@ real ``bentoml serve`` over HTTP and gRPC (real CHGNet throughout).
 
 The predictor tests are fast (a tiny CGCNN, CoO2/LiCoO2 built here). The server tests start one
 ``bentoml serve`` (1 worker, Li champion in a real MLflow store); they are marked slow like
-tests/test_service.py, whose module server they do not share so they can run alone.
+tests/serving/test_service.py, whose module server they do not share so they can run alone.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from tests.serving_fixtures import (
     cif,
     http_json,
     serve_env,
-    start_bento,
+    served,
 )
-from tests.test_physics import layered
+from tests.voltage_model.test_physics import layered
 from voltage_model.models import physics
 from voltage_model.predict import VoltageModel
 
@@ -114,10 +114,7 @@ def test_refusals_are_client_errors_naming_the_problem(predictor, ends) -> None:
 # ------------------------------------------------------------------------------ server
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowStore:
-    s = MlflowStore.create(tmp_path_factory.mktemp("physics-mlflow"))
-    with s.active():
-        s.publish("Li", seed=1)
-    return s
+    return MlflowStore.published(tmp_path_factory.mktemp("physics-mlflow"), {"Li": 1})
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +126,8 @@ def env(store: MlflowStore, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 @pytest.fixture(scope="module")
 def server(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    srv = start_bento(tmp_path_factory.mktemp("physics-serve"), env, wait_ready=True)
-    yield srv
-    srv.stop()
+    with served(tmp_path_factory.mktemp("physics-serve"), env=env, wait_ready=True) as srv:
+        yield srv
 
 
 @pytest.mark.slow

@@ -22,8 +22,7 @@ from tests.serving_fixtures import (
     cif,
     http_json,
     sample_structures,
-    serve_env,
-    start_bento,
+    served,
 )
 from voltage_model.local_voltage import (
     ChgnetLocalHead,
@@ -44,11 +43,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(workdir: Path) -> MlflowStore:
-    s = MlflowStore.create(workdir / "mlflow")
-    with s.active():
-        s.publish("Ca", seed=4, chgnet_weight=0.5)  # the average of CGCNN and CHGNet
-        s.publish("Zn", seed=5, chgnet_weight=1.0)  # the CHGNet head alone
-    return s
+    return MlflowStore.published(workdir / "mlflow", {
+        "Ca": {"seed": 4, "chgnet_weight": 0.5},  # the average of CGCNN and CHGNet
+        "Zn": {"seed": 5, "chgnet_weight": 1.0},  # the CHGNet head alone
+    })  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +67,11 @@ def heads(workdir: Path, store: MlflowStore) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path, store: MlflowStore, heads: Path) -> Any:
-    env = serve_env(workdir / "bentoml_home", store, VOLTAGE_IONS="Ca,Zn", VOLTAGE_WORKERS="1",
-                    VOLTAGE_LOCAL_VOLTAGE_DIR=str(heads), VOLTAGE_RELOAD_INTERVAL="60")  # fmt: skip
-    srv = start_bento(workdir, env, wait_ready=True)
-    yield srv
-    srv.stop()
+    with served(
+        workdir, store, wait_ready=True, VOLTAGE_IONS="Ca,Zn", VOLTAGE_WORKERS="1",
+        VOLTAGE_LOCAL_VOLTAGE_DIR=str(heads), VOLTAGE_RELOAD_INTERVAL="60",
+    ) as srv:  # fmt: skip
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MON = REPO / "monitoring"
 CONFIG = MON / "prometheus.yml"
 RULES = MON / "rules" / "voltage_alerts.yml"

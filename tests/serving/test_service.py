@@ -46,6 +46,7 @@ from tests.serving_fixtures import (
     rocksalt,
     sample_structures,
     serve_env,
+    served,
     start_bento,
     wait_until,
     write_drift_reference,
@@ -69,12 +70,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(workdir: Path) -> MlflowStore:
-    s = MlflowStore.create(workdir / "mlflow")
-    with s.active():
-        s.publish("Li", seed=1, test_mae=0.41)
-        s.publish("Mg", seed=2, test_mae=0.52)
-        s.publish("Na", seed=3, alias="candidate")  # registered, but no champion
-    return s
+    return MlflowStore.published(
+        workdir / "mlflow",
+        {"Li": {"seed": 1, "test_mae": 0.41}, "Mg": {"seed": 2, "test_mae": 0.52}},
+        candidates={"Na": 3},  # registered, but no champion
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,8 @@ def files(workdir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path, store: MlflowStore, files: dict[str, Path]) -> Any:
-    env = serve_env(
-        workdir / "bentoml_home",
+    with served(
+        workdir,
         store,
         VOLTAGE_IONS=IONS,
         VOLTAGE_DISABLED_IONS="K",
@@ -100,12 +100,10 @@ def server(workdir: Path, store: MlflowStore, files: dict[str, Path]) -> Any:
         VOLTAGE_MAX_BODY_BYTES=str(MAX_BODY),
         VOLTAGE_DRIFT_REFERENCE=str(files["drift"]),
         VOLTAGE_RECORDS=str(files["records"]),
-    )
-    srv = start_bento(workdir, env)
-    # Both workers must have loaded their models before tests count on them.
-    wait_until(lambda: _all_workers_loaded(srv), 60, what="both workers loaded")
-    yield srv
-    srv.stop()
+    ) as srv:
+        # Both workers must have loaded their models before tests count on them.
+        wait_until(lambda: _all_workers_loaded(srv), 60, what="both workers loaded")
+        yield srv
 
 
 def _all_workers_loaded(srv: Server) -> bool:

@@ -34,7 +34,7 @@ from training.train.pyfunc import (
     third_party_imports,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _names(requirements: list[str]) -> set[str]:

@@ -22,7 +22,7 @@ from pymatgen.core import Composition
 from training.data.records import Record, write_records
 from training.data.split import write_splits
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 METALS = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")
 FRAMEWORKS = ("{M}O2", "{M}PO4", "{M}SiO4", "{M}BO3", "{M}2O5", "{M}P2O7")
 # Row indices: splits of every ingested row, and the rows the cleaning rule dropped.

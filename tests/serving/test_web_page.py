@@ -43,8 +43,7 @@ from tests.serving_fixtures import (
     perovskite,
     rocksalt,
     sample_structures,
-    serve_env,
-    start_bento,
+    served,
     write_local_head,
     write_records,
 )
@@ -148,12 +147,11 @@ def browser(workdir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def store(workdir: Path) -> MlflowStore:
-    s = MlflowStore.create(workdir / "mlflow")
-    with s.active():
-        s.publish("Li", seed=1, test_mae=0.41)
-        s.publish("Mg", seed=2, test_mae=0.52)
-        s.publish("Na", seed=3, alias="candidate")  # registered, no champion: not served
-    return s
+    return MlflowStore.published(
+        workdir / "mlflow",
+        {"Li": {"seed": 1, "test_mae": 0.41}, "Mg": {"seed": 2, "test_mae": 0.52}},
+        candidates={"Na": 3},  # registered, no champion: not served
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +160,8 @@ def server(browser: Any, workdir: Path, store: MlflowStore) -> Any:
     for ion, seed in (("Li", 1), ("Mg", 2)):
         write_local_head(store.root / "checkpoints" / f"{ion}-{seed}.pt", heads / f"{ion}.json")
     records = write_records(workdir / "records.jsonl.gz", [(MATERIAL, "Li", perovskite(), 3.3)])
-    env = serve_env(
-        workdir / "bentoml_home",
+    with served(
+        workdir,
         store,
         VOLTAGE_IONS="Li,Mg,Na",
         VOLTAGE_WORKERS="1",
@@ -171,10 +169,8 @@ def server(browser: Any, workdir: Path, store: MlflowStore) -> Any:
         VOLTAGE_LOCAL_VOLTAGE_DIR=str(heads),
         VOLTAGE_RECORDS=str(records),
         VOLTAGE_DRIFT_REFERENCE="",
-    )
-    srv = start_bento(workdir, env)
-    yield srv
-    srv.stop()
+    ) as srv:
+        yield srv
 
 
 @dataclass
@@ -436,7 +432,7 @@ def test_unparseable_file_shows_the_api_error_beside_the_input(page: Page, tmp_p
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_material_id_dropped_poscar_and_physics_cross_check(page: Page) -> None:
-    from tests.test_physics import layered
+    from tests.voltage_model.test_physics import layered
 
     # A snapshot id: the DFT voltage is shown beside the prediction.
     page.click("#source-id")

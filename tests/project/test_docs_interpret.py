@@ -19,7 +19,7 @@ import pytest
 from training.docs_interpret import DASH, interpretability_block, load_reports
 from training.docs_report import BEGIN, END, hand_typed_figures, splice
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "interpretability.md"
 
 

@@ -14,7 +14,7 @@ champions, Na without):
 * every request example of the document is posted as is and gets 200 with a body that the
   document's 200 schema accepts; every documented error status that a request can provoke here
   (400, 413, 503 ``no_champion``) comes back with the documented body and headers (429 and 503
-  ``overloaded``: tests/test_overload.py);
+  ``overloaded``: tests/serving/test_overload.py);
 * a ``multipart/form-data`` upload (``curl -F file=@CoO2.cif -F ion=Li``) equals the JSON call;
 * Swagger UI itself (``/docs``, real headless Chromium where installed): "Try it out" ->
   "Execute" with each example of ``/predict`` shows 200.
@@ -40,8 +40,7 @@ from tests.serving_fixtures import (
     MlflowStore,
     Server,
     http_json,
-    serve_env,
-    start_bento,
+    served,
 )
 
 FIXTURE_CIF = REPO / "tests" / "fixtures" / "CoO2.cif"
@@ -120,19 +119,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path) -> Any:
-    store = MlflowStore.create(workdir / "mlflow")
-    with store.active():
-        store.publish("Li", seed=1)
-        store.publish("Mg", seed=2)
-        store.publish("Na", seed=3, alias="candidate")  # registered, no champion: 503
-    env = serve_env(
-        workdir / "bentoml_home", store, VOLTAGE_IONS="Li,Mg,Na", VOLTAGE_WORKERS="1",
+    # Na: registered, no champion: 503
+    store = MlflowStore.published(workdir / "mlflow", {"Li": 1, "Mg": 2}, candidates={"Na": 3})
+    with served(
+        workdir, store, VOLTAGE_IONS="Li,Mg,Na", VOLTAGE_WORKERS="1",
         VOLTAGE_RELOAD_INTERVAL="60", VOLTAGE_DRIFT_REFERENCE="",
         VOLTAGE_MAX_BODY_BYTES=str(MAX_BODY),
-    )  # fmt: skip
-    srv = start_bento(workdir, env)
-    yield srv
-    srv.stop()
+    ) as srv:  # fmt: skip
+        yield srv
 
 
 @pytest.fixture(scope="module")

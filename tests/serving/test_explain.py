@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from serving_fixtures import build_checkpoint, cif, sample_structures
 
 from serving.config import ServingConfig
 from serving.metrics import ServiceMetrics
 from serving.models import ServedModel
 from serving.predictor import Predictor, PredictRequest
+from tests.serving_fixtures import build_checkpoint, cif, sample_structures
 from training.interpret.local_fit import fit_local_head
 from voltage_model.graphs.batch import collate
 from voltage_model.local_voltage import backbone_fingerprint, member_atom_vectors

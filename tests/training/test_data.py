@@ -19,7 +19,7 @@ from training.data.snapshot import snapshot_rows
 from training.data.split import leakage, make_splits
 
 IONS = ["Li", "Na", "Mg"]
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # tests/fixtures
 
 
 def _rewrite_rows(root: Path, edit) -> None:
@@ -150,7 +150,7 @@ def test_cleaning_rule_matches_paper_flags(real_snapshot):
     the k*sigma boundary can differ. The rule must never keep a row the paper removed, and agree
     on >= 99% of rows for every ion.
     """
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     records = _csv_records(real_snapshot, params.ion_names)
     kept, stats = clean_records(records, {i: s.clean_k for i, s in params.ions.items()})
     kept_ids = {r.battery_id for r in kept}
@@ -191,7 +191,7 @@ def test_cleaning_thresholds_come_from_training_rows_only():
 
 
 def test_grouped_split_has_no_leakage_and_right_sizes(real_snapshot):
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     records = _csv_records(real_snapshot, params.ion_names)
     splits = make_splits(records, params.split.fractions(), seed=7)
     assert leakage(records, splits) == set()

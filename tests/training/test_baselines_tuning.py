@@ -24,7 +24,7 @@ from voltage_model.composition import composition_features
 
 METALS = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")
 FRAMEWORKS = ("{M}O2", "{M}PO4", "{M}SiO4", "{M}BO3", "{M}2O5", "{M}P2O7")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _formulas(n: int = 48) -> list[str]:

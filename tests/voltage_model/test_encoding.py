@@ -63,7 +63,7 @@ def snapshot_dir() -> Path:
     return (
         Path(env)
         if env
-        else Path(__file__).resolve().parents[1].parent / ("shared/data/mp_electrodes_2020")
+        else Path(__file__).resolve().parents[3] / "shared/data/mp_electrodes_2020"
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from training.docs_report import BEGIN, END, hand_typed_figures, problems, render, splice
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REPORTS = REPO / "reports"
 
 

@@ -44,8 +44,7 @@ from tests.serving_fixtures import (
     perovskite,
     rocksalt,
     sample_structures,
-    serve_env,
-    start_bento,
+    served,
     wait_until,
     write_drift_reference,
 )
@@ -139,20 +138,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path) -> Any:
-    store = MlflowStore.create(workdir / "mlflow")
-    with store.active():
-        store.publish("Li", seed=1)
-        store.publish("Mg", seed=2)
-    env = serve_env(
-        workdir / "bentoml_home", store, VOLTAGE_IONS="Li,Mg", VOLTAGE_WORKERS="2",
-        VOLTAGE_RELOAD_INTERVAL="60",
+    store = MlflowStore.published(workdir / "mlflow", {"Li": 1, "Mg": 2})
+    with served(
+        workdir, store, VOLTAGE_IONS="Li,Mg", VOLTAGE_WORKERS="2", VOLTAGE_RELOAD_INTERVAL="60",
         VOLTAGE_DRIFT_REFERENCE=str(write_drift_reference(workdir / "ref.json", ["Li", "Mg"])),
         VOLTAGE_PREDICTION_LOG=str(workdir / "predictions" / "predictions.jsonl"),
-    )  # fmt: skip
-    srv = start_bento(workdir, env)
-    wait_until(lambda: len(_lines(srv, "gRPC server listening")) >= 2, 60, what="both workers")
-    yield srv
-    srv.stop()
+    ) as srv:  # fmt: skip
+        wait_until(lambda: len(_lines(srv, "gRPC server listening")) >= 2, 60, what="both workers")
+        yield srv
 
 
 def _json_lines(server: Server) -> list[dict[str, Any]]:

@@ -34,8 +34,7 @@ from tests.serving_fixtures import (
     MlflowStore,
     Server,
     http_json,
-    serve_env,
-    start_bento,
+    served,
     wait_until,
 )
 
@@ -55,18 +54,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path) -> Any:
-    store = MlflowStore.create(workdir / "mlflow")
-    with store.active():
-        store.publish("Li", seed=1)
-    env = serve_env(
-        workdir / "bentoml_home", store, VOLTAGE_IONS="Li", VOLTAGE_WORKERS="1",
+    store = MlflowStore.published(workdir / "mlflow", {"Li": 1})
+    with served(
+        workdir, store, wait_ready=True, VOLTAGE_IONS="Li", VOLTAGE_WORKERS="1",
         VOLTAGE_RELOAD_INTERVAL="60", VOLTAGE_DRIFT_REFERENCE="",
         VOLTAGE_MAX_QUEUE=str(MAX_QUEUE), VOLTAGE_MAX_CONCURRENCY=str(MAX_CONCURRENCY),
         VOLTAGE_RETRY_AFTER_S="2",
-    )  # fmt: skip
-    srv = start_bento(workdir, env, wait_ready=True)
-    yield srv
-    srv.stop()
+    ) as srv:  # fmt: skip
+        yield srv
 
 
 def _post(url: str, body: bytes, rid: str) -> tuple[int, dict[str, Any], dict[str, str], float]:

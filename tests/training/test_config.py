@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from training.config import Params, UsageError, load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())
 #: every mapping-valued section of params.yaml (``ions`` is checked on its own)
 SECTIONS = sorted(n for n, v in RAW.items() if isinstance(v, dict) and n != "ions")

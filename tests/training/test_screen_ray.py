@@ -5,9 +5,9 @@ A real cluster is started for the module with ``ray start --head`` in a subproce
 for the machine's), 2 CPUs, no dashboard, usage stats off, token authentication with a token made
 for the test (nothing written to ``~/.ray``), and killed by its process group at the end. The
 driver (this process, as ``voltage screen`` would be) joins it by address. Inputs, broken files
-and the tiny real checkpoint are those of ``tests/test_screen.py``; the Ray figures must equal
-the single-process ones exactly (same batches), resume must skip what is done, bad files must be
-reported alike.
+and the tiny real checkpoint are those of ``tests/training/test_screen.py``; the Ray figures must
+equal the single-process ones exactly (same batches), resume must skip what is done, bad files must
+be reported alike.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import pytest
 from pymatgen.io.cif import CifWriter
 from typer.testing import CliRunner
 
-from tests.test_screen import BAD, read_csv, tiny_model, write_inputs
-from tests.test_screen_tiers import champions  # noqa: F401 (a fixture: CHGNet-serving models)
+from tests.training.test_screen import BAD, read_csv, tiny_model, write_inputs
+from tests.training.test_screen_tiers import champions  # noqa: F401 (a fixture: CHGNet-serving models)
 from training.screen import (
     _chunks,
     _tier2_jobs,
@@ -317,7 +317,7 @@ def test_cli_engine_errors_exit_2(tmp_path, monkeypatch):
 def test_tier2_on_ray_is_the_local_tier2(ray_address, champions, tmp_path):  # noqa: F811
     """Champions serving CHGNet: the Ray actors re-score the same selection in the same batches
     (CHGNet loaded in each actor), a structure CHGNet refuses is reported alike."""
-    from tests.test_screen_tiers import ISOLATED, candidates
+    from tests.training.test_screen_tiers import ISOLATED, candidates
     from training.screen import Rescore
 
     root = tmp_path / "in"

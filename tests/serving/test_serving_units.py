@@ -1,5 +1,5 @@
 """Serving building blocks in-process (no server): inputs, batching, swaps, watcher, metrics,
-HTTP guard. Fast; the end-to-end behaviour is in tests/test_service.py."""
+HTTP guard. Fast; the end-to-end behaviour is in tests/serving/test_service.py."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """The deployment files (deploy/, docs/deploy.md) hold together, without a container runtime.
 
-They are not run by CI (no Docker or Kubernetes there); tests/test_cluster.py rehearses the same
-setup with the real servers on 127.0.0.1. What can drift silently is checked here, in a second:
-every file parses; the replicas' settings are variables the service really reads and
-docs/serving.md documents; the probes ask the endpoints that mean "up" and "ready"; Services,
-ServiceMonitor and Deployment labels and ports line up; compose and Kubernetes start the tracking
-server alike; every secret read is in the example Secret; the Prometheus configurations pass
-``promtool check config`` with the project's rules (where promtool is installed).
+They are not run by CI (no Docker or Kubernetes there); tests/project/test_cluster.py rehearses the
+same setup with the real servers on 127.0.0.1. What can drift silently is checked here, in a second:
+every file parses; the replicas' settings are variables the service really reads and docs/serving.md
+documents; the probes ask the endpoints that mean "up" and "ready"; Services, ServiceMonitor and
+Deployment labels and ports line up; compose and Kubernetes start the tracking server alike; every
+secret read is in the example Secret; the Prometheus configurations pass ``promtool check config``
+with the project's rules (where promtool is installed).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 SERVICE_PORT = 3000  # bentoml serve's port, in the Bento image too
