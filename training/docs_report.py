@@ -327,8 +327,31 @@ def results_doc(reports: Path) -> str:
         + pooling_table(reports)
         + "\n## Cleaning (thresholds from training rows)\n\n" + cleaning_table(reports)
         + "\nFull methods × ions table: [reports/comparison.md](../reports/comparison.md).\n"
+        + figures_section(reports)
         + END + "\n"
     )  # fmt: skip
+
+
+#: The figures a reader looks for first (written by the plots and interpret stages), in order.
+FIGURES = (
+    ("plots/served/parity_test.png", "served model on the test split, ± calibrated std"),
+    ("plots/served/parity_cv_host.png", "served model, host-grouped CV out-of-fold"),
+    ("plots/served/reliability.png", "reliability of the served intervals, per ion"),
+    ("plots/rf_importance/{source}.png", "random-forest importances: Gini and permutation"),
+    ("plots/interpret/{source}/element_pca.png", "learned element embeddings (PCA)"),
+)
+
+
+def figures_section(reports: Path, source: str = "Li") -> str:
+    """Links to the figures that exist (a pipeline run without the plots stage lists fewer)."""
+    rows = []
+    for rel, what in FIGURES:
+        rel = rel.format(source=source)
+        if (reports / rel).is_file():
+            rows.append(f"- [{what}](../reports/{rel})")
+    if not rows:
+        return ""
+    return "\n## Figures\n\n" + "\n".join(rows) + "\n"
 
 
 def splice(text: str, block: str) -> str:
