@@ -1,4 +1,4 @@
-"""Input/prediction drift as pure functions, plus a bounded per-ion sliding window.
+"""Service-side drift: the reference file, and a bounded per-ion sliding window of requests.
 
 Why here and why pure: the service exports each window as counts (:meth:`DriftWindow.counts`,
 which add up across BentoML workers) and the gauges ``voltage_drift_psi``,
@@ -8,7 +8,7 @@ which add up across BentoML workers) and the gauges ``voltage_drift_psi``,
 and pymatgen imports makes the maths unit-testable in isolation and cheap to call on the request
 path; the service owns the metric objects.
 
-The reference is the JSON written by ``training/drift_reference.py`` (CONTRACTS.md,
+The reference is the JSON written by ``training/stages/drift_reference.py`` (CONTRACTS.md,
 "Drift reference")::
 
     {"<ion>": {"elements": {"O": 0.97, ...},
@@ -16,10 +16,9 @@ The reference is the JSON written by ``training/drift_reference.py`` (CONTRACTS.
                "voltage": {"edges": [...], "fractions": [...]},
                "n": 1234}}
 
-Binning rule (shared with the reference builder, which re-implements the same three lines
-because ``training`` never imports ``serving``): bin ``i`` is ``[edges[i], edges[i+1])``; values
-below ``edges[0]`` count in the first bin and values at or above ``edges[-1]`` in the last, so
-the end bins are open-ended and no prediction is ever dropped from the comparison.
+The statistics themselves (binning, PSI, the element rule) live in ``voltage_model/drift.py``,
+shared with the reference builder so the window and the reference bin and count alike; this module
+holds what only the service needs: the reference file's validation, the windows and their counts.
 """
 
 from __future__ import annotations
@@ -36,10 +35,13 @@ from typing import Any
 
 import numpy as np
 
-#: Floor applied to every bin fraction before the log ratio: an empty bin on either side would
-#: otherwise make PSI infinite. 1e-4 is the customary choice; it caps one bin's contribution at
-#: roughly (a - e) * ln(a / 1e-4), large enough to alert, finite enough to plot.
-PSI_EPSILON = 1e-4
+from voltage_model.drift import (
+    PSI_EPSILON,
+    bin_counts,
+    known_elements,
+    psi_from_fractions,
+)
+from voltage_model.drift import element_symbols as element_symbols  # re-exported for the predictor
 
 #: Conventional PSI reading: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 significant shift.
 PSI_ALERT_THRESHOLD = 0.25
@@ -53,74 +55,6 @@ DEFAULT_WINDOW = 1000
 #: (the gauge then shows "no data" rather than a scary number), and the alert rules also require
 #: ``voltage_drift_window_requests >= 100``.
 DEFAULT_MIN_SAMPLES = 100
-
-
-def bin_counts(edges: Sequence[float] | np.ndarray, values: Iterable[float]) -> np.ndarray:
-    """Number of finite ``values`` in each bin defined by ``edges`` (open-ended end bins)."""
-    e = np.asarray(edges, dtype=float)
-    if e.ndim != 1 or e.size < 2 or not np.all(np.diff(e) > 0):
-        raise ValueError("edges must be a strictly increasing sequence of at least 2 numbers")
-    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
-    v = v[np.isfinite(v)]
-    k = e.size - 1
-    if v.size == 0:
-        return np.zeros(k, dtype=np.int64)
-    idx = np.clip(np.searchsorted(e, v, side="right") - 1, 0, k - 1)
-    return np.bincount(idx, minlength=k)
-
-
-def bin_fractions(edges: Sequence[float] | np.ndarray, values: Iterable[float]) -> np.ndarray:
-    """Fraction of ``values`` in each bin defined by ``edges`` (open-ended end bins).
-
-    Non-finite values are dropped: a NaN prediction is a service bug reported elsewhere
-    (``voltage_errors_total{kind="internal"}``), not evidence of drift.
-    """
-    counts = bin_counts(edges, values)
-    total = counts.sum()
-    return counts / total if total else np.zeros(counts.size)
-
-
-def psi_from_fractions(
-    expected: Sequence[float] | np.ndarray,
-    actual: Sequence[float] | np.ndarray,
-    epsilon: float = PSI_EPSILON,
-) -> float:
-    """PSI = sum_i (a_i - e_i) * ln(a_i / e_i), with both sides floored at ``epsilon``.
-
-    After flooring, each side is renormalised to sum to 1 so the smoothing never creates mass
-    out of nothing (PSI stays exactly 0 for identical distributions).
-    """
-    e = np.asarray(expected, dtype=float)
-    a = np.asarray(actual, dtype=float)
-    if e.shape != a.shape or e.ndim != 1 or e.size == 0:
-        raise ValueError(f"fraction vectors must be 1-d and equal length, got {e.shape}, {a.shape}")
-    if epsilon <= 0:
-        raise ValueError("epsilon must be positive")
-    e = np.maximum(e, epsilon)
-    a = np.maximum(a, epsilon)
-    e = e / e.sum()
-    a = a / a.sum()
-    return float(np.sum((a - e) * np.log(a / e)))
-
-
-def psi(
-    reference_fractions: Sequence[float] | np.ndarray,
-    edges: Sequence[float] | np.ndarray,
-    values: Iterable[float],
-    epsilon: float = PSI_EPSILON,
-) -> float:
-    """Population stability index of ``values`` against a binned reference distribution.
-
-    Returns NaN when there is no (finite) value: the index is undefined, and NaN makes a
-    Prometheus comparison false, so an idle ion never alerts.
-    """
-    ref = np.asarray(reference_fractions, dtype=float)
-    if ref.size != len(edges) - 1:
-        raise ValueError(f"{ref.size} reference fractions for {len(edges) - 1} bins")
-    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
-    if not np.isfinite(v).any():
-        return math.nan
-    return psi_from_fractions(ref, bin_fractions(edges, v), epsilon)
 
 
 def unseen_element_share(
@@ -139,22 +73,6 @@ def unseen_element_share(
         if not known.issuperset(elements):
             unseen += 1
     return unseen / n if n else math.nan
-
-
-def element_symbols(structure: Any) -> frozenset[str]:
-    """Element symbols of a pymatgen ``Structure`` (or ``Composition``), oxidation states dropped.
-
-    Duck-typed so this module needs no pymatgen import; mirrors
-    ``training.drift_reference.structure_elements`` so the service and the reference count
-    elements the same way.
-    """
-    comp = getattr(structure, "composition", structure)
-    return frozenset(el.symbol for el in comp.element_composition.elements)
-
-
-def known_elements(reference_ion: Mapping[str, Any]) -> frozenset[str]:
-    """Elements present in at least one training structure of the ion."""
-    return frozenset(el for el, frac in reference_ion["elements"].items() if frac > 0)
 
 
 def validate_reference(reference: Mapping[str, Any]) -> None:

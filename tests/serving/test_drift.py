@@ -1,14 +1,14 @@
-"""Drift maths (serving/drift.py) and the training reference (training/stages/drift_reference.py).
+"""The service's drift windows (serving/drift.py) and the training reference
+(training/stages/drift_reference.py); the statistics both use (binning, PSI, element rule) are
+tested in tests/voltage_model/test_drift_stats.py.
 
 The alert thresholds (PSI > 0.25, unseen share > 0.2) only mean something if the numbers behind
-them are right, so the index is checked against a hand-computed textbook value, its basic
-properties (zero on identity, growing with shift, finite on empty bins), and the window against
-its memory bound and concurrent use.
+them are right, so the window is checked against its memory bound and concurrent use, and the
+reference against the shape the service loads.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import threading
@@ -20,10 +20,7 @@ from conftest import host_structures
 
 from serving.drift import (
     DriftWindow,
-    bin_fractions,
     load_reference,
-    psi,
-    psi_from_fractions,
     unseen_element_share,
     validate_reference,
 )
@@ -32,11 +29,10 @@ from training.data.split import write_splits
 from training.stages.drift_reference import (
     DEFAULT_SITE_EDGES,
     DEFAULT_VOLTAGE_EDGES,
-    _fractions,
     reference_stats,
-    structure_elements,
     write_reference,
 )
+from voltage_model.drift import bin_fractions, element_symbols
 
 EDGES = np.linspace(-1.0, 7.0, 17)
 
@@ -57,66 +53,6 @@ def _reference_for(values: np.ndarray, elements: dict[str, float] | None = None)
             "n": int(values.size),
         }
     }
-
-
-# ---- PSI ----------------------------------------------------------------------------------------
-
-
-def test_psi_is_zero_for_identical_distribution() -> None:
-    values = np.random.default_rng(0).normal(3.5, 0.8, 5000)
-    ref = bin_fractions(EDGES, values)
-    assert psi(ref, EDGES, values) == pytest.approx(0.0, abs=1e-12)
-    # Same distribution, independent sample: small, well under the "stable" 0.1 line.
-    other = np.random.default_rng(1).normal(3.5, 0.8, 5000)
-    assert psi(ref, EDGES, other) < 0.02
-
-
-def test_psi_grows_with_shift() -> None:
-    rng = np.random.default_rng(0)
-    base = rng.normal(3.5, 0.6, 20000)
-    ref = bin_fractions(EDGES, base)
-    sample = rng.normal(3.5, 0.6, 5000)
-    values = [psi(ref, EDGES, sample + shift) for shift in (0.0, 0.25, 0.5, 1.0, 2.0)]
-    assert all(b > a for a, b in itertools.pairwise(values)), values
-    assert values[0] < 0.1 < values[2]
-    assert values[-1] > 0.25
-
-
-def test_psi_textbook_value() -> None:
-    """Expected 25/25/25/25 %, actual 10/20/30/40 %: sum (a-e) ln(a/e) = 0.228217 (by hand:
-    0.15 ln 2.5 + 0.05 ln 1.25 + 0.05 ln 1.2 + 0.15 ln 1.6)."""
-    edges = [0.0, 1.0, 2.0, 3.0, 4.0]
-    values = np.repeat([0.5, 1.5, 2.5, 3.5], [10, 20, 30, 40])
-    by_hand = (
-        0.15 * math.log(2.5) + 0.05 * math.log(1.25) + 0.05 * math.log(1.2) + 0.15 * math.log(1.6)
-    )
-    assert by_hand == pytest.approx(0.228217, abs=1e-6)
-    assert psi([0.25] * 4, edges, values) == pytest.approx(by_hand, rel=1e-9)
-    # PSI is symmetric in (expected, actual).
-    assert psi_from_fractions([0.1, 0.2, 0.3, 0.4], [0.25] * 4) == pytest.approx(by_hand, rel=1e-9)
-
-
-def test_psi_epsilon_keeps_empty_bins_finite() -> None:
-    edges = [0.0, 1.0, 2.0]
-    value = psi([1.0, 0.0], edges, [1.5] * 50)  # all mass moved to a bin the reference never had
-    assert math.isfinite(value) and value > 5
-    assert math.isnan(psi([0.5, 0.5], edges, []))  # undefined without data
-    assert math.isnan(psi([0.5, 0.5], edges, [math.nan]))
-
-
-def test_bins_are_open_ended_and_match_the_reference_builder() -> None:
-    values = np.array([-5.0, -1.0, 0.2, 3.49, 3.5, 6.99, 7.0, 42.0, np.nan])
-    fr = bin_fractions(EDGES, values)
-    assert fr.sum() == pytest.approx(1.0)
-    assert fr[0] == pytest.approx(2 / 8) and fr[-1] == pytest.approx(3 / 8)
-    assert list(fr) == pytest.approx(_fractions(EDGES, values))
-
-
-def test_psi_rejects_mismatched_bins() -> None:
-    with pytest.raises(ValueError):
-        psi([0.5, 0.5], [0.0, 1.0, 2.0, 3.0], [1.0])
-    with pytest.raises(ValueError):
-        bin_fractions([1.0, 0.0], [0.5])
 
 
 # ---- unseen elements ----------------------------------------------------------------------------
@@ -256,7 +192,7 @@ def test_reference_stats_shape(tmp_path: Path) -> None:
         assert sum(entry["voltage"]["fractions"]) == pytest.approx(1.0)
         assert sum(entry["sites"]["fractions"]) == pytest.approx(1.0)
     train_li = li[:10]
-    mn_share = sum("Mn" in structure_elements(r.charged_structure) for r in train_li) / 10
+    mn_share = sum("Mn" in element_symbols(r.charged_structure) for r in train_li) / 10
     assert stats["Li"]["elements"]["Mn"] == pytest.approx(mn_share)
     expected = bin_fractions(DEFAULT_VOLTAGE_EDGES, [r.battery_avg_voltage for r in train_li])
     assert stats["Li"]["voltage"]["fractions"] == pytest.approx(list(expected))
@@ -273,8 +209,23 @@ def test_reference_stats_shape(tmp_path: Path) -> None:
     loaded = load_reference(path)  # the service's loader accepts what training writes
     assert loaded == json.loads(json.dumps(stats))
     window = DriftWindow(loaded, min_samples=1)
-    window.observe("Li", 2.0, structure_elements(li[11].charged_structure), nsites=6)
+    window.observe("Li", 2.0, element_symbols(li[11].charged_structure), nsites=6)
     assert window.stats("Li").requests == 1
+
+
+def test_reference_refuses_no_values_but_windows_take_empty_counts() -> None:
+    """One binning rule (empty input bins to zeros); the refusal is the builder's own."""
+    li = _records("Li", 4)
+    train = {"Li": {r.battery_id for r in li}}
+    with pytest.raises(ValueError, match="no finite values to bin for Li voltage"):
+        reference_stats({"Li": li}, train, {"Li": np.full(4, np.nan)})
+    ref = reference_stats({"Li": li}, train)
+    window = DriftWindow(ref, min_samples=1)
+    counts = window.counts("Li")
+    assert counts.requests == 0 and sum(counts.voltage) == 0 and sum(counts.sites) == 0
+    assert math.isnan(window.stats("Li").psi)
+    window.observe("Li", math.nan, {"Li", "O"}, nsites=None)  # nothing finite to bin
+    assert sum(window.counts("Li").voltage) == 0 and window.counts("Li").requests == 1
 
 
 def test_drift_reference_stage_entry_point(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ the training split of each ion. Three views per ion (shape fixed in docs/CONTRAC
   given (the service watches *predictions*, so like must be compared with like), else of the
   DFT targets.
 
-Binning rule, identical to ``serving.drift.bin_fractions`` (re-implemented here because
-``training`` never imports ``serving``): bin ``i`` is ``[edges[i], edges[i+1])`` and the end bins
-are open-ended.
+Binning (open-ended end bins) and the element rule come from ``voltage_model.drift``, the module
+the service bins its windows with, so both sides count alike. Unlike the service's empty windows,
+a reference is never built from no values: :func:`_fractions` refuses.
 
 Run as a DVC stage::
 
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pymatgen.core import Structure
 
 from training.data.records import Record, read_records
+from voltage_model.drift import bin_fractions, check_edges, element_symbols, finite_values
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +48,12 @@ DEFAULT_VOLTAGE_EDGES = np.linspace(-1.0, 7.0, 17)
 DEFAULT_SITE_EDGES = np.array([1, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256], dtype=float)
 
 
-def _fractions(edges: np.ndarray, values: np.ndarray) -> list[float]:
-    """Bin fractions with open-ended end bins (see module docstring)."""
-    k = edges.size - 1
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        raise ValueError("no finite values to bin")
-    idx = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, k - 1)
-    return [float(x) for x in np.bincount(idx, minlength=k) / v.size]
-
-
-def _check_edges(edges: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
-    e = np.asarray(edges, dtype=float)
-    if e.ndim != 1 or e.size < 2 or not np.all(np.diff(e) > 0) or not np.isfinite(e).all():
-        raise ValueError(f"{name} must be a finite, strictly increasing sequence of >= 2 numbers")
-    return e
-
-
-def structure_elements(structure_dict: Mapping[str, Any]) -> frozenset[str]:
-    """Element symbols present in a pymatgen structure dict (oxidation states dropped).
-
-    Goes through ``Structure.from_dict(...).composition`` so disordered sites and decorated
-    species are handled by pymatgen, exactly as the service does on a parsed request
-    (``serving.drift.element_symbols``).
-    """
-    comp = Structure.from_dict(dict(structure_dict)).composition
-    return frozenset(el.symbol for el in comp.element_composition.elements)
+def _fractions(edges: np.ndarray, values: np.ndarray, what: str) -> list[float]:
+    """Bin fractions of ``values`` (``voltage_model.drift.bin_fractions``); a reference of no
+    finite value would compare every window with nothing, so it is refused."""
+    if finite_values(values).size == 0:
+        raise ValueError(f"no finite values to bin for {what}")
+    return [float(x) for x in bin_fractions(edges, values)]
 
 
 def reference_stats(
@@ -90,8 +70,8 @@ def reference_stats(
     train_ids[ion]]``). An ion without any training record is left out (nothing to compare
     with); the service then reports no drift for it rather than drift against nothing.
     """
-    v_edges = _check_edges(voltage_edges, "voltage_edges")
-    s_edges = _check_edges(site_edges, "site_edges")
+    v_edges = check_edges(voltage_edges, "voltage_edges")
+    s_edges = check_edges(site_edges, "site_edges")
     out: dict[str, Any] = {}
     for ion in sorted(records_by_ion):
         ids = train_ids.get(ion, set())
@@ -112,20 +92,19 @@ def reference_stats(
             volts = np.array([r.battery_avg_voltage for r in train], dtype=float)
         counts: dict[str, int] = defaultdict(int)
         for rec in train:
-            for el in structure_elements(rec.charged_structure):
+            for el in element_symbols(rec.charged_structure):
                 counts[el] += 1
         n = len(train)
+        sites = np.array([r.charged_nsites for r in train], dtype=float)
         out[ion] = {
             "elements": {el: counts[el] / n for el in sorted(counts)},
             "sites": {
                 "edges": [float(x) for x in s_edges],
-                "fractions": _fractions(
-                    s_edges, np.array([r.charged_nsites for r in train], dtype=float)
-                ),
+                "fractions": _fractions(s_edges, sites, f"{ion} sites"),
             },
             "voltage": {
                 "edges": [float(x) for x in v_edges],
-                "fractions": _fractions(v_edges, volts),
+                "fractions": _fractions(v_edges, volts, f"{ion} voltage"),
             },
             "n": n,
         }
@@ -179,7 +158,7 @@ def model_predictions(
     the ``chgnet_features`` stage's features): the reference for the served predictions."""
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.stages.ion_model import served_mean_std
+    from training.train.served import served_mean_std
     from voltage_model.artifact import load_checkpoint
 
     store = GraphStore.load(graphs_path)

@@ -34,6 +34,7 @@ from training.gp_cv import choose_pooling, choose_variant
 from training.graphs.store import GraphStore
 from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.metrics import regression_metrics
+from training.train.served import served_mean_std
 from training.train.settings import gp_config
 from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
@@ -340,30 +341,6 @@ def _chgnet_pool_ions(report: dict[str, Any]) -> list[str]:
     """The partner ions the served CHGNet head pooled (empty: its own crystals, or no head)."""
     pooling = ((report.get("variant_selection") or {}).get("pooling") or {}).get("chgnet") or {}
     return list(pooling.get("partners", [])) if pooling.get("pool") else []
-
-
-def served_mean_std(
-    model: LoadedModel, store: GraphStore, data: IonData, split: str,
-    chg: ChgnetFeatures | None = None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(mean, std) in volts of a loaded artifact as served (CGCNN, CHGNet head or both), on a
-    split's cached graphs and CHGNet features; std before the artifact's ``std_scale``."""
-    from training.train.loaders import split_loader
-
-    feats = None
-    if model.needs_chgnet:
-        if chg is None:
-            raise ValueError(f"{data.ion}: the artifact serves a CHGNet head; pass its features")
-        feats = torch.from_numpy(chg.rows(data.host_ids(split)))
-    means, stds, start = [], [], 0
-    with torch.no_grad():
-        for b in split_loader(store, data, split):
-            f = None if feats is None else feats[start : start + b.n_crystals]
-            start += b.n_crystals
-            m, sd = model.predict_served(b, f)
-            means.append(m.double().numpy())
-            stds.append(sd.double().numpy())
-    return np.concatenate(means), np.concatenate(stds)
 
 
 def source_uncertainty(data: IonData, store: GraphStore, checkpoint: Path) -> dict[str, float]:
