@@ -38,7 +38,8 @@ from training.config import load_params
 from training.data.records import read_records
 from training.data.split import SPLITS, load_splits
 from training.datasets import IonData
-from training.graphs.store import GraphLoader, GraphStore
+from training.graphs.store import GraphStore
+from training.train import served
 from training.train.uncertainty import coverage_band, reliability_curve
 from voltage_model.artifact import LoadedModel, load_checkpoint
 
@@ -107,39 +108,14 @@ def ion_data(records: Path, splits: Path, ions: Sequence[str]) -> dict[str, IonD
 
 
 def served_mean_std(
-    model: LoadedModel, store: GraphStore | None, data: IonData, split: str,
+    model: LoadedModel, store: GraphStore, data: IonData, split: str,
     chg: ChgnetFeatures | None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(mean, std) in V of the artifact as served on one split, std times its ``std_scale``
-    (``VoltageModel.predict_graphs``' arithmetic on the cached graphs and CHGNet features)."""
-    import torch
-
-    hosts = data.host_ids(split)
-    feats = None
-    if model.needs_chgnet:
-        if chg is None:
-            raise ValueError(f"{data.ion}: the artifact serves a CHGNet head; pass its features")
-        feats = torch.from_numpy(chg.rows(hosts))
-    scale = float(model.extra.get("std_scale", 1.0))
-    if not hosts:
-        return np.empty(0), np.empty(0)
-    means, stds, start = [], [], 0
-    with torch.inference_mode():
-        if not model.needs_graphs:
-            m, s = model.predict_served(None, feats)
-            means, stds = [m], [s]
-        else:
-            if store is None:
-                raise ValueError(f"{data.ion}: the artifact needs graphs; pass the graph cache")
-            items = list(zip(hosts, data.targets(split).tolist(), strict=True))
-            for b in GraphLoader(store, items, batch_size=512, shuffle=False):
-                f = None if feats is None else feats[start : start + b.n_crystals]
-                start += b.n_crystals
-                m, s = model.predict_served(b, f)
-                means.append(m)
-                stds.append(s)
-    mean = torch.cat(means).double().numpy()
-    return mean, torch.cat(stds).double().numpy() * scale
+    """(mean, std) in V of the artifact as served on one split: the pipeline's one evaluation
+    pass (``training.train.served``), std times the artifact's ``std_scale`` as the service
+    answers it."""
+    mean, std = served.served_mean_std(model, store, data, split, chg)
+    return mean, std * float(model.extra.get("std_scale", 1.0))
 
 
 def read_predictions(
@@ -155,7 +131,7 @@ def read_predictions(
 
 
 def served_test(
-    ion: str, model: LoadedModel, store: GraphStore | None, data: IonData,
+    ion: str, model: LoadedModel, store: GraphStore, data: IonData,
     chg: ChgnetFeatures | None, predictions_csv: Path,
 ) -> Gaussian:  # fmt: skip
     """The served model's test predictions with their calibrated std; the mean must be the
