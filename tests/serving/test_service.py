@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -475,11 +476,14 @@ def test_failed_reload_keeps_the_old_model(server, store) -> None:
 
 
 class _Load(threading.Thread):
-    """Keeps sending Mg predictions over HTTP and gRPC, recording versions and failures."""
+    """Keeps sending Mg predictions over HTTP and gRPC, recording versions and failures, until
+    stopped or for at most ``max_seconds`` (bounded by time, not by a count: on a fast machine a
+    count ran out before a slow registry swap finished, and the test then saw no answers after
+    the swap)."""
 
-    def __init__(self, server: Server, limit: int = 800) -> None:
+    def __init__(self, server: Server, max_seconds: float = 240.0) -> None:
         super().__init__(daemon=True)
-        self.server, self.limit = server, limit
+        self.server, self.max_seconds = server, max_seconds
         self.versions: list[int] = []
         self.failures: list[str] = []
         self.stop = threading.Event()
@@ -488,8 +492,8 @@ class _Load(threading.Thread):
         text = cif(rocksalt())
         channel = grpc.insecure_channel(self.server.grpc_target)
         stub = rpc.VoltageServiceStub(channel)
-        i = 0
-        while not self.stop.is_set() and i < self.limit:
+        i, deadline = 0, time.monotonic() + self.max_seconds
+        while not self.stop.is_set() and time.monotonic() < deadline:
             try:
                 if i % 2:
                     self.versions.append(
