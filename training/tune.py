@@ -83,9 +83,10 @@ def _pruner(settings: TuneSettings, max_epochs: int) -> Any:
 
 def open_study(settings: TuneSettings, storage: str, attempts: int = 5) -> Any:
     """Create or join the study. Workers started together on a fresh database race to create
-    its schema (one gets an IntegrityError); the loser retries and joins."""
+    its schema: the loser gets an IntegrityError (a duplicate catalogue row) or, on PostgreSQL,
+    a ProgrammingError (DuplicateTable: the other created the table first); it retries and joins."""
     import optuna
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(attempts):
         try:
@@ -97,7 +98,7 @@ def open_study(settings: TuneSettings, storage: str, attempts: int = 5) -> Any:
                 pruner=_pruner(settings, settings.epochs),
                 load_if_exists=True,
             )
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError, ProgrammingError):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 + random.random())
