@@ -78,6 +78,26 @@ def _limits(*arrays: np.ndarray, pad: float = 0.3) -> tuple[float, float]:
     return float(values.min()) - pad, float(values.max()) + pad
 
 
+def _panel_grid(n: int, cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure of ``n`` panels, ``cols`` per row, each ``size`` inches (room for a title)."""
+    plt = _pyplot()
+    cols = max(1, min(cols, n))
+    rows = int(np.ceil(n / cols))
+    return plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows + 0.6), dpi=110,
+                        squeeze=False, layout="constrained")  # fmt: skip
+
+
+def _save_grid(fig: Any, axes: Any, n: int, path: Path, title: str) -> Path:
+    """Blank the unused panels, title, write and close the figure of ``_panel_grid``."""
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def parity_uncertainty_grid(
     panels: Mapping[str, Mapping[str, Any]], path: Path, title: str, cols: int = 4
 ) -> Path:
@@ -85,12 +105,7 @@ def parity_uncertainty_grid(
 
     ``panels``: name -> {"y", "mean", "std" (arrays, V), "stats" (``panel_note``'s numbers)}.
     """
-    plt = _pyplot()
-    n = len(panels)
-    cols = max(1, min(cols, n))
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 3.6 * rows + 0.6), dpi=110,
-                             squeeze=False, layout="constrained")  # fmt: skip
+    fig, axes = _panel_grid(len(panels), cols, (3.5, 3.6))
     for ax, (name, p) in zip(axes.flat, panels.items(), strict=False):
         y, mean, std = (np.asarray(p[k], float) for k in ("y", "mean", "std"))
         lo, hi = _limits(y, mean)
@@ -113,14 +128,8 @@ def parity_uncertainty_grid(
             fontsize=7.5,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.8", "alpha": 0.9},
         )
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(f"{title}\nbars: +-1 calibrated std as served; dashed: predicted = DFT",
-                 fontsize=10)  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_grid(fig, axes, len(panels), path,
+                      f"{title}\nbars: +-1 calibrated std as served; dashed: predicted = DFT")
 
 
 def reliability_grid(
@@ -133,12 +142,7 @@ def reliability_grid(
     "band": (low, high) per nominal level, drawn shaded: where a calibrated curve of that n
     falls (+-2 binomial standard errors)}.
     """
-    plt = _pyplot()
-    n = len(panels)
-    cols = max(1, min(cols, n))
-    rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.5 * rows + 0.6), dpi=110,
-                             squeeze=False, layout="constrained")  # fmt: skip
+    fig, axes = _panel_grid(len(panels), cols, (3.4, 3.5))
     colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
     for ax, (name, curves) in zip(axes.flat, panels.items(), strict=False):
         ax.plot([0, 100], [0, 100], color="0.4", lw=0.8, ls="--", label="calibrated")
@@ -154,14 +158,8 @@ def reliability_grid(
                ylabel="observed coverage (%)")  # fmt: skip
         ax.set_aspect("equal")
         ax.legend(fontsize=6.5, loc="upper left")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(f"{title}\nshaded: +-2 binomial SE of a calibrated curve on that many crystals",
-                 fontsize=10)  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    note = "shaded: +-2 binomial SE of a calibrated curve on that many crystals"
+    return _save_grid(fig, axes, len(panels), path, f"{title}\n{note}")
 
 
 def importance_plot(
