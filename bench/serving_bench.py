@@ -279,8 +279,7 @@ def make_store(tmp: Path, ion: str) -> Any:
     from training.config import load_params
     from voltage_model.models.cgcnn import CGCNNConfig
 
-    section = load_params(ROOT / "params.yaml").section("model")
-    config = CGCNNConfig(**{k: int(v) for k, v in section.items()})
+    config = CGCNNConfig(**load_params(ROOT / "params.yaml").model.model_dump())
     store = MlflowStore.create(tmp / "mlflow")
     with store.active():
         ckpt = build_checkpoint(tmp / "bench.pt", ion, 0, config=config, n_heads=5)

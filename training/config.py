@@ -154,10 +154,12 @@ class BaselinesSettings(_Strict):
         default=None, min_length=1, description="forest seeds; None: rf.seed alone"
     )
     svr_grid: dict[str, list[Any]] = {
-        "C": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0], "gamma": [0.001, 0.003, 0.01, 0.02, 0.05]
+        "C": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0],
+        "gamma": [0.001, 0.003, 0.01, 0.02, 0.05],
     }
     krr_grid: dict[str, list[Any]] = {
-        "alpha": [0.003, 0.01, 0.03, 0.1, 0.3], "gamma": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05]
+        "alpha": [0.003, 0.01, 0.03, 0.1, 0.3],
+        "gamma": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05],
     }
     rf_grid: dict[str, list[Any]] = {"min_samples_leaf": [1, 3], "max_features": [1.0, 0.33]}
 
@@ -368,12 +370,6 @@ class Params(_Strict):
         if ion not in self.ions:
             raise UsageError(f"ion {ion!r} is not enabled in params.yaml (ions: {self.ion_names})")
         return self
-
-    def section(self, name: str) -> dict[str, Any]:
-        """A section as a plain dict (its typed object dumped), for a caller that needs one."""
-        if name not in type(self).model_fields or not isinstance(getattr(self, name), BaseModel):
-            raise KeyError(f"params.yaml has no section {name!r}")
-        return getattr(self, name).model_dump()
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -107,27 +108,35 @@ def test_defaults_are_what_the_consumers_took_for_an_absent_key() -> None:
     assert TrainSettings.from_params(ModelSettings(), TrainLoopSettings(), EnsembleSettings()) \
         == TrainSettings.from_sections({}, {}, {})  # fmt: skip
     assert TrainSettings.from_params(ModelSettings(), TrainLoopSettings()).heads == HeadConfig()
-    scratch = {"epochs": 100, "batch_size": 32, "optimizer": "adamw", "lr": 2e-3,
-               "weight_decay": 1e-4, "scheduler": "cosine"}  # the dict it replaced
+    scratch = {
+        "epochs": 100,
+        "batch_size": 32,
+        "optimizer": "adamw",
+        "lr": 2e-3,
+        "weight_decay": 1e-4,
+        "scheduler": "cosine",
+    }  # the dict it replaced
     assert TrainConfig.from_dict(TransferSettings().scratch.model_dump()) == TrainConfig(**scratch)
     assert GPSettings.model_validate(GPConfig(nu=1.5)) == GPSettings(nu=1.5)
 
 
-def test_section_hands_out_a_typed_section_as_its_dump() -> None:
+def test_model_section_is_the_cgcnn_config_field_for_field() -> None:
+    """``model`` is dumped straight into ``CGCNNConfig`` (the benches build models so): every
+    field must exist on both sides with the same name."""
+    from voltage_model.models.cgcnn import CGCNNConfig
+
     p = load_params(REPO / "params.yaml")
-    assert p.section("mlflow") == p.mlflow.model_dump() == RAW["mlflow"] | p.mlflow.model_dump()
-    assert p.section("model") == p.model.model_dump()
-    with pytest.raises(KeyError):
-        p.section("no_such_section")
-    with pytest.raises(KeyError):
-        p.section("source_ion")
+    config = CGCNNConfig(**p.model.model_dump())
+    assert dataclasses.asdict(config) == p.model.model_dump() == RAW["model"] | p.model.model_dump()
 
 
 def test_config_imports_neither_torch_nor_voltage_model() -> None:
     """Every stage reads it (the data stages too), and the CLI sets OpenMP's wait policy before
     torch is imported."""
-    code = ("import sys, training.config; "
-            "sys.exit(any(m == 'torch' or m.startswith('voltage_model') for m in sys.modules))")
+    code = (
+        "import sys, training.config; "
+        "sys.exit(any(m == 'torch' or m.startswith('voltage_model') for m in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

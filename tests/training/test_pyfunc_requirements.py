@@ -111,9 +111,14 @@ def test_the_served_requirements_are_pinned_by_the_lock_and_installed_here() -> 
         assert str(req.specifier) == f"=={Version(lock[canonical(req.name)][1]).public}"
 
 
+#: pyproject.toml pins exactly only what the code depends on release by release (its comment says
+#: why); every other version lives in the lock alone.
+EXACT_PINS = {"torch", "bentoml", "mlflow", "chgnet", "ruff"}
+
+
 def test_pyproject_agrees_with_the_lock() -> None:
     """requirements.lock is the one source of versions; pyproject.toml names the direct
-    dependencies and may not pin or allow anything the lock does not install."""
+    dependencies as ranges the lock satisfies, and pins exactly only ``EXACT_PINS``."""
     lock = read_lock()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"])
@@ -126,6 +131,8 @@ def test_pyproject_agrees_with_the_lock() -> None:
         if pin is None or not req.specifier.contains(Version(pin[1]), prereleases=True):
             wrong.append(f"{line} (lock: {pin[1] if pin else 'absent'})")
     assert not wrong, f"pyproject.toml disagrees with {LOCK_FILE.name}: {wrong}"
+    exact = {canonical(Requirement(line).name) for line in declared if "==" in line}
+    assert exact == EXACT_PINS, f"exact pins belong in {LOCK_FILE.name}: {exact - EXACT_PINS}"
     bento = (REPO / "bentofile.yaml").read_text()
     assert 'requirements_txt: "./requirements.lock"' in bento
     assert "requirements.lock" in (REPO / "scripts" / "setup.sh").read_text()
