@@ -8,8 +8,8 @@ Usage::
     python bench/screen_throughput.py --checkpoint models/ions/Mg.pt --ions Mg --chgnet-ion Mg \
         --limit 2000 --rescore-top 200 --rescore-uncertain 100 --workers 2 --no-breakdown
 
-It calls ``training.screen.run_screen`` on the snapshot's ``cifs_r.tar.gz`` itself (members are read
-straight from the archive, nothing unpacked), so the figure includes archive reading, CIF
+It calls ``serving.screen.run.run_screen`` on the snapshot's ``cifs_r.tar.gz`` itself (members are
+read straight from the archive, nothing unpacked), so the figure includes archive reading, CIF
 parsing, graph building, inference, the partial-results file and the final CSV/summary.  Target:
 >= 300 structures/s on 2 cores.
 
@@ -42,15 +42,10 @@ if str(ROOT) not in sys.path:  # allow `python bench/screen_throughput.py` witho
 
 import torch  # noqa: E402
 
-from training.screen import (  # noqa: E402
-    Rescore,
-    _init_worker,
-    _Predictor,
-    iter_contents,
-    list_inputs,
-    prepare,
-    run_screen,
-)
+from serving.screen.inputs import iter_contents, list_inputs  # noqa: E402
+from serving.screen.predictor import Predictor  # noqa: E402
+from serving.screen.prepare import init_worker, prepare  # noqa: E402
+from serving.screen.run import Rescore, run_screen  # noqa: E402
 from voltage_model.predict import VoltageModel  # noqa: E402
 
 CHECKPOINTS = ("models/ions/Li.pt", "models/Li/model.pt", "/tmp/smoke/li.pt")
@@ -130,8 +125,8 @@ def breakdown(archive: Path, models: dict, ions: list[str], args) -> None:
     t0 = time.perf_counter()
     jobs = [(k, formats[k], data) for k, data in iter_contents(archive, ids)]
     t_read = time.perf_counter() - t0
-    predictor = _Predictor(ions, models)
-    _init_worker(predictor, 500)
+    predictor = Predictor(ions, models)
+    init_worker(predictor, 500)
     t0 = time.perf_counter()
     prepared = [prepare(*job) for job in jobs]
     t_prep = time.perf_counter() - t0

@@ -4,10 +4,15 @@
     voltage-serve predict POSCAR --ion Li --url http://127.0.0.1:3000 --json
     voltage-serve predict CoO2.cif --ion Li --discharged LiCoO2.cif   # + CHGNet physics voltage
     voltage-serve export-models                                # champions -> BentoML store
+    voltage-serve screen candidates.tar.gz --ions Li,Mg --out results/screen.csv \
+        --summary results/screen.json                          # rank many candidates
+    voltage-serve screen-merge results/shard-*.csv --out results/all.csv --summary results/all.json
 
 Exit status: 0 answered; 2 bad input (unreadable file, unknown format or ion, a structure the
 service refuses; the message names the problem); 3 no answer (no champion, service unreachable
 or failing). Local mode goes through the same predictor as the service, so answers are equal.
+``screen`` and ``screen-merge`` (``serving/screen/``, docs/interpretability.md, screening) exit 2
+for what the user can fix (options, ions, inputs, partial files of another screen).
 
 Local mode answers in seconds from a cold start: the structure is parsed and checked (and the ion
 named) before torch, MLflow or a model is imported, so bad input fails at once; the model is the
@@ -333,6 +338,154 @@ def export_models_cmd(
         typer.echo(f"no champion (not exported): {', '.join(missing)}", err=True)
     if not exported:
         raise typer.Exit(EXIT_UNAVAILABLE)
+
+
+# =============================================================================== screening
+def _screen_ions(
+    params: Path, ions: str, checkpoint: list[str] | None
+) -> tuple[list[str], dict[str, Path], dict[str, Any]]:
+    """The ions to screen (default: every ion of ``params.yaml``), their ``ION=PATH`` checkpoints
+    and ``params.yaml``'s ``mlflow`` section; exit 2 naming what is wrong."""
+    from voltage_model.naming import read_params
+
+    try:
+        settings = read_params(params)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    enabled = settings["ions"]
+    names = [i.strip() for i in ions.split(",") if i.strip()] or enabled
+    for ion in names:
+        if ion not in enabled:
+            raise _fail(f"ion {ion!r} is not enabled in params.yaml (ions: {enabled})",
+                        EXIT_BAD_INPUT)  # fmt: skip
+    paths = {}
+    for spec in checkpoint or []:
+        ion, sep, path = spec.partition("=")
+        if not sep or ion not in names:
+            raise _fail(f"--checkpoint wants ION=PATH for one of {names}, got {spec!r}",
+                        EXIT_BAD_INPUT)  # fmt: skip
+        paths[ion] = Path(path)
+    return names, paths, settings["mlflow"]
+
+
+def _use_registry(mlflow_settings: dict[str, Any]) -> str:
+    """Point MLflow at the pipeline's registry (``MLFLOW_TRACKING_URI``, else ``params.yaml``'s
+    ``mlflow.tracking_uri``, else the local default store) and return the model name prefix."""
+    import mlflow
+
+    from serving.config import default_tracking_uri
+    from voltage_model.registry import sqlite_path
+
+    uri = (os.environ.get("MLFLOW_TRACKING_URI") or mlflow_settings.get("tracking_uri")
+           or default_tracking_uri())  # fmt: skip
+    db = sqlite_path(str(uri))
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(str(uri))
+    return str(mlflow_settings.get("model_name_prefix") or "electrode-voltage")
+
+
+@app.command()
+def screen(
+    inputs: Annotated[Path, typer.Argument(help="folder, .tar(.gz) or .zip of CIF/POSCAR/JSON")],
+    out: Annotated[Path, typer.Option(help="ranked CSV (.errors.csv, .partial.jsonl beside it)")],
+    summary: Annotated[Path, typer.Option(help="summary JSON out")],
+    ions: Annotated[str, typer.Option(help="comma-separated ions (default: params.yaml)")] = "",
+    checkpoint: Annotated[
+        list[str] | None, typer.Option(help="ION=PATH instead of the champion (repeatable)")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="voltage threshold of the summary (V)")] = 3.0,
+    batch_size: Annotated[int, typer.Option(help="structures per inference batch")] = 64,
+    shard: Annotated[str | None, typer.Option(help="i/n: only shard i (0-based) of n")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume")] = True,
+    workers: Annotated[int, typer.Option(
+        help="processes (parse, graphs, inference) with --engine local")] = 2,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    rescore_top: Annotated[int, typer.Option(
+        help="tier 2: per CHGNet-serving ion, re-score the K highest tier-1 voltages with the "
+             "champion as served (0: none)")] = 1000,
+    rescore_uncertain: Annotated[int, typer.Option(
+        help="tier 2: ... and the K most uncertain tier-1 figures (0: none)")] = 500,
+    engine: Annotated[str, typer.Option(
+        help="local: this machine, --workers processes; ray: a Ray cluster (same outputs)")
+    ] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="ray: 'auto' (the cluster this machine joined with ray start) or HOST:PORT of its "
+             "head; unset: a private Ray on this machine")] = None,
+    ray_actors: Annotated[int | None, typer.Option(
+        help="ray: actors, one core each (default: one per CPU of the cluster)")] = None,
+    params: Annotated[Path, typer.Option(
+        "--params", help="params.yaml to read (ions, mlflow)")] = Path("params.yaml"),
+) -> None:  # fmt: skip
+    """Rank candidate structures by predicted voltage per ion (resumable, shardable); champions
+    serving a CHGNet head re-score their top and most uncertain candidates (tier 2).
+    ``--engine ray`` runs the batches on a Ray cluster (docs/interpretability.md, screening)."""
+    from voltage_model.numerics import flush_subnormals
+
+    flush_subnormals()  # before torch creates its threads (the pool's processes inherit it)
+    from serving.screen.inputs import parse_shard
+    from serving.screen.models import champion_models, checkpoint_models
+    from serving.screen.outputs import report_lines
+    from serving.screen.run import Rescore, run_screen
+    from voltage_model.registry import ModelLoadError
+
+    try:
+        rescore = Rescore(rescore_top, rescore_uncertain)
+    except ValueError as exc:  # checked before any model is loaded
+        raise _fail(str(exc).replace("rescore_", "--rescore-"), EXIT_BAD_INPUT) from None
+    if engine not in ("local", "ray"):
+        raise _fail(f"--engine must be local or ray, got {engine!r}", EXIT_BAD_INPUT)
+    if engine == "ray":
+        from serving.screen.ray_engine import RayMissingError, require_ray
+
+        try:
+            require_ray()
+        except RayMissingError as exc:
+            raise _fail(str(exc), EXIT_BAD_INPUT) from None
+
+    names, paths, mlflow_settings = _screen_ions(params, ions, checkpoint)
+    rest = [i for i in names if i not in paths]
+    prefix = _use_registry(mlflow_settings) if rest else ""
+    try:
+        kw = {"threshold": threshold, "batch_size": batch_size, "shard": parse_shard(shard),
+              "resume": resume, "progress": progress, "rescore": rescore}  # fmt: skip
+        if engine == "ray":
+            from serving.screen.ray_engine import RaySettings, checkpoint_blobs, run_screen_ray
+
+            settings = RaySettings(address=ray_address, actors=ray_actors)
+            blobs = checkpoint_blobs(paths, rest, prefix)
+            res = run_screen_ray(inputs, names, blobs, out, summary, settings, **kw)
+        else:
+            models = checkpoint_models(paths)
+            models.update(champion_models(rest, prefix) if rest else {})
+            res = run_screen(inputs, names, models, out, summary, workers=workers, **kw)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    except ModelLoadError as exc:  # no champion, or it cannot load: no answer, as for predict
+        raise _fail(str(exc), EXIT_UNAVAILABLE) from None
+    typer.echo(f"{res['n_predicted']} predicted, {res['n_errors']} unusable (see errors CSV)")
+    for line in report_lines(res, threshold):
+        typer.echo(line)
+
+
+@app.command("screen-merge")
+def screen_merge(
+    parts: Annotated[list[Path], typer.Argument(help="shard CSVs (or their .partial.jsonl)")],
+    out: Annotated[Path, typer.Option(help="merged ranked CSV out")],
+    summary: Annotated[Path, typer.Option(help="merged summary JSON out")],
+    threshold: Annotated[float, typer.Option(help="voltage threshold of the summary (V)")] = 3.0,
+    allow_incomplete: Annotated[bool, typer.Option(help="merge unfinished shards too")] = False,
+) -> None:
+    """Merge the outputs of ``voltage-serve screen --shard i/n`` for i = 0..n-1."""
+    from serving.screen.merge import merge_screen
+    from serving.screen.outputs import report_lines
+
+    try:
+        res = merge_screen(parts, out, summary, threshold, not allow_incomplete)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    for line in report_lines(res, threshold):
+        typer.echo(line)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def source(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
     from training.datasets import load_ion_data
     from training.graphs.store import GraphStore
-    from training.stages.train import run_train_stage
+    from training.stages.train import TrainPaths, run_train_stage
     from training.tracking import MlflowSettings
     from training.train.heads import HeadConfig
     from training.train.loop import TrainConfig
@@ -168,8 +168,8 @@ def source(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp / 'm.db'}", experiment="src")
     try:
         store = GraphStore.load(tiny_data["graphs"])
-        out = (tmp / "li.pt", tmp / "li.json", tmp / "li.png")
-        run_train_stage(data, store, settings, mls, *out, log_model=False)
+        out = TrainPaths(tmp / "li.pt", tmp / "li.json", tmp / "li.png")
+        run_train_stage(data, store, settings, mls, out, log_model=False)
     finally:
         mlflow.set_tracking_uri(None)
     return tmp / "li.pt"

@@ -17,8 +17,17 @@ import numpy as np
 import torch
 
 from training.chgnet_store import ChgnetFeatures
+from training.data.ion_inputs import IonInputs
 from training.datasets import IonData
-from training.gp_cv import CVBackbone, host_descriptors, load_partners, pooled_by_backbone, rows_of
+from training.gp_cv import (
+    CVBackbone,
+    Featurise,
+    backbone_features,
+    host_descriptors,
+    load_partners,
+    pooled_by_backbone,
+    rows_of,
+)
 from training.graphs.store import GraphStore
 from training.train.heads import with_pooled_rows
 from voltage_model.artifact import ChgnetPart, LoadedModel, blend
@@ -47,25 +56,36 @@ def _feats(chg: ChgnetFeatures, hosts: list[str]) -> torch.Tensor:
 
 
 def cv_backbones(
-    data: IonData, store: GraphStore, source: LoadedModel, chg: ChgnetFeatures | None,
-    cgcnn_gp: GPConfig, chgnet_gp: GPConfig, partners: Sequence[IonData],
-) -> dict[str, CVBackbone]:  # fmt: skip
+    ion: IonInputs, source: LoadedModel, cgcnn_gp: GPConfig, chgnet_gp: GPConfig
+) -> dict[str, CVBackbone]:
     """Both backbones' inputs to the variant CV over the ion's train+val crystals; partners
     contribute their training split, as the served heads pool it. CGCNN: the first Li backbone
-    (as the pooling CV always did)."""
+    (as the pooling CV always did); CHGNet: ``ion.chg`` (none without)."""
+    data, store, chg, partners = ion.data, ion.store, ion.chg, ion.partners
+    assert store is not None, "the variant CV reads graphs from the graph cache"
     hosts, _ = rows_of(data, ("train", "val"))
-    out = {"cgcnn": CVBackbone(
-        pooled_by_backbone(source, store, hosts, 1), host_descriptors(store, hosts, cgcnn_gp),
-        load_partners(partners, store, source, cgcnn_gp, ("train",), 1), cgcnn_gp,
-    )}  # fmt: skip
+    cgcnn_partners = load_partners(
+        partners, store, cgcnn_gp, backbone_features(source, store, 1), ("train",)
+    )
+    out = {
+        "cgcnn": CVBackbone(
+            pooled_by_backbone(source, store, hosts, 1),
+            host_descriptors(store, hosts, cgcnn_gp),
+            cgcnn_partners,
+            cgcnn_gp,
+        )
+    }
     if chg is not None:
+        chg_partners = load_partners(partners, store, chgnet_gp, _featurise(chg), ("train",))
         out["chgnet"] = CVBackbone(
-            [_feats(chg, hosts)], host_descriptors(store, hosts, chgnet_gp),
-            load_partners(partners, store, None, chgnet_gp, ("train",),
-                          features=lambda h: [_feats(chg, h)]),
-            chgnet_gp,
-        )  # fmt: skip
+            [_feats(chg, hosts)], host_descriptors(store, hosts, chgnet_gp), chg_partners, chgnet_gp
+        )
     return out
+
+
+def _featurise(chg: ChgnetFeatures) -> Featurise:
+    """hosts -> their CHGNet features, as the one matrix of a ``Featurise``."""
+    return lambda hosts: [_feats(chg, hosts)]
 
 
 def fit_chgnet_head(
@@ -80,8 +100,7 @@ def fit_chgnet_head(
     desc = {s: host_descriptors(store, hosts[s], gp) for s in SPLITS}
     pooled = None
     if partners:
-        rows = load_partners(partners, store, None, gp, ("train",),
-                             features=lambda h: [_feats(chg, h)])  # fmt: skip
+        rows = load_partners(partners, store, gp, _featurise(chg), ("train",))
         assert rows is not None
         pooled = rows.fold_rows(0, set())
     x, y, d, tasks = with_pooled_rows(_feats(chg, hosts["train"]), desc["train"],

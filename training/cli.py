@@ -545,7 +545,7 @@ def release(
 ) -> None:  # fmt: skip
     """Write the pretrained release (release/<Ion>.pt, manifest.json, MODEL_CARD.md) from the
     served models and the reports. Run on purpose after a pipeline run; no DVC stage runs it."""
-    from training.release import ReleaseInputs, ReleaseTooLarge, write_release
+    from training.release import ReleaseInputs, ReleaseOptions, release, release_lines
     from voltage_model.release import ReleaseError
 
     p = load_params(params)
@@ -557,31 +557,14 @@ def release(
             if not path.is_file():
                 raise UsageError(f"{path} not found: the check predicts test crystals from it "
                                  "(run the pipeline, or pass --check 0)")  # fmt: skip
-    prefix = p.mlflow.model_name_prefix
-    inputs = ReleaseInputs(models_dir, reports, records, splits)
-    def write(rounded: bool) -> dict[str, Any]:
-        limit = tol if tol is not None else (1e-4 if rounded else 1e-6)
-        return write_release(names, out, inputs, prefix, check_n=check, tol=limit,
-                             max_bytes=int(max_mb * 1e6), float32_inputs=rounded)  # fmt: skip
-
+    options = ReleaseOptions(p.mlflow.model_name_prefix, check, tol, int(max_mb * 1e6),
+                             float32_inputs)  # fmt: skip
     try:
-        try:
-            manifest = write(bool(float32_inputs))
-        except ReleaseTooLarge as exc:
-            if float32_inputs is not None:
-                raise
-            typer.echo(f"{exc}; writing it again with --float32-inputs", err=True)
-            manifest = write(True)
+        manifest = release(names, out, ReleaseInputs(models_dir, reports, records, splits), options)
     except ReleaseError as exc:
         raise UsageError(str(exc)) from None
-    for ion, m in manifest["models"].items():
-        c = m["check"]
-        checked = (f"{c['n']} test crystals, max |dV| {c['max_abs_voltage_diff']:.1e} V, "
-                   f"max |dstd| {c['max_abs_std_diff']:.1e} V") if c["n"] else "not checked"
-        typer.echo(f"{ion}: {out / m['file']} {m['bytes'] / 1e6:.1f} MB "
-                   f"(source {m['source']['bytes'] / 1e6:.1f} MB); {checked}")  # fmt: skip
-    typer.echo(f"release: {manifest['total_bytes'] / 1e6:.1f} MB in {out} "
-               f"(manifest.json, MODEL_CARD.md); dvc add + push the .pt")  # fmt: skip
+    for line in release_lines(manifest, out):
+        typer.echo(line)
 
 
 @app.command("drift-reference")
@@ -636,121 +619,6 @@ def interpret(
     report = stage.run(opts)
     for name, claim in report["claims"].items():
         typer.echo(f"{ion} {name}: {'held' if claim['held'] else 'NOT held'}")
-
-
-@app.command()
-@_user_errors
-def screen(
-    inputs: Annotated[Path, typer.Argument(help="folder, .tar(.gz) or .zip of CIF/POSCAR/JSON")],
-    out: Annotated[Path, typer.Option(help="ranked CSV (.errors.csv, .partial.jsonl beside it)")],
-    summary: Annotated[Path, typer.Option(help="summary JSON out")],
-    ions: Annotated[str, typer.Option(help="comma-separated ions (default: params.yaml)")] = "",
-    checkpoint: Annotated[
-        list[str] | None, typer.Option(help="ION=PATH instead of the champion (repeatable)")
-    ] = None,
-    threshold: Annotated[float, typer.Option(help="voltage threshold of the summary (V)")] = 3.0,
-    batch_size: Annotated[int, typer.Option(help="structures per inference batch")] = 64,
-    shard: Annotated[str | None, typer.Option(help="i/n: only shard i (0-based) of n")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume")] = True,
-    workers: Annotated[int, typer.Option(
-        help="processes (parse, graphs, inference) with --engine local")] = 2,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
-    rescore_top: Annotated[int, typer.Option(
-        help="tier 2: per CHGNet-serving ion, re-score the K highest tier-1 voltages with the "
-             "champion as served (0: none)")] = 1000,
-    rescore_uncertain: Annotated[int, typer.Option(
-        help="tier 2: ... and the K most uncertain tier-1 figures (0: none)")] = 500,
-    engine: Annotated[str, typer.Option(
-        help="local: this machine, --workers processes; ray: a Ray cluster (same outputs)")
-    ] = "local",
-    ray_address: Annotated[str | None, typer.Option(
-        help="ray: 'auto' (the cluster this machine joined with ray start) or HOST:PORT of its "
-             "head; unset: a private Ray on this machine")] = None,
-    ray_actors: Annotated[int | None, typer.Option(
-        help="ray: actors, one core each (default: one per CPU of the cluster)")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-) -> None:  # fmt: skip
-    """Rank candidate structures by predicted voltage per ion (resumable, shardable); champions
-    serving a CHGNet head re-score their top and most uncertain candidates (tier 2).
-    ``--engine ray`` runs the batches on a Ray cluster (docs/interpretability.md, screening)."""
-    from training.screen import (
-        Rescore,
-        champion_models,
-        checkpoint_models,
-        parse_shard,
-        report_lines,
-        run_screen,
-    )
-    from training.tracking import setup_mlflow
-
-    try:
-        rescore = Rescore(rescore_top, rescore_uncertain)
-    except ValueError as exc:  # checked before any model is loaded
-        raise UsageError(str(exc).replace("rescore_", "--rescore-")) from None
-    if engine not in ("local", "ray"):
-        raise UsageError(f"--engine must be local or ray, got {engine!r}")
-    if engine == "ray":
-        from training.screen_ray import RayMissingError, require_ray
-
-        try:
-            require_ray()
-        except RayMissingError as exc:
-            raise UsageError(str(exc)) from None
-
-    p = load_params(params)
-    names = [i.strip() for i in ions.split(",") if i.strip()] or p.ion_names
-    for ion in names:
-        _require_ion(p, ion)
-    paths = {}
-    for spec in checkpoint or []:
-        ion, sep, path = spec.partition("=")
-        if not sep or ion not in names:
-            raise UsageError(f"--checkpoint wants ION=PATH for one of {names}, got {spec!r}")
-        paths[ion] = Path(path)
-    rest = [i for i in names if i not in paths]
-    prefix = ""
-    if rest:
-        mls = p.mlflow
-        setup_mlflow(mls)
-        prefix = mls.model_name_prefix
-    try:
-        kw = {"threshold": threshold, "batch_size": batch_size, "shard": parse_shard(shard),
-              "resume": resume, "progress": progress, "rescore": rescore}  # fmt: skip
-        if engine == "ray":
-            from training.screen_ray import RaySettings, checkpoint_blobs, run_screen_ray
-
-            settings = RaySettings(address=ray_address, actors=ray_actors)
-            blobs = checkpoint_blobs(paths, rest, prefix)
-            res = run_screen_ray(inputs, names, blobs, out, summary, settings, **kw)
-        else:
-            models = checkpoint_models(paths)
-            models.update(champion_models(rest, prefix) if rest else {})
-            res = run_screen(inputs, names, models, out, summary, workers=workers, **kw)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    typer.echo(f"{res['n_predicted']} predicted, {res['n_errors']} unusable (see errors CSV)")
-    for line in report_lines(res, threshold):
-        typer.echo(line)
-
-
-@app.command("screen-merge")
-@_user_errors
-def screen_merge(
-    parts: Annotated[list[Path], typer.Argument(help="shard CSVs (or their .partial.jsonl)")],
-    out: Annotated[Path, typer.Option(help="merged ranked CSV out")],
-    summary: Annotated[Path, typer.Option(help="merged summary JSON out")],
-    threshold: Annotated[float, typer.Option(help="voltage threshold of the summary (V)")] = 3.0,
-    allow_incomplete: Annotated[bool, typer.Option(help="merge unfinished shards too")] = False,
-) -> None:
-    """Merge the outputs of ``voltage screen --shard i/n`` for i = 0..n-1."""
-    from training.screen import merge_screen, report_lines
-
-    try:
-        res = merge_screen(parts, out, summary, threshold, not allow_incomplete)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    for line in report_lines(res, threshold):
-        typer.echo(line)
 
 
 def _require_ion(p: Params, ion: str) -> Params:

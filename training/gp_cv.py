@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -93,22 +93,30 @@ class Partners:
 Featurise = Callable[[list[str]], list[torch.Tensor]]
 
 
+def backbone_features(
+    source: LoadedModel, store: GraphStore, n_backbones: int | None = None
+) -> Featurise:
+    """hosts -> their pooled vectors, one matrix per source backbone (the first
+    ``n_backbones``): ``pooled_by_backbone`` as a ``Featurise``."""
+
+    def features(hosts: list[str]) -> list[torch.Tensor]:
+        return pooled_by_backbone(source, store, hosts, n_backbones)
+
+    return features
+
+
 def load_partners(
-    partners: Sequence[IonData], store: GraphStore, source: LoadedModel | None, gp: GPConfig,
-    splits: Sequence[str] = SPLITS, n_backbones: int | None = None,
-    features: Featurise | None = None,
-) -> Partners | None:  # fmt: skip
-    """Pooled vectors and descriptors of the partners' crystals in ``splits`` (None without
-    partners). ``features``: hosts -> one matrix per backbone, instead of the source's pooled
-    vectors (e.g. CHGNet features)."""
+    partners: Sequence[IonData],
+    store: GraphStore,
+    gp: GPConfig,
+    features: Featurise,
+    splits: Sequence[str] = SPLITS,
+) -> Partners | None:
+    """Features and descriptors of the partners' crystals in ``splits`` (None without
+    partners). ``features``: hosts -> one matrix per backbone (``backbone_features`` for the
+    source's pooled vectors, or e.g. CHGNet features)."""
     if not partners:
         return None
-    if features is None:
-        assert source is not None, "load_partners needs a source model or a featuriser"
-
-        def features(hosts: list[str]) -> list[torch.Tensor]:
-            return pooled_by_backbone(source, store, hosts, n_backbones)
-
     rows = [(i + 1, h, t, k) for i, p in enumerate(partners) for s in splits
             for h, t, k in zip(p.host_ids(s), p.targets(s), chemsys_keys(p, (s,)),
                                strict=True)]  # fmt: skip
@@ -141,21 +149,26 @@ def unseen_by_source(hosts: Sequence[str], source_train_hosts: set[str]) -> np.n
     return np.array([h not in source_train_hosts for h in hosts], dtype=bool)
 
 
-def gp_fold(feats: list[torch.Tensor], desc: torch.Tensor | None, y: np.ndarray,
-            tr: np.ndarray, te: np.ndarray, cfg: GPConfig, partners: Partners | None = None,
-            held_out: set[str] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """One GP head per backbone, fitted on the fold's training rows (and the partners' crystals
-    outside the fold's ``held_out`` groups), predicting rows ``te``: the ensemble mean and std
-    in volts by the served model's rule (``ensemble_volts``: spread of the backbones' means plus
-    their mean predictive variance)."""
+def gp_fold(
+    bb: CVBackbone,
+    y: np.ndarray,
+    tr: np.ndarray,
+    te: np.ndarray,
+    held_out: set[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One GP head per backbone of ``bb``, fitted on the fold's training rows (and, when
+    ``bb.partners`` is given, the partners' crystals outside the fold's ``held_out`` groups),
+    predicting rows ``te``: the ensemble mean and std in volts by the served model's rule
+    (``ensemble_volts``: spread of the backbones' means plus their mean predictive variance)."""
     norm = Normalizer.fit(y[tr])
+    desc = bb.desc
     d_tr, d_te = (None, None) if desc is None else (desc[tr], desc[te])
     means, variances = [], []
     with torch.no_grad():
-        for b, f in enumerate(feats):
-            pooled = None if partners is None else partners.fold_rows(b, held_out or set())
+        for b, f in enumerate(bb.feats):
+            pooled = None if bb.partners is None else bb.partners.fold_rows(b, held_out or set())
             x, yy, dd, tasks = with_pooled_rows(f[tr], d_tr, norm.norm(y[tr]), pooled)
-            head = fit_gp_head(x, yy, cfg, dd, tasks)
+            head = fit_gp_head(x, yy, bb.gp, dd, tasks)
             mean, var = head_mean_var(head, f[te], d_te)
             means.append(mean.double())
             variances.append(var.double())
@@ -171,10 +184,21 @@ def group_folds(keys: Sequence[str], folds: int) -> list[tuple[np.ndarray, np.nd
     return list(GroupKFold(n_splits=n_folds).split(idx, idx, groups=list(keys)))
 
 
-def choose_pooling(
-    data: IonData, store: GraphStore, source: LoadedModel, partners: Sequence[IonData],
-    gp: GPConfig, folds: int, source_train_hosts: set[str] = frozenset(),
-) -> dict[str, Any]:  # fmt: skip
+class CVIon(Protocol):
+    """The parts of an ion's inputs a CV reads (``training.data.ion_inputs.IonInputs``): its
+    data, the graph cache, its pool partners and the hosts the source backbones trained on."""
+
+    @property
+    def data(self) -> IonData: ...
+    @property
+    def store(self) -> GraphStore | None: ...
+    @property
+    def partners(self) -> Sequence[IonData]: ...
+    @property
+    def source_train_hosts(self) -> frozenset[str]: ...
+
+
+def choose_pooling(ion: CVIon, source: LoadedModel, gp: GPConfig, folds: int) -> dict[str, Any]:
     """Whether ``data.ion``'s GP head should pool its partners' training crystals.
 
     Why CV and not validation: an ion's validation split holds 11-43 crystals, so the two heads'
@@ -182,20 +206,24 @@ def choose_pooling(
     many crystals. The test split is never read. Partners contribute their training split only
     (what the served head would pool). The first source backbone only: one pooled fit of ~900
     rows costs ~4 s per candidate weight, and the choice is about the data, not the backbone.
-    Only crystals on hosts the backbone never trained on are scored (``source_train_hosts``).
-    Pooling is kept only when its CV MAE is lower (a tie keeps the ion's own crystals).
+    Only crystals on hosts the backbone never trained on are scored
+    (``ion.source_train_hosts``). Pooling is kept only when its CV MAE is lower (a tie keeps the
+    ion's own crystals).
     """
+    data, store, partners = ion.data, ion.store, ion.partners
+    assert store is not None, "the pooling CV reads graphs from the graph cache"
     hosts, y = rows_of(data, ("train", "val"))
-    feats = pooled_by_backbone(source, store, hosts, 1)
     desc = host_descriptors(store, hosts, gp)
-    pool = load_partners(partners, store, source, gp, ("train",), 1)
-    scored = unseen_by_source(hosts, set(source_train_hosts))
+    alone = CVBackbone(pooled_by_backbone(source, store, hosts, 1), desc, None, gp)
+    pool = load_partners(partners, store, gp, backbone_features(source, store, 1), ("train",))
+    pooled = replace(alone, partners=pool)
+    scored = unseen_by_source(hosts, set(ion.source_train_hosts))
     err = {"alone": np.zeros(len(y)), "pooled": np.zeros(len(y))}
     splits = group_folds(hosts, folds)
     for tr, te in splits:
         held_out = {hosts[i] for i in te}
-        err["alone"][te] = np.abs(gp_fold(feats, desc, y, tr, te, gp)[0] - y[te])
-        pred = gp_fold(feats, desc, y, tr, te, gp, pool, held_out)[0]
+        err["alone"][te] = np.abs(gp_fold(alone, y, tr, te)[0] - y[te])
+        pred = gp_fold(pooled, y, tr, te, held_out)[0]
         err["pooled"][te] = np.abs(pred - y[te])
     report = _pool_report(err, scored, len(splits), partners)
     n = report["n_scored"]
@@ -230,16 +258,25 @@ class CVBackbone:
     gp: GPConfig
 
 
-def out_of_fold(
-    bb: CVBackbone, y: np.ndarray, hosts: list[str], splits: list[tuple[np.ndarray, np.ndarray]],
-    pooled: bool,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+@dataclass(frozen=True)
+class CVFolds:
+    """The rows of a CV over an ion's crystals: targets, host ids, the grouped folds (train
+    rows, held-out rows) and the rows it scores."""
+
+    y: np.ndarray
+    hosts: list[str]
+    splits: list[tuple[np.ndarray, np.ndarray]]
+    scored: np.ndarray
+
+
+def out_of_fold(bb: CVBackbone, folds: CVFolds, pooled: bool) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold (mean, std) in volts of ``bb``'s GP, pooling the partners or not."""
+    y = folds.y
+    run = bb if pooled else replace(bb, partners=None)
     mean, std = np.zeros(len(y)), np.zeros(len(y))
-    for tr, te in splits:
-        held_out = {hosts[i] for i in te}
-        partners = bb.partners if pooled else None
-        mean[te], std[te] = gp_fold(bb.feats, bb.desc, y, tr, te, bb.gp, partners, held_out)
+    for tr, te in folds.splits:
+        held_out = {folds.hosts[i] for i in te}
+        mean[te], std[te] = gp_fold(run, y, tr, te, held_out)
     return mean, std
 
 
@@ -268,30 +305,32 @@ def _pool_report(err: dict[str, np.ndarray], scored: np.ndarray, folds: int,
 
 
 def _backbone_oof(
-    name: str, bb: CVBackbone, y: np.ndarray, hosts: list[str],
-    splits: list[tuple[np.ndarray, np.ndarray]], scored: np.ndarray, partners: Sequence[IonData],
-) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any] | None]:  # fmt: skip
+    name: str, bb: CVBackbone, folds: CVFolds, partners: Sequence[IonData]
+) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any] | None]:
     """The backbone's out-of-fold predictions, pooled when its own CV says so, and that
     pooling report (None without partners)."""
-    alone = out_of_fold(bb, y, hosts, splits, pooled=False)
+    y = folds.y
+    alone = out_of_fold(bb, folds, pooled=False)
     if bb.partners is None:
         return alone, None
-    pooled = out_of_fold(bb, y, hosts, splits, pooled=True)
+    pooled = out_of_fold(bb, folds, pooled=True)
     err = {"alone": np.abs(alone[0] - y), "pooled": np.abs(pooled[0] - y)}
-    report = _pool_report(err, scored, len(splits), partners)
+    report = _pool_report(err, folds.scored, len(folds.splits), partners)
     log.info("%s pooling CV: alone %.3f V, pooled %.3f V", name, report["alone_mae"],
              report["pooled_mae"])  # fmt: skip
     return (pooled if report["pool"] else alone), report
 
 
 def choose_variant(
-    data: IonData, backbones: dict[str, CVBackbone], folds: int,
-    partners: Sequence[IonData] = (), source_train_hosts: set[str] = frozenset(),
+    ion: CVIon,
+    backbones: dict[str, CVBackbone],
+    folds: int,
     candidates: Sequence[str] = VARIANTS,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Which model an ion serves: the GP over the CGCNN backbone, over CHGNet features, or
     their average (``mixture``), by grouped CV over the ion's train+val crystals (test never
-    read). Each backbone first decides its own pooling by the same CV (``choose_pooling``'s
+    read; ``ion``: its data, pool partners and the hosts the source backbones trained on).
+    Each backbone first decides its own pooling by the same CV (``choose_pooling``'s
     rule). Scored: crystals on hosts the Li backbones never trained on (the same rows for
     every variant, so the CGCNN is not flattered by its training fit). Lowest CV MAE wins; ties
     keep the earlier of ``VARIANTS``. The std scale that makes the chosen variant's 90%
@@ -299,13 +338,15 @@ def choose_variant(
     """
     from training.train.uncertainty import fit_std_scale, interval_metrics
 
+    data, partners = ion.data, ion.partners
     hosts, y = rows_of(data, ("train", "val"))
-    scored = unseen_by_source(hosts, set(source_train_hosts))
+    scored = unseen_by_source(hosts, set(ion.source_train_hosts))
     splits = group_folds(hosts, folds)
+    cv_folds = CVFolds(y, hosts, splits, scored)
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     pooling: dict[str, Any] = {}
     for name, bb in backbones.items():
-        preds[name], pooling[name] = _backbone_oof(name, bb, y, hosts, splits, scored, partners)
+        preds[name], pooling[name] = _backbone_oof(name, bb, cv_folds, partners)
     if {"cgcnn", "chgnet"} <= set(preds):
         preds["average"] = mixture(*preds["cgcnn"], *preds["chgnet"])
     err = {k: np.abs(m - y)[scored] for k, (m, _) in preds.items()}

@@ -195,6 +195,31 @@ class ReleaseInputs:
     root: Path = Path(".")
 
 
+#: The check's tolerance (V) when GP training inputs are rounded to float32.
+ROUNDED_TOL_V = 1e-4
+
+
+@dataclass(frozen=True)
+class ReleaseOptions:
+    """How a release is written and checked (``voltage release``'s options).
+
+    ``float32_inputs``: True rounds the GP heads' training inputs float32 cannot hold exactly
+    (smaller), False never does, None writes exact and falls back to rounded only when exact is
+    over ``max_bytes`` (``release``). ``tol`` None: 1e-6 V exact, 1e-4 V rounded."""
+
+    name_prefix: str = "electrode-voltage"
+    check_n: int = DEFAULT_CHECK_N
+    tol: float | None = None
+    max_bytes: int | None = None
+    float32_inputs: bool | None = False
+
+    def tolerance(self, rounded: bool) -> float:
+        """The largest difference (V) the check accepts for this form."""
+        if self.tol is not None:
+            return self.tol
+        return ROUNDED_TOL_V if rounded else CHECK_TOL_V
+
+
 def _json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
@@ -292,61 +317,41 @@ def _release_payload(
     return out, heads
 
 
+def release(
+    ions: Sequence[str], out_dir: Path, inputs: ReleaseInputs, options: ReleaseOptions
+) -> dict[str, Any]:
+    """``write_release``, falling back to rounded inputs when exact is over the size limit and
+    the form was left open (``float32_inputs`` None); returns the manifest."""
+    rounded = bool(options.float32_inputs)
+    try:
+        return write_release(ions, out_dir, inputs, options, rounded=rounded)
+    except ReleaseTooLarge as exc:
+        if options.float32_inputs is not None:
+            raise
+        log.warning("%s; writing it again with --float32-inputs", exc)
+        return write_release(ions, out_dir, inputs, options, rounded=True)
+
+
 def write_release(
     ions: Sequence[str], out_dir: Path, inputs: ReleaseInputs = ReleaseInputs(),
-    name_prefix: str = "electrode-voltage", check_n: int = DEFAULT_CHECK_N,
-    tol: float = CHECK_TOL_V, now: datetime | None = None, max_bytes: int | None = None,
-    float32_inputs: bool = False,
+    options: ReleaseOptions = ReleaseOptions(), rounded: bool | None = None,
+    now: datetime | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``out_dir`` (replaced whole, only once every ion's file is written and checked);
     returns the manifest. Raises ReleaseError when a model is missing, does not round-trip, or
-    the files add up to more than ``max_bytes``."""
+    the files add up to more than ``options.max_bytes``. ``rounded`` (default: the options'
+    ``float32_inputs``) says which form is written."""
     from training.tracking import dataset_version, git_commit
-    from voltage_model.artifact import load_checkpoint
 
+    rounded = bool(options.float32_inputs) if rounded is None else rounded
+    tol = options.tolerance(rounded)
     out_dir = Path(out_dir)
     stage = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     now = now or datetime.now(UTC)
-    models: dict[str, Any] = {}
     try:
-        for ion in ions:
-            src = inputs.models_dir / f"{ion}.pt"
-            if not src.is_file():
-                raise ReleaseError(f"no served model for {ion} at {src} (run the pipeline first)")
-            data = src.read_bytes()
-            sha = sha256_bytes(data)
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            release, heads = _release_payload(ion, payload, src, sha, float32_inputs)
-            path = stage / f"{ion}.pt"
-            torch.save(release, path)
-            entry_sha = sha256_file(path)
-            released = read_release_file(path, entry_sha)
-            check = compare_models(VoltageModel(load_checkpoint(src)), released,
-                                   _check_structures(inputs, ion, check_n))  # fmt: skip
-            check = _as_model_check(check, src, ion)
-            if check["n"] and max(check["max_abs_voltage_diff"], check["max_abs_std_diff"]) > tol:
-                raise ReleaseError(f"{ion}: the release model differs from {src} by "
-                                   f"{check['max_abs_voltage_diff']:.2e} V (voltage) / "
-                                   f"{check['max_abs_std_diff']:.2e} V (std) on "
-                                   f"{check['n']} test crystals (limit {tol:g} V)")  # fmt: skip
-            extra = payload.get("extra") or {}
-            report_run = _json(inputs.reports_dir / "metrics" / f"ion_{ion}.json").get("run_id")
-            name, version = _registry_ref(
-                inputs.reports_dir, ion, (report_run, extra.get("mlflow_run_id")), name_prefix
-            )
-            models[ion] = {
-                "file": path.name, "sha256": entry_sha, "bytes": path.stat().st_size,
-                "name": name, "version": version, "mlflow_run_id": extra.get("mlflow_run_id"),
-                # checkpoint_sha256: the registry's tag of the version registered from this file
-                "source": {"file": str(src), "sha256": sha, "bytes": len(data),
-                           "checkpoint_sha256": sha[:16]},
-                "backbone": released.backbone, "gp_heads": heads, "check": check,
-                **_metrics(inputs, ion),
-            }  # fmt: skip
-            log.info("%s: %.1f MB -> %.1f MB, check %s", ion, len(data) / 1e6,
-                     models[ion]["bytes"] / 1e6, check)  # fmt: skip
+        models = {ion: _release_model(ion, stage, inputs, options, rounded) for ion in ions}
         data_hash = dataset_version(inputs.root, ("data/clean/records.jsonl.gz",))
         manifest = {
             "format": RELEASE_FORMAT, "release_version": RELEASE_VERSION,
@@ -354,8 +359,9 @@ def write_release(
             "data": {"data/clean/records.jsonl.gz": data_hash.get("data/clean/records.jsonl.gz",
                                                                   "unknown")},
             "total_bytes": sum(m["bytes"] for m in models.values()),
-            "check_tolerance_v": tol, "float32_inputs": float32_inputs, "models": models,
+            "check_tolerance_v": tol, "float32_inputs": rounded, "models": models,
         }  # fmt: skip
+        max_bytes = options.max_bytes
         if max_bytes is not None and manifest["total_bytes"] > max_bytes:
             sizes = ", ".join(f"{i} {m['bytes'] / 1e6:.1f}" for i, m in models.items())
             raise ReleaseTooLarge(f"the release would be {manifest['total_bytes'] / 1e6:.1f} MB, "
@@ -367,6 +373,65 @@ def write_release(
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest
+
+
+def _release_model(
+    ion: str, stage: Path, inputs: ReleaseInputs, options: ReleaseOptions, rounded: bool
+) -> dict[str, Any]:
+    """One ion's release file written into ``stage``, checked against its source artifact on
+    test crystals; returns its manifest entry."""
+    from voltage_model.artifact import load_checkpoint
+
+    tol = options.tolerance(rounded)
+    src = inputs.models_dir / f"{ion}.pt"
+    if not src.is_file():
+        raise ReleaseError(f"no served model for {ion} at {src} (run the pipeline first)")
+    data = src.read_bytes()
+    sha = sha256_bytes(data)
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    release_payload, heads = _release_payload(ion, payload, src, sha, rounded)
+    path = stage / f"{ion}.pt"
+    torch.save(release_payload, path)
+    entry_sha = sha256_file(path)
+    released = read_release_file(path, entry_sha)
+    check = compare_models(VoltageModel(load_checkpoint(src)), released,
+                           _check_structures(inputs, ion, options.check_n))  # fmt: skip
+    check = _as_model_check(check, src, ion)
+    if check["n"] and max(check["max_abs_voltage_diff"], check["max_abs_std_diff"]) > tol:
+        raise ReleaseError(f"{ion}: the release model differs from {src} by "
+                           f"{check['max_abs_voltage_diff']:.2e} V (voltage) / "
+                           f"{check['max_abs_std_diff']:.2e} V (std) on "
+                           f"{check['n']} test crystals (limit {tol:g} V)")  # fmt: skip
+    extra = payload.get("extra") or {}
+    report_run = _json(inputs.reports_dir / "metrics" / f"ion_{ion}.json").get("run_id")
+    name, version = _registry_ref(
+        inputs.reports_dir, ion, (report_run, extra.get("mlflow_run_id")), options.name_prefix
+    )
+    entry = {
+        "file": path.name, "sha256": entry_sha, "bytes": path.stat().st_size,
+        "name": name, "version": version, "mlflow_run_id": extra.get("mlflow_run_id"),
+        # checkpoint_sha256: the registry's tag of the version registered from this file
+        "source": {"file": str(src), "sha256": sha, "bytes": len(data),
+                   "checkpoint_sha256": sha[:16]},
+        "backbone": released.backbone, "gp_heads": heads, "check": check,
+        **_metrics(inputs, ion),
+    }  # fmt: skip
+    log.info("%s: %.1f MB -> %.1f MB, check %s", ion, len(data) / 1e6, entry["bytes"] / 1e6, check)
+    return entry
+
+
+def release_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """What ``voltage release`` prints: each ion's file, size and check, then the total."""
+    lines = []
+    for ion, m in manifest["models"].items():
+        c = m["check"]
+        checked = (f"{c['n']} test crystals, max |dV| {c['max_abs_voltage_diff']:.1e} V, "
+                   f"max |dstd| {c['max_abs_std_diff']:.1e} V") if c["n"] else "not checked"
+        lines.append(f"{ion}: {out_dir / m['file']} {m['bytes'] / 1e6:.1f} MB "
+                     f"(source {m['source']['bytes'] / 1e6:.1f} MB); {checked}")  # fmt: skip
+    lines.append(f"release: {manifest['total_bytes'] / 1e6:.1f} MB in {out_dir} "
+                 "(manifest.json, MODEL_CARD.md); dvc add + push the .pt")  # fmt: skip
+    return lines
 
 
 def _as_model_check(check: dict[str, Any], src: Path, ion: str) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -39,7 +40,7 @@ from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
 from training.train.heads import (
     HeadConfig,
-    PooledRows,
+    HeadRows,
     adapt_batchnorm,
     fit_gp_volts,
     fit_heads,
@@ -72,9 +73,14 @@ VOLTS = Normalizer(mean=0.0, std=1.0)  # member predictions are already in volts
 def head_config(cfg: TransferSettings, seed: int) -> HeadConfig:
     """The fine-tuned MLP heads' settings of ``transfer`` (``fc`` heads), with ``seed``."""
     return HeadConfig(
-        n_heads=cfg.n_heads, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        bootstrap=cfg.bootstrap, patience=cfg.patience, seed=seed,
-    )  # fmt: skip
+        n_heads=cfg.n_heads,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        bootstrap=cfg.bootstrap,
+        patience=cfg.patience,
+        seed=seed,
+    )
 
 
 @dataclass
@@ -121,62 +127,135 @@ def frozen_backbone(src_model: CGCNN, bn_mode: BnMode, train_loader: GraphLoader
     return model
 
 
+@dataclass(frozen=True)
+class FrozenMember:
+    """One source backbone frozen under one BatchNorm mode, with the pooled vectors it gives:
+    ``feats`` per split of the ion, ``partner_feats`` per pool partner (its training split;
+    empty until a pooled GP head asks for them)."""
+
+    model: CGCNN
+    feats: dict[str, Tensor]
+    partner_feats: tuple[Tensor, ...] = ()
+
+
+@dataclass(frozen=True)
+class TransferInputs:
+    """What every ``transfer`` run of one ion shares (head kind x BatchNorm mode x seed), built
+    once per stage and handed down: the loaders per split, the refitted normaliser, the
+    composition descriptors (when GP heads read them) and, per BatchNorm mode, each frozen
+    backbone with its pooled vectors of the ion's and the partners' crystals.
+
+    Only what is provably the same across runs is shared: a frozen backbone and its vectors
+    depend on the source member and the BatchNorm mode (``adapt`` re-estimates the statistics
+    on the ion's training split, deterministically; ``frozen`` keeps the source's), never on
+    the head kind or the seed, so they are computed once per (member, mode), on first use.
+    ``partners``: the ions a ``gp`` head pools training crystals with (ignored by other kinds).
+    """
+
+    source: LoadedModel
+    data: IonData
+    store: GraphStore
+    cfg: TransferSettings
+    partners: Sequence[IonData] = ()
+    _frozen: dict[BnMode, tuple[FrozenMember, ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "partners", tuple(self.partners))
+
+    @cached_property
+    def gp(self) -> GPConfig:
+        return gp_config(self.cfg.gp)
+
+    @cached_property
+    def normalizer(self) -> Normalizer:
+        """Refitted on the ion's training split."""
+        return Normalizer.fit(self.data.targets("train"))
+
+    @cached_property
+    def loaders(self) -> dict[str, GraphLoader]:
+        return {s: split_loader(self.store, self.data, s) for s in self.data.parts}
+
+    @cached_property
+    def partner_loaders(self) -> tuple[GraphLoader, ...]:
+        return tuple(split_loader(self.store, p, "train") for p in self.partners)
+
+    @cached_property
+    def desc(self) -> dict[str, Tensor] | None:
+        """The ion's crystals' composition descriptors per split (None: GP heads read none)."""
+        return split_descriptors(self.store, self.data, self.gp)
+
+    @cached_property
+    def partner_desc(self) -> list[Tensor] | None:
+        """Each partner's training crystals' descriptors, when GP heads read them."""
+        if not self.gp.uses_descriptors:
+            return None
+        return [
+            torch.from_numpy(store_descriptors(self.store, p.host_ids("train")))
+            for p in self.partners
+        ]
+
+    def frozen(self, bn_mode: BnMode, with_partners: bool = False) -> tuple[FrozenMember, ...]:
+        """Every source backbone frozen under ``bn_mode`` with its pooled vectors of the ion's
+        crystals (and of the partners' training crystals when ``with_partners``), each computed
+        on first use and kept."""
+        members = self._frozen.get(bn_mode)
+        if members is None:
+            members = tuple(self._freeze(model, bn_mode) for model, _ in self.source.backbones())
+        if with_partners and self.partners and not members[0].partner_feats:
+            members = tuple(replace(m, partner_feats=self._partner_feats(m.model)) for m in members)
+        self._frozen[bn_mode] = members
+        return members
+
+    def _partner_feats(self, model: CGCNN) -> tuple[Tensor, ...]:
+        return tuple(pooled_features(model, ld) for ld in self.partner_loaders)
+
+    def _freeze(self, src_model: CGCNN, bn_mode: BnMode) -> FrozenMember:
+        model = frozen_backbone(src_model, bn_mode, self.loaders["train"])
+        return FrozenMember(
+            model, {s: pooled_features(model, ld) for s, ld in self.loaders.items()}
+        )
+
+
 def transfer(
-    source: LoadedModel,
-    data: IonData,
-    store: GraphStore,
-    cfg: TransferSettings,
-    bn_mode: BnMode,
-    seed: int,
-    head_kind: HeadKind = "fc",
-    partners: Sequence[IonData] = (),
+    inputs: TransferInputs, bn_mode: BnMode, seed: int, head_kind: HeadKind = "fc"
 ) -> TransferResult:
-    """Freeze every source backbone, fit heads on the target ion (normaliser refitted).
-    ``partners``: the ions a ``gp`` head pools training crystals with (ignored by other kinds)."""
-    normalizer = Normalizer.fit(data.targets("train"))
-    loaders = {s: split_loader(store, data, s) for s in data.parts}
-    is_gp = head_kind in GP_KINDS
-    gp = gp_config(cfg.gp)
-    desc = split_descriptors(store, data, gp) if is_gp else None
-    pool = list(partners) if head_kind == "gp" else []
-    pool_desc = _partner_descriptors(store, pool, gp)
+    """Fit heads of ``head_kind`` on the target ion over every source backbone frozen under
+    ``bn_mode`` (normaliser refitted); a ``gp`` head pools the partners' training crystals."""
+    data, normalizer = inputs.data, inputs.normalizer
+    pool = list(inputs.partners) if head_kind == "gp" else []
+    frozen = inputs.frozen(bn_mode, with_partners=bool(pool))
     members = []
-    for i, (src_model, src_heads) in enumerate(source.backbones()):
-        model = frozen_backbone(src_model, bn_mode, loaders["train"])
-        feats = {s: pooled_features(model, ld) for s, ld in loaders.items()}
-        if is_gp:
-            pool_feats = [pooled_features(model, split_loader(store, p, "train")) for p in pool]
-            rows = pooled_rows(pool, pool_feats, pool_desc)
-            members.append(_gp_member(model, feats, desc, data, normalizer, gp, rows))
+    for i, ((src_model, src_heads), member) in enumerate(
+        zip(inputs.source.backbones(), frozen, strict=True)
+    ):
+        if head_kind in GP_KINDS:
+            members.append(_gp_member(inputs, member, pool))
             continue
         start = src_heads[0] if src_heads else Head.from_model(src_model)
-        heads = fit_heads(
-            start, feats["train"], data.targets("train"), feats["val"], data.targets("val"),
-            normalizer, head_config(cfg, seed * 100 + i),
-        )  # fmt: skip
-        preds = {s: heads_volts(heads, f, normalizer) for s, f in feats.items()}
-        members.append(Member(model=model, heads=heads, preds=preds))
-    return TransferResult(members=members, normalizer=normalizer, bn_mode=bn_mode, seed=seed,
-                          head_kind=head_kind, pool_ions=tuple(p.ion for p in pool))  # fmt: skip
+        cfg = head_config(inputs.cfg, seed * 100 + i)
+        heads = fit_heads(start, HeadRows.of(member.feats, data), normalizer, cfg)
+        preds = {s: heads_volts(heads, f, normalizer) for s, f in member.feats.items()}
+        members.append(Member(model=member.model, heads=heads, preds=preds))
+    return TransferResult(
+        members=members,
+        normalizer=normalizer,
+        bn_mode=bn_mode,
+        seed=seed,
+        head_kind=head_kind,
+        pool_ions=tuple(p.ion for p in pool),
+    )
 
 
-def _partner_descriptors(
-    store: GraphStore, partners: list[IonData], cfg: GPConfig
-) -> list[Tensor] | None:
-    """Each partner's training crystals' descriptors, when GP heads read them (once per ion)."""
-    if not cfg.uses_descriptors:
-        return None
-    return [torch.from_numpy(store_descriptors(store, p.host_ids("train"))) for p in partners]
-
-
-def _gp_member(
-    model: CGCNN, feats: dict[str, Tensor], desc: dict[str, Tensor] | None, data: IonData,
-    normalizer: Normalizer, cfg: GPConfig, pooled: PooledRows | None = None,
-) -> Member:  # fmt: skip
+def _gp_member(inputs: TransferInputs, member: FrozenMember, pool: list[IonData]) -> Member:
     """One GP head on this backbone's pooled training vectors (and the crystals' composition
-    descriptors, when configured; and partner ions' rows); means and variances in volts."""
-    fit = fit_gp_volts(feats, desc, data.targets("train"), normalizer, cfg, pooled)
-    return Member(model=model, heads=[fit.head], preds=fit.means, variances=fit.variances)
+    descriptors, when configured; and the ``pool`` partners' rows); means and variances in
+    volts."""
+    rows = pooled_rows(pool, list(member.partner_feats), inputs.partner_desc) if pool else None
+    y = inputs.data.targets("train")
+    fit = fit_gp_volts(member.feats, inputs.desc, y, inputs.normalizer, inputs.gp, rows)
+    return Member(model=member.model, heads=[fit.head], preds=fit.means, variances=fit.variances)
 
 
 @torch.inference_mode()

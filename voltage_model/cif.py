@@ -15,10 +15,10 @@ tests/serving/test_serving_units.py compares the two on real and synthetic cells
 
 Two fast paths live here, one per caller, under the same rule (the plain case exactly, else None):
 ``parse_p1_cif`` (the service: a ``Structure`` through pymatgen's tokenizer) and ``fast_p1_cif``
-(the screen, ``training/screen.py``: plain arrays through a line tokenizer, ~5x cheaper than
+(the screen, ``serving/screen/prepare.py``: plain arrays through a line tokenizer, ~5x cheaper than
 pymatgen, with ``served_structure`` giving the service's ``Structure`` from them). They share
-CifParser's constants (``FRAC_TOLERANCE``, the 1/3 and 2/3 snapping); tests/training/test_screen.py
-and tests/training/test_screen_tiers.py compare the second with pymatgen.
+CifParser's constants (``FRAC_TOLERANCE``, the 1/3 and 2/3 snapping); tests/serving/test_screen.py
+and tests/serving/test_screen_tiers.py compare the second with pymatgen.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _parse(text: str) -> Structure | None:
 
 
 # =============================================================================== arrays (screening)
-# The screen's variant (``training/screen.py``): its own line tokenizer, arrays instead of a
+# The screen's variant (``serving/screen/prepare.py``): its own line tokenizer, arrays instead of a
 # ``Structure`` (graphs are built from arrays in its worker processes), pymatgen's site order only
 # on request (``served_structure``). Same rule as ``parse_p1_cif``: the plain case exactly, or None.
 _SYMBOL = re.compile(r"[A-Z][a-z]?")
@@ -267,8 +267,8 @@ def served_structure(text: str, fmt: str, max_sites: int) -> Any:
     pymatgen's site order (``get_sorted_structure``, as its CIF parser ends), same checks.
 
     Identical species order, coordinates and lattice to ``parse_structure`` on every CIF of the
-    snapshot (7,583, compared exactly); tier 2 (``screen_tiers``) reads files with it so that
-    its figures stay the service's answers at ~2 ms of parsing instead of ~12 ms."""
+    snapshot (7,583, compared exactly); tier 2 (``serving/screen/tiers.py``) reads files with it
+    so that its figures stay the service's answers at ~2 ms of parsing instead of ~12 ms."""
     fast = fast_p1_cif(text) if fmt == "cif" else None
     if fast is None:
         return parse_structure(text, fmt, max_sites)

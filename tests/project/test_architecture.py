@@ -101,6 +101,12 @@ def test_the_bento_packs_the_model_package_not_training() -> None:
     include = yaml.safe_load((REPO / "bentofile.yaml").read_text())["include"]
     assert "voltage_model/**/*.py" in include
     assert not [p for p in include if p.startswith("training")]
+    # every module of serving/ and voltage_model/ is in it (a new subpackage is not left behind)
+    code = [f.relative_to(REPO) for pkg in ("serving", "voltage_model")
+            for f in (REPO / pkg).rglob("*.py") if "__pycache__" not in f.parts]  # fmt: skip
+    packed = {f.relative_to(REPO) for p in include for f in REPO.glob(p)}
+    missing = sorted(str(f) for f in set(code) - packed)
+    assert not missing, f"bentofile.yaml leaves out {missing}"
 
 
 # ------------------------------------------------------------------------------ DVC deps

@@ -48,13 +48,13 @@ def _imported(out: subprocess.CompletedProcess[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def cgcnn_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A release whose one model (Na) is a CGCNN ensemble without any CHGNet head."""
-    from training.release import ReleaseInputs, write_release
+    from training.release import ReleaseInputs, ReleaseOptions, write_release
 
     root = tmp_path_factory.mktemp("cgcnn-release")
     build_checkpoint(root / "ions" / "Na.pt", "Na", seed=5)
     out = root / "release"
     inputs = ReleaseInputs(root / "ions", root / "reports", None, None, REPO)
-    manifest = write_release(["Na"], out, inputs, check_n=0)
+    manifest = write_release(["Na"], out, inputs, ReleaseOptions(check_n=0))
     assert manifest["models"]["Na"]["backbone"] == "cgcnn"
     return out
 

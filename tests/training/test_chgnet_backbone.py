@@ -42,11 +42,13 @@ def served(ions, store, source, chgnet_features, tmp_path_factory):
                                     "lr": 2e-3, "scheduler": "none"})  # fmt: skip
     mg, na = ions["Mg"], ions["Na"]
     inputs = IonInputs(mg, store, "Li", [na], frozenset(), chgnet_features)
-    report, final, part = evaluate_target(inputs, source, cfg)
+    report, final, part = target = evaluate_target(inputs, source, cfg)
     fit = fit_chgnet_head(mg, store, chgnet_features, gp_config(cfg.chgnet.gp))
     path = tmp_path_factory.mktemp("chg") / "Mg.pt"
-    save_transfer_checkpoint(path, final, source, mg, {**report, "served_variant": "average"},
-                             run_id="run", chgnet=served_part("average", fit))  # fmt: skip
+    served = target._replace(
+        report={**report, "served_variant": "average"}, chgnet=served_part("average", fit)
+    )
+    save_transfer_checkpoint(path, served, source, mg, run_id="run")
     return {"report": report, "final": final, "part": part, "fit": fit, "path": path}
 
 
@@ -169,7 +171,6 @@ def test_explain_mixes_both_heads_by_the_served_share(served, ions, chgnet_featu
     assert [x["local_voltage"] for x in sites] == pytest.approx(want.tolist(), abs=1e-5)
 
 
-
 def test_cv_check_adds_the_chgnet_rows_and_serves_the_average(
     ions, store, source, chgnet_features, tmp_path
 ):
@@ -185,8 +186,12 @@ def test_cv_check_adds_the_chgnet_rows_and_serves_the_average(
     gp = GPConfig(descriptor_weights=(0.0,))
     inputs = IonInputs(ions["Mg"], store, "Li", [ions["Na"]], frozenset(), chgnet_features)
     plan = CvPlan(small, gp, CvSettings(folds=3), gp, ("average", "transfer_gp", True), "krr")
-    report = run_cv_stage(inputs, load_checkpoint(source), plan,
-                          CvPaths(tmp_path / "f.npz", tmp_path / "cv.json", tmp_path / "cv.csv"))
+    report = run_cv_stage(
+        inputs,
+        load_checkpoint(source),
+        plan,
+        CvPaths(tmp_path / "f.npz", tmp_path / "cv.json", tmp_path / "cv.csv"),
+    )
     host = report["groupings"]["host"]["methods"]
     assert {"chgnet_gp", "chgnet_gp_alone", "average"} <= set(host)
     chem = report["groupings"]["chemsys"]["methods"]

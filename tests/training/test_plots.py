@@ -177,6 +177,7 @@ def write_predictions(path: Path, ids: list[str], y: np.ndarray, served: np.ndar
 
 
 def test_the_test_std_is_the_served_std_and_a_stale_csv_is_refused(tiny_data, tmp_path: Path):
+    from training.data.ion_inputs import IonInputs
     from training.graphs.store import GraphStore
     from voltage_model.artifact import load_checkpoint
     from voltage_model.predict import VoltageModel
@@ -185,7 +186,8 @@ def test_the_test_std_is_the_served_std_and_a_stale_csv_is_refused(tiny_data, tm
     store = GraphStore.load(tiny_data["graphs"])
     ckpt = tiny_checkpoint(tmp_path / "Li.pt", std_scale=0.5)
     model = load_checkpoint(ckpt)
-    mean, std = stage.served_mean_std(model, store, data, "test", None)
+    inputs = IonInputs(data, store, "Li")
+    mean, std = stage.served_mean_std(model, inputs, "test")
     hosts = data.host_ids("test")
     assert len(mean) == len(hosts) > 0
     # What the service answers for the same crystals (std x the artifact's std_scale).
@@ -197,16 +199,17 @@ def test_the_test_std_is_the_served_std_and_a_stale_csv_is_refused(tiny_data, tm
 
     csv_path = tmp_path / "ion_Li.csv"
     write_predictions(csv_path, data.ids("test"), data.targets("test"), mean)
-    got = stage.served_test("Li", model, store, data, None, csv_path)
+    got = stage.served_test(inputs, model, csv_path)
     np.testing.assert_allclose(got.std, std)
     np.testing.assert_allclose(got.mean, np.round(mean, 4))
     write_predictions(csv_path, data.ids("test"), data.targets("test"), mean + 0.01)
     with pytest.raises(ValueError, match="stale"):
-        stage.served_test("Li", model, store, data, None, csv_path)
+        stage.served_test(inputs, model, csv_path)
 
 
 def test_the_stage_end_to_end(tiny_data, tmp_path: Path):
     """``run``: every enabled ion, the CSV of test std, the JSON of the figures' numbers."""
+    from training.data.ion_inputs import IonInputs
     from training.graphs.store import GraphStore
     from voltage_model.artifact import load_checkpoint
 
@@ -220,7 +223,7 @@ def test_the_stage_end_to_end(tiny_data, tmp_path: Path):
         d.mkdir()
     for ion in ions:
         model = load_checkpoint(tiny_checkpoint(models / f"{ion}.pt", std_scale=0.8))
-        mean, _ = stage.served_mean_std(model, store, data[ion], "test", None)
+        mean, _ = stage.served_mean_std(model, IonInputs(data[ion], store, "Li"), "test")
         write_predictions(preds / f"ion_{ion}.csv", data[ion].ids("test"),
                           data[ion].targets("test"), mean)  # fmt: skip
     (metrics / "baselines_Mg.json").write_text(json.dumps({"rf_importance_top15": [["a", 1.0]]}))

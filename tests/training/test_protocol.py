@@ -63,12 +63,15 @@ def test_no_decision_or_served_artifact_reads_test_labels(source, tiny_data, tra
     store = GraphStore.load(tiny_data["graphs"])
     hosts = frozenset(li.host_ids("train"))
     runs = {}
-    for name, (ion, partner) in {"real": (mg, na), "scrambled": (
-            _scrambled(mg, ("test",)), _scrambled(na, ("val", "test"), seed=1))}.items():
+    for name, (ion, partner) in {
+        "real": (mg, na),
+        "scrambled": (_scrambled(mg, ("test",)), _scrambled(na, ("val", "test"), seed=1)),
+    }.items():
         inputs = IonInputs(ion, store, "Li", [partner], hosts, chgnet_features)
-        report, final, part = evaluate_target(inputs, source, transfer_cfg)
+        target = evaluate_target(inputs, source, transfer_cfg)
+        report = target.report
         ckpt = tmp_path / f"{name}.pt"
-        save_transfer_checkpoint(ckpt, final, source, ion, report, run_id="run", chgnet=part)
+        save_transfer_checkpoint(ckpt, target, source, ion, run_id="run")
         runs[name] = (report, torch.load(ckpt, weights_only=True))
     (real, real_ckpt), (scr, scr_ckpt) = runs["real"], runs["scrambled"]
     assert real["test_mae"] != pytest.approx(scr["test_mae"])
@@ -107,8 +110,9 @@ def _write_ion(root: Path, ion: str, cv_mae: dict[str, float], test_bias: dict[s
     (root / "metrics").mkdir(exist_ok=True)
     (root / "predictions").mkdir(exist_ok=True)
     (root / "cv").mkdir(exist_ok=True)
-    (root / "metrics" / f"baselines_{ion}.json").write_text(json.dumps({"ion": ion,
-                                                                        "cv_mae": cv_mae}))
+    (root / "metrics" / f"baselines_{ion}.json").write_text(
+        json.dumps({"ion": ion, "cv_mae": cv_mae})
+    )
     (root / "metrics" / f"ion_{ion}.json").write_text(json.dumps({"ion": ion, "head": head}))
     y = rng.uniform(1, 4, 40)
     served = "transfer" if ion != "Li" else "cgcnn"
@@ -135,8 +139,9 @@ def test_primary_table_picks_the_baseline_on_inner_cv_never_on_test(tmp_path):
     cv_mae = {"krr": 0.30, "rf": 0.40, "mean": 0.10}  # the mean predictor is never "best"
     _write_ion(tmp_path, "Li", cv_mae, {"krr": 0.3, "rf": 0.05, "mean": 1.0})
     _write_ion(tmp_path, "Mg", cv_mae, {"krr": 0.3, "rf": 0.05, "mean": 1.0}, head="gp_alone")
-    assert best_baseline(json.loads((tmp_path / "metrics/baselines_Mg.json").read_text()))[0] \
-        == "krr"
+    assert (
+        best_baseline(json.loads((tmp_path / "metrics/baselines_Mg.json").read_text()))[0] == "krr"
+    )
     table = primary_table(["Li", "Mg"], "Li", tmp_path / "metrics", tmp_path / "predictions",
                           tmp_path / "cv")  # fmt: skip
     mg = table["ions"]["Mg"]
@@ -152,7 +157,7 @@ def test_source_training_reads_no_test_label(tiny_data, tmp_path):
     checkpoint when the Li test targets are scrambled."""
     import mlflow
 
-    from training.stages.train import run_train_stage
+    from training.stages.train import TrainPaths, run_train_stage
     from training.tracking import MlflowSettings
     from training.train.heads import HeadConfig
     from training.train.loop import TrainConfig
@@ -172,9 +177,10 @@ def test_source_training_reads_no_test_label(tiny_data, tmp_path):
     try:
         for name, data in (("real", li), ("scrambled", _scrambled(li, ("test",)))):
             mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / name}.db", experiment=name)
-            out = (tmp_path / f"{name}.pt", tmp_path / f"{name}.json", tmp_path / f"{name}.png")
-            reports.append(run_train_stage(data, store, settings, mls, *out, log_model=False))
-            payloads.append(torch.load(out[0], weights_only=True))
+            out = TrainPaths(tmp_path / f"{name}.pt", tmp_path / f"{name}.json",
+                             tmp_path / f"{name}.png")  # fmt: skip
+            reports.append(run_train_stage(data, store, settings, mls, out, log_model=False))
+            payloads.append(torch.load(out.checkpoint, weights_only=True))
     finally:
         mlflow.set_tracking_uri(None)
     assert reports[0]["test_mae"] != pytest.approx(reports[1]["test_mae"])

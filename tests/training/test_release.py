@@ -102,7 +102,7 @@ def models_dir(
 def release(
     models_dir: Path, tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    from training.release import ReleaseInputs, write_release
+    from training.release import ReleaseInputs, ReleaseOptions, write_release
 
     root = tmp_path_factory.mktemp("release")
     reports = root / "reports"
@@ -114,7 +114,7 @@ def release(
         "Li": {"name": "electrode-voltage-Li", "version": 3, "run_id": "r-li"}}))  # fmt: skip
     inputs = ReleaseInputs(models_dir, reports, tiny_data["clean"], tiny_data["splits"], REPO)
     out = root / "release"
-    manifest = write_release(["Li", "Na"], out, inputs, check_n=4)
+    manifest = write_release(["Li", "Na"], out, inputs, ReleaseOptions(check_n=4))
     return {"dir": out, "manifest": manifest}
 
 
@@ -184,11 +184,11 @@ def test_float32_inputs_are_smaller_and_checked(
 ) -> None:
     """The rounded form (``--float32-inputs``, the fallback over the size limit) stays within
     its tolerance of the source, and its factors are recomputed, never kept."""
-    from training.release import ReleaseInputs, write_release
+    from training.release import ReleaseInputs, ReleaseOptions, write_release
 
     inputs = ReleaseInputs(models_dir, tmp_path, tiny_data["clean"], tiny_data["splits"], REPO)
-    manifest = write_release(["Li"], tmp_path / "f32", inputs, check_n=4, tol=1e-4,
-                             float32_inputs=True)  # fmt: skip
+    options = ReleaseOptions(check_n=4, float32_inputs=True)  # tolerance: 1e-4 V when rounded
+    manifest = write_release(["Li"], tmp_path / "f32", inputs, options)
     li, exact = manifest["models"]["Li"], release["manifest"]["models"]["Li"]
     assert manifest["float32_inputs"] is True
     assert li["bytes"] < exact["bytes"]
@@ -250,7 +250,7 @@ def test_changed_release_file_is_refused(release: dict[str, Any], tmp_path: Path
 def test_release_over_the_size_limit_is_refused_and_nothing_is_replaced(
     release: dict[str, Any], models_dir: Path, tmp_path: Path
 ) -> None:
-    from training.release import ReleaseInputs, write_release
+    from training.release import ReleaseInputs, ReleaseOptions, write_release
     from voltage_model.release import ReleaseError
 
     out = tmp_path / "release"
@@ -258,7 +258,7 @@ def test_release_over_the_size_limit_is_refused_and_nothing_is_replaced(
     (out / "keep.txt").write_text("old release")
     inputs = ReleaseInputs(models_dir, tmp_path / "no-reports", None, None, REPO)
     with pytest.raises(ReleaseError, match="over the"):
-        write_release(["Na"], out, inputs, check_n=0, max_bytes=1000)
+        write_release(["Na"], out, inputs, ReleaseOptions(check_n=0, max_bytes=1000))
     assert (out / "keep.txt").read_text() == "old release"
     assert not (tmp_path / ".release.tmp").exists()
 

@@ -12,7 +12,7 @@ from pymatgen.io.cif import CifWriter
 
 from training.datasets import load_ion_data
 from training.graphs.store import GraphStore
-from training.stages.train import run_train_stage
+from training.stages.train import TrainPaths, run_train_stage
 from training.tracking import MlflowSettings
 from training.train.heads import HeadConfig
 from training.train.loop import TrainConfig
@@ -40,7 +40,7 @@ def test_train_stage_logs_everything(tiny_data, tmp_path, settings, monkeypatch)
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
     store = GraphStore.load(tiny_data["graphs"])
     ckpt, metrics, plot = tmp_path / "m.pt", tmp_path / "m.json", tmp_path / "p.png"
-    report = run_train_stage(data, store, settings, mls, ckpt, metrics, plot)
+    report = run_train_stage(data, store, settings, mls, TrainPaths(ckpt, metrics, plot))
     try:
         # Learning: the loss falls and the model beats the mean predictor on its training data.
         run = mlflow.get_run(report["run_id"])
@@ -81,8 +81,8 @@ def test_checkpoint_is_self_describing(tiny_data, tmp_path, settings):
     mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="e")
     ckpt = tmp_path / "m.pt"
     try:
-        run_train_stage(data, store, settings, mls, ckpt, tmp_path / "a.json",
-                        tmp_path / "a.png", log_model=False)  # fmt: skip
+        paths = TrainPaths(ckpt, tmp_path / "a.json", tmp_path / "a.png")
+        run_train_stage(data, store, settings, mls, paths, log_model=False)
     finally:
         mlflow.set_tracking_uri(None)
     payload = torch.load(ckpt, weights_only=True)
@@ -108,8 +108,8 @@ def test_gp_heads_beside_member_heads_are_served_as_scored(tiny_data, tmp_path, 
     mls = MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="e")
     ckpt = tmp_path / "m.pt"
     try:
-        report = run_train_stage(data, store, gp_settings, mls, ckpt, tmp_path / "a.json",
-                                 tmp_path / "a.png", log_model=False)  # fmt: skip
+        paths = TrainPaths(ckpt, tmp_path / "a.json", tmp_path / "a.png")
+        report = run_train_stage(data, store, gp_settings, mls, paths, log_model=False)
     finally:
         mlflow.set_tracking_uri(None)
     served = VoltageModel.from_checkpoint(ckpt)
@@ -128,6 +128,10 @@ def test_gp_heads_beside_member_heads_are_served_as_scored(tiny_data, tmp_path, 
     assert report["gp_heads"]["descriptor_weights"] == [float(chosen)] * 2
     assert scores[chosen] == pytest.approx(report["ensemble"]["val"]["mae"], abs=1e-4)
     assert TrainSettings.from_sections(
-        {}, {}, {"n_models": 2, "gp": {"nu": 1.5, "descriptor_weights": [0.0, 0.5],
-                                      "select": "validation"}}
+        {},
+        {},
+        {
+            "n_models": 2,
+            "gp": {"nu": 1.5, "descriptor_weights": [0.0, 0.5], "select": "validation"},
+        },
     ).gp == GPConfig(nu=1.5, descriptor_weights=(0.0, 0.5), select="validation")

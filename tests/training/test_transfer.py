@@ -27,6 +27,7 @@ from training.registry import (
 from training.stages.ion_model import baseline_rows, evaluate_target, selectable_kinds
 from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
+    TransferInputs,
     TransferSettings,
     source_predictions,
     transfer,
@@ -45,7 +46,9 @@ def test_freezing_really_freezes(source, tiny_data, cfg):
     src = load_checkpoint(source)
     before = [copy.deepcopy(m.state_dict()) for m, _ in src.backbones()]
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
-    res = transfer(src, data, GraphStore.load(tiny_data["graphs"]), cfg, "frozen", seed=0)
+    res = transfer(
+        TransferInputs(src, data, GraphStore.load(tiny_data["graphs"]), cfg), "frozen", 0
+    )
     for member, state in zip(res.members, before, strict=True):
         after = member.model.state_dict()
         for k, v in state.items():
@@ -62,8 +65,8 @@ def test_gp_head_transfer_freezes_backbone_and_learns(source, tiny_data, cfg):
     src = load_checkpoint(source)
     before = [copy.deepcopy(m.state_dict()) for m, _ in src.backbones()]
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
-    res = transfer(src, data, GraphStore.load(tiny_data["graphs"]), cfg, "frozen", seed=0,
-                   head_kind="gp")  # fmt: skip
+    inputs = TransferInputs(src, data, GraphStore.load(tiny_data["graphs"]), cfg)
+    res = transfer(inputs, "frozen", seed=0, head_kind="gp")
     assert res.head_kind == "gp"
     for member, state in zip(res.members, before, strict=True):
         assert [type(h).__name__ for h in member.heads] == ["GPHead"]
@@ -85,8 +88,8 @@ def test_gp_head_with_composition_serves_what_it_was_scored_with(source, tiny_da
     src = load_checkpoint(source)
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
     gp_cfg = cfg.model_copy(update={"gp": GPConfig(descriptor_weights=(1.0,))})
-    res = transfer(src, data, GraphStore.load(tiny_data["graphs"]), gp_cfg, "adapt", seed=0,
-                   head_kind="gp")  # fmt: skip
+    inputs = TransferInputs(src, data, GraphStore.load(tiny_data["graphs"]), gp_cfg)
+    res = transfer(inputs, "adapt", seed=0, head_kind="gp")
     assert res.descriptor_weights() == [1.0] * len(res.members)
     first, *rest = res.members
     path = save_checkpoint(tmp_path / "mg.pt", first.model, src.model_config, src.converter_dict,
@@ -103,7 +106,7 @@ def test_gp_head_with_composition_serves_what_it_was_scored_with(source, tiny_da
 def test_adapt_mode_changes_only_batchnorm_statistics(source, tiny_data, cfg):
     src = load_checkpoint(source)
     data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
-    res = transfer(src, data, GraphStore.load(tiny_data["graphs"]), cfg, "adapt", seed=0)
+    res = transfer(TransferInputs(src, data, GraphStore.load(tiny_data["graphs"]), cfg), "adapt", 0)
     before, after = src.model.state_dict(), res.members[0].model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "adapt mode should re-estimate BatchNorm statistics"
@@ -270,8 +273,9 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
     # the stage's file is what it returned; the source ion is refused, not cross-validated
     assert json.loads((tmp_path / "cv.json").read_text()) == report
     li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
-    assert "not_applicable" in run_cv_stage(IonInputs(li, store, "Li"), src, plan,
-                                            CvPaths(tmp_path / "f.npz", tmp_path / "li.json"))
+    assert "not_applicable" in run_cv_stage(
+        IonInputs(li, store, "Li"), src, plan, CvPaths(tmp_path / "f.npz", tmp_path / "li.json")
+    )
     # paired differences: a constant 0.1 V gap has zero spread; unscored rows do not count
     y = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     gp_pred = y + np.array([0.1, 0.3, 0.2, 0.5, 9.0])
@@ -299,8 +303,9 @@ def test_pooled_gp_transfer_adds_partner_training_crystals_and_serves_them(
     store = GraphStore.load(tiny_data["graphs"])
     mg, na = (load_ion_data(tiny_data["clean"], tiny_data["splits"], i) for i in ("Mg", "Na"))
     gp_cfg = cfg.model_copy(update={"gp": GPConfig(descriptor_weights=(0.0, 1.0))})
-    res = transfer(src, mg, store, gp_cfg, "adapt", seed=0, head_kind="gp", partners=[na])
-    alone = transfer(src, mg, store, gp_cfg, "adapt", seed=0, head_kind="gp_alone", partners=[na])
+    inputs = TransferInputs(src, mg, store, gp_cfg, partners=[na])
+    res = transfer(inputs, "adapt", seed=0, head_kind="gp")
+    alone = transfer(inputs, "adapt", seed=0, head_kind="gp_alone")
     assert res.pool_ions == ("Na",) and alone.pool_ions == ()
     n_rows = len(mg.parts["train"]) + len(na.parts["train"])
     for member, solo in zip(res.members, alone.members, strict=True):
@@ -337,7 +342,7 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
 
     from training.baselines.models import BaselineConfig
     from training.config import CvSettings
-    from training.gp_cv import load_partners
+    from training.gp_cv import backbone_features, load_partners
     from training.stages.cv import CvPaths, CvPlan, run_cv_stage
     from voltage_model.models.gp_head import GPConfig
 
@@ -345,7 +350,7 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
                   for i in ("Mg", "Na", "Li"))  # fmt: skip
     store = GraphStore.load(tiny_data["graphs"])
     gp = GPConfig(descriptor_weights=(1.0,))
-    partners = load_partners([na], store, load_checkpoint(source), gp)
+    partners = load_partners([na], store, gp, backbone_features(load_checkpoint(source), store))
     held_out = set(mg.host_ids("test")) | set(na.host_ids("val")[:2])
     rows = partners.fold_rows(0, held_out)
     kept = [h for h in partners.hosts if h not in held_out]
@@ -358,8 +363,9 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
     out = {k: tmp_path / f"cv.{k}" for k in ("json", "csv", "png")}
     inputs = IonInputs(mg, store, "Li", [na], seen)
     paths = CvPaths(tmp_path / "f.npz", out["json"], out["csv"], out["png"])
-    report = run_cv_stage(inputs, load_checkpoint(source), CvPlan(small, gp, CvSettings(folds=3)),
-                          paths)
+    report = run_cv_stage(
+        inputs, load_checkpoint(source), CvPlan(small, gp, CvSettings(folds=3)), paths
+    )
     assert report["pool_ions"] == ["Na"] and out["png"].stat().st_size > 0
     unseen = [h not in seen for s in ("train", "val", "test") for h in mg.host_ids(s)]
     for grouping, rep in report["groupings"].items():
@@ -369,8 +375,18 @@ def test_cross_validation_pools_partners_outside_the_held_out_hosts(source, tiny
         assert unc["crps"] > 0
     host = report["groupings"]["host"]
     methods = host["methods"]
-    for name in ("transfer_gp", "transfer_gp_alone", "transfer_gp_backbone_only", "krr",
-                 "krr_pooled", "rf_pooled", "gp_comp", "gp_comp_pooled", "svr", "mean"):
+    for name in (
+        "transfer_gp",
+        "transfer_gp_alone",
+        "transfer_gp_backbone_only",
+        "krr",
+        "krr_pooled",
+        "rf_pooled",
+        "gp_comp",
+        "gp_comp_pooled",
+        "svr",
+        "mean",
+    ):
         assert np.isfinite(methods[name]["mae"]), name
     alone = methods["transfer_gp_alone"]  # the unpooled head, paired with every row
     assert alone["transfer_gp_alone_minus_this"] == 0.0
@@ -401,7 +417,7 @@ def test_pooling_is_chosen_by_cv_on_train_and_val_only(source, tiny_data):
     store = GraphStore.load(tiny_data["graphs"])
     gp = GPConfig(descriptor_weights=(0.0, 1.0))
     src = load_checkpoint(source)
-    report = choose_pooling(mg, store, src, [na], gp, folds=3)
+    report = choose_pooling(IonInputs(mg, store, "Li", [na]), src, gp, folds=3)
     assert report["n"] == len(mg.parts["train"]) + len(mg.parts["val"]) and report["folds"] == 3
     assert report["pool"] == (report["pooled_mae"] < report["alone_mae"])
     assert report["pooled_minus_alone"] == pytest.approx(
@@ -417,13 +433,15 @@ def test_pooling_is_chosen_by_cv_on_train_and_val_only(source, tiny_data):
             out.parts[s] = [_shifted(r) for r in out.parts[s]]
         return out
 
-    again = choose_pooling(scrambled(mg, ["test"]), store, src,
-                           [scrambled(na, ["val", "test"])], gp, folds=3)  # fmt: skip
+    scrambled_inputs = IonInputs(
+        scrambled(mg, ["test"]), store, "Li", [scrambled(na, ["val", "test"])]
+    )
+    again = choose_pooling(scrambled_inputs, src, gp, folds=3)
     assert again == report
     # leak-free: crystals on the source's training hosts are fitted on but never scored
     li = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
     seen = frozenset(li.host_ids("train"))
-    leak_free = choose_pooling(mg, store, src, [na], gp, folds=3, source_train_hosts=seen)
+    leak_free = choose_pooling(IonInputs(mg, store, "Li", [na], seen), src, gp, folds=3)
     rows = [h for s in ("train", "val") for h in mg.host_ids(s)]
     assert leak_free["n_scored"] == sum(h not in seen for h in rows) < report["n_scored"]
 

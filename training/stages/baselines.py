@@ -62,19 +62,44 @@ def partner_rows(partners: Sequence[IonData], features_cache: Path) -> PartnerRo
     return PartnerRows.from_ions(blocks)
 
 
+@dataclass(frozen=True)
+class BaselinePaths:
+    """The stage's feature cache and outputs. ``val_predictions`` defaults to
+    ``<predictions stem>_val.csv`` beside the test CSV, ``uncleaned_predictions`` to
+    ``<predictions stem>_uncleaned.csv``."""
+
+    features_cache: Path
+    metrics: Path
+    predictions: Path
+    val_predictions: Path | None = None
+    uncleaned_predictions: Path | None = None
+
+    def val_out(self) -> Path:
+        return self.val_predictions or self._beside("val")
+
+    def uncleaned_out(self) -> Path:
+        return self.uncleaned_predictions or self._beside("uncleaned")
+
+    def _beside(self, suffix: str) -> Path:
+        return self.predictions.with_name(f"{self.predictions.stem}_{suffix}.csv")
+
+
 def run_baseline_stage(
-    data: IonData, cfg: BaselineConfig, mlflow_settings: MlflowSettings, features_cache: Path,
-    metrics_out: Path, predictions_out: Path, val_predictions_out: Path | None = None,
-    partners: Sequence[IonData] = (), uncleaned: IonData | None = None,
-    uncleaned_predictions_out: Path | None = None,
-) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    data: IonData,
+    cfg: BaselineConfig,
+    mlflow_settings: MlflowSettings,
+    paths: BaselinePaths,
+    partners: Sequence[IonData] = (),
+    uncleaned: IonData | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
     """Tune every baseline by grouped CV on train+val, fit on train, score val and test; log all.
 
     ``partners``: the pool partner ions (``Params.pool_partners``), for the pooled variants.
-    ``val_predictions_out`` defaults to ``<predictions stem>_val.csv`` beside the test CSV.
     ``uncleaned``: the ion's rows before cleaning; the fitted models then also predict its test
-    rows into ``uncleaned_predictions_out`` (default ``<predictions stem>_uncleaned.csv``).
+    rows into ``paths.uncleaned_out()``.
     """
+    features_cache, metrics_out = paths.features_cache, paths.metrics
+    predictions_out = paths.predictions
     xs = {}
     for split in SPLITS:
         xs[split], names = featurize_cached(data.formulas(split), features_cache)
@@ -87,14 +112,12 @@ def run_baseline_stage(
     report = _report(data, cfg, results, [p.ion for p in partners])
     metrics_out.parent.mkdir(parents=True, exist_ok=True)
     metrics_out.write_text(json.dumps(report, indent=2) + "\n")
-    val_out = val_predictions_out or predictions_out.with_name(f"{predictions_out.stem}_val.csv")
+    val_out = paths.val_out()
     _write_predictions(predictions_out, data, results, "test")
     _write_predictions(val_out, data, results, "val")
     artifacts = [metrics_out, predictions_out, val_out]
     if uncleaned is not None:
-        unc_out = uncleaned_predictions_out or predictions_out.with_name(
-            f"{predictions_out.stem}_uncleaned.csv"
-        )
+        unc_out = paths.uncleaned_out()
         write_uncleaned_predictions(unc_out, data, uncleaned, results, features_cache)
         artifacts.append(unc_out)
     _log_mlflow(data, cfg, mlflow_settings, results, artifacts)
@@ -248,15 +271,18 @@ class Options:
 def run(opts: Options) -> dict[str, dict[str, Any]]:
     p = load_params(opts.params).require_ion(opts.ion)
     data = load_ion_data(opts.records, opts.splits, opts.ion)
-    return run_baseline_stage(
-        data,
-        BaselineConfig.from_settings(p.baselines, p.transfer.gp),
-        p.mlflow,
+    paths = BaselinePaths(
         opts.features_cache,
         opts.metrics,
         opts.predictions,
         opts.val_predictions,
+        opts.uncleaned_predictions,
+    )
+    return run_baseline_stage(
+        data,
+        BaselineConfig.from_settings(p.baselines, p.transfer.gp),
+        p.mlflow,
+        paths,
         partners=pool_partners(p, opts.ion, opts.records, opts.splits),
         uncleaned=uncleaned_data(opts.records_all, opts.splits_all, opts.ion),
-        uncleaned_predictions_out=opts.uncleaned_predictions,
     )

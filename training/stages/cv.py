@@ -54,6 +54,7 @@ from training.gp_cv import (
     SPLITS,
     CVBackbone,
     Partners,
+    backbone_features,
     chemsys_keys,
     gp_fold,
     group_folds,
@@ -153,7 +154,7 @@ def load_rows(
     gp, backbones = plan.gp, plan.cv.backbones
     hosts, y = rows_of(data, SPLITS)
     x, _ = featurize_cached([f for s in SPLITS for f in data.formulas(s)], features_cache)
-    pool = load_partners(partners, store, source, gp, SPLITS, backbones)
+    pool = load_partners(partners, store, gp, backbone_features(source, store, backbones), SPLITS)
     partner_rows = None
     if pool is not None:
         px, _ = composition_features([f for p in partners for s in SPLITS for f in p.formulas(s)])
@@ -177,10 +178,11 @@ def _chgnet_rows(
 ) -> CVBackbone:  # fmt: skip
     """CHGNet features of the ion's crystals and of its partners' (every split: the folds drop
     held-out groups), with the CHGNet GP's settings."""
+
     def feats(h: list[str]) -> list[Any]:
         return [torch.from_numpy(chg.rows(h))]
 
-    pool = load_partners(partners, store, None, gp, SPLITS, features=feats)
+    pool = load_partners(partners, store, gp, feats, SPLITS)
     return CVBackbone(feats(hosts), host_descriptors(store, hosts, gp), pool, gp)
 
 
@@ -205,21 +207,21 @@ def _chgnet_partners(rows: IonRows, grouping: str) -> Partners | None:
 
 def _gp_runs(
     rows: IonRows, grouping: str, gp: GPConfig, pool: Partners | None, chgnet_pool: bool
-) -> dict[str, tuple[list[Any], Any, GPConfig, Partners | None]]:
-    """Every GP method of the CV: (features, descriptors, settings, partners). ``chgnet_gp``
+) -> dict[str, CVBackbone]:
+    """Every GP method of the CV: (features, descriptors, partners, settings). ``chgnet_gp``
     pools as the served CHGNet head does (``chgnet_pool``); ``chgnet_gp_alone`` never pools."""
     backbone_only = replace(gp, descriptor_weights=(0.0,))
     desc = rows.desc if gp.uses_descriptors else None
     runs = {
-        "transfer_gp": (rows.feats, desc, gp, pool),
-        "transfer_gp_alone": (rows.feats, desc, gp, None),
-        "transfer_gp_backbone_only": (rows.feats, None, backbone_only, None),
+        "transfer_gp": CVBackbone(rows.feats, desc, pool, gp),
+        "transfer_gp_alone": CVBackbone(rows.feats, desc, None, gp),
+        "transfer_gp_backbone_only": CVBackbone(rows.feats, None, None, backbone_only),
     }
     if rows.chgnet is not None:
         c = rows.chgnet
         cpool = _chgnet_partners(rows, grouping)
-        runs["chgnet_gp"] = (c.feats, c.desc, c.gp, cpool if chgnet_pool else None)
-        runs["chgnet_gp_alone"] = (c.feats, c.desc, c.gp, None)
+        runs["chgnet_gp"] = replace(c, partners=cpool if chgnet_pool else None)
+        runs["chgnet_gp_alone"] = replace(c, partners=None)
     return runs
 
 
@@ -248,9 +250,7 @@ def run_grouping(
         fold_of[te] = k
         held_out = {keys[i] for i in te}
         for m in gp_methods:
-            feats, desc, cfg, partners = gp_runs[m]
-            pred[m][te], std[m][te] = gp_fold(feats, desc, rows.y, tr, te, cfg, partners,
-                                              held_out)  # fmt: skip
+            pred[m][te], std[m][te] = gp_fold(gp_runs[m], rows.y, tr, te, held_out)
         fold_partners = None if prows is None else prows.without_hosts(held_out)
         inner_groups = [keys[i] for i in tr]
         for m in baseline_methods:
@@ -297,8 +297,10 @@ def summarise(
     for name, s in out["std"].items():
         m = out["pred"][name]
         crossfit = cross_fitted_scale(y, m, s, out["fold"], scored)
-        unc[name] = {"as_served": interval_metrics(y[scored], m[scored], s[scored]),
-                     "cross_fitted": interval_metrics(y[scored], m[scored], crossfit[scored])}
+        unc[name] = {
+            "as_served": interval_metrics(y[scored], m[scored], s[scored]),
+            "cross_fitted": interval_metrics(y[scored], m[scored], crossfit[scored]),
+        }
     return {"folds": out["folds"], "n": len(y), "n_scored": n, "methods": methods,
             "uncertainty": unc, "coverage_90_band": list(coverage_band(n))}  # fmt: skip
 

@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from training.train.uncertainty import calibration, fit_std_scale
 from training.transfer import (
     GP_KINDS,
     HEAD_KINDS,
+    TransferInputs,
     TransferResult,
     member_predictions,
     metrics_by_split,
@@ -128,9 +129,16 @@ def evaluate_source(data: IonData, store: GraphStore, checkpoint: Path) -> dict[
     }  # fmt: skip
 
 
-def evaluate_target(
-    inputs: IonInputs, checkpoint: Path, cfg: TransferSettings
-) -> tuple[dict[str, Any], TransferResult, ChgnetPart | None]:
+class TargetModel(NamedTuple):
+    """A transferred ion's comparison report, the transfer run its served model is made of, and
+    the artifact's CHGNet section (None: the CGCNN is served alone)."""
+
+    report: dict[str, Any]
+    final: TransferResult
+    chgnet: ChgnetPart | None = None
+
+
+def evaluate_target(inputs: IonInputs, checkpoint: Path, cfg: TransferSettings) -> TargetModel:
     """Every comparison row of a transferred ion and the model it serves: the CGCNN transfer
     variant chosen on validation among ``select_heads`` (pooling by CV, with the ion's
     ``partners``), the CHGNet head (when ``inputs.chg`` is given), and which of CGCNN / CHGNet /
@@ -156,12 +164,8 @@ def evaluate_target(
         pool_selection = variant["pooling"]["cgcnn"]
     else:
         pool_selection = _pool_selection(inputs, src, cfg)
-    runs = transfer_variants(src, data, store, cfg, partners)
-    per_variant = {
-        name: _summary([metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts})
-                        for r in results])
-        for name, results in runs.items()
-    }  # fmt: skip
+    runs = transfer_variants(TransferInputs(src, data, store, cfg, partners))
+    per_variant = {name: _transfer_summary(data, results) for name, results in runs.items()}
     kinds = selectable_kinds(cfg.select_heads, pool_selection)
     eligible = [n for n in per_variant if runs[n][0].head_kind in kinds]
     best = min(eligible, key=lambda name: per_variant[name]["val_mae_mean"])
@@ -198,7 +202,14 @@ def evaluate_target(
         "test_mae": regression_metrics(data.targets("test"), served_preds["test"][0])["mae"],
         "uncertainty": _served_uncertainty(data, final, served_preds, variant),
     }
-    return report, final, served
+    return TargetModel(report, final, served)
+
+
+def _transfer_summary(data: IonData, results: list[TransferResult]) -> dict[str, Any]:
+    """mean +- std over the seeds of a transfer variant's ensemble."""
+    return _summary(
+        [metrics_by_split(data, {s: r.mean_std(s)[0] for s in data.parts}) for r in results]
+    )
 
 
 def _variant_selection(
@@ -206,13 +217,10 @@ def _variant_selection(
 ) -> dict[str, Any] | None:
     """The train+val grouped CV choosing CGCNN / CHGNet / average (None: no CHGNet features or
     CHGNet disabled, or no GP head may be served)."""
-    data, store, partners, chg = inputs.data, inputs.store, inputs.partners, inputs.chg
-    if chg is None or not cfg.chgnet.enabled or "gp" not in cfg.select_heads:
+    if inputs.chg is None or not cfg.chgnet.enabled or "gp" not in cfg.select_heads:
         return None
-    cgcnn_gp, chgnet_gp = gp_config(cfg.gp), gp_config(cfg.chgnet.gp)
-    backbones = cv_backbones(data, store, src, chg, cgcnn_gp, chgnet_gp, partners)
-    return choose_variant(data, backbones, cfg.chgnet.cv_folds, partners,
-                          inputs.source_train_hosts, cfg.chgnet.variants)  # fmt: skip
+    backbones = cv_backbones(inputs, src, gp_config(cfg.gp), gp_config(cfg.chgnet.gp))
+    return choose_variant(inputs, backbones, cfg.chgnet.cv_folds, cfg.chgnet.variants)
 
 
 def _chgnet_rows(
@@ -274,8 +282,7 @@ def _pool_selection(
         return None
     if cfg.pool_cv_folds == 0:
         return {"pool": True, "rule": "always (pool_cv_folds: 0)"}
-    report = choose_pooling(inputs.data, inputs.store, src, inputs.partners, gp_config(cfg.gp),
-                            cfg.pool_cv_folds, inputs.source_train_hosts)  # fmt: skip
+    report = choose_pooling(inputs, src, gp_config(cfg.gp), cfg.pool_cv_folds)
     return {**report, "rule": "lower grouped-CV MAE on train+val"}
 
 
@@ -290,32 +297,30 @@ def selectable_kinds(
     return kinds
 
 
-def transfer_variants(
-    src: LoadedModel, data: IonData, store: GraphStore, cfg: TransferSettings,
-    partners: Sequence[IonData] = (),
-) -> dict[str, list[TransferResult]]:  # fmt: skip
+def transfer_variants(inputs: TransferInputs) -> dict[str, list[TransferResult]]:
     """Every head kind x BatchNorm mode, named ``transfer_<head>_bn_<mode>``, over the seeds
     (GP heads are deterministic: one run). ``gp_alone`` (the GP without the partners' rows) only
-    runs when there are partners; otherwise it is ``gp``."""
+    runs when there are partners; otherwise it is ``gp``. Every run reads the frozen backbones'
+    vectors from ``inputs``: computed once per BatchNorm mode, whatever the head or seed."""
+    cfg = inputs.cfg
     runs = {}
     for kind in HEAD_KINDS:
-        if kind == "gp_alone" and not partners:
+        if kind == "gp_alone" and not inputs.partners:
             continue
         seeds = cfg.seeds[:1] if kind in GP_KINDS else cfg.seeds
         for mode in cfg.bn_modes:
             runs[f"transfer_{kind}_bn_{mode}"] = [
-                transfer(src, data, store, cfg, mode, seed, head_kind=kind, partners=partners)
-                for seed in seeds
+                transfer(inputs, mode, seed, head_kind=kind) for seed in seeds
             ]
     return runs
 
 
 def save_transfer_checkpoint(
-    path: Path, result: TransferResult, src_path: Path, data: IonData, report: dict, run_id: str,
-    chgnet: ChgnetPart | None = None,
+    path: Path, target: TargetModel, src_path: Path, data: IonData, run_id: str
 ) -> None:
     """The served artifact: the CGCNN transfer model, plus the CHGNet head when the served
-    variant uses one (``chgnet``, with its share of the prediction)."""
+    variant uses one (``target.chgnet``, with its share of the prediction)."""
+    result, report = target.final, target.report
     src = load_checkpoint(src_path)
     first, *rest = result.members
     extra = {
@@ -332,9 +337,16 @@ def save_transfer_checkpoint(
         "chgnet_pool_ions": _chgnet_pool_ions(report),
     }
     save_checkpoint(
-        path, first.model, src.model_config, src.converter_dict, result.normalizer, extra,
-        heads=first.heads, members=[(m.model, m.heads) for m in rest], chgnet=chgnet,
-    )  # fmt: skip
+        path,
+        first.model,
+        src.model_config,
+        src.converter_dict,
+        result.normalizer,
+        extra,
+        heads=first.heads,
+        members=[(m.model, m.heads) for m in rest],
+        chgnet=target.chgnet,
+    )
 
 
 def _chgnet_pool_ions(report: dict[str, Any]) -> list[str]:
@@ -386,8 +398,10 @@ def source_variant(
     report["val_predictions"] = served["val"][0]
     report["test_mae"] = regression_metrics(data.targets("test"), served["test"][0])["mae"]
     test_mean, test_std = served["test"]
-    report["uncertainty"] = {"std_scale": scale,
-                             **calibration(data.targets("test"), test_mean, test_std * scale)}
+    report["uncertainty"] = {
+        "std_scale": scale,
+        **calibration(data.targets("test"), test_mean, test_std * scale),
+    }
     return served_part(choice, fit)
 
 
@@ -477,10 +491,11 @@ def run_ion_stage(
             part = source_variant(report, inputs, source_checkpoint, cfg)
             copy_source_artifact(source_checkpoint, paths.checkpoint, part, report)
         else:
-            report, final, part = evaluate_target(inputs, source_checkpoint, cfg)
+            target = evaluate_target(inputs, source_checkpoint, cfg)
             save_transfer_checkpoint(
-                paths.checkpoint, final, source_checkpoint, data, report, run.info.run_id, part
+                paths.checkpoint, target, source_checkpoint, data, run.info.run_id
             )
+            report = target.report
         report["methods"].update(baseline_rows(data, paths.baselines))
         if inputs.uncleaned is not None:
             report["test_uncleaned"] = uncleaned_test(
@@ -558,7 +573,11 @@ def run(opts: Options) -> dict[str, Any]:
     if opts.baselines_uncleaned is not None and opts.splits_all is None:
         raise UsageError("--baselines-uncleaned needs --records-all and --splits-all")
     files = IonFiles(
-        opts.records, opts.splits, opts.graphs, opts.chgnet_features, opts.records_all,
+        opts.records,
+        opts.splits,
+        opts.graphs,
+        opts.chgnet_features,
+        opts.records_all,
         opts.splits_all,
     )
     paths = IonModelPaths(

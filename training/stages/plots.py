@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from training import plots as figures
-from training.chgnet_store import ChgnetFeatures, load_optional
+from training.chgnet_store import load_optional
 from training.config import load_params
+from training.data.ion_inputs import IonInputs
 from training.data.records import read_records
 from training.data.split import SPLITS, load_splits
 from training.datasets import IonData
@@ -108,13 +109,13 @@ def ion_data(records: Path, splits: Path, ions: Sequence[str]) -> dict[str, IonD
 
 
 def served_mean_std(
-    model: LoadedModel, store: GraphStore, data: IonData, split: str,
-    chg: ChgnetFeatures | None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(mean, std) in V of the artifact as served on one split: the pipeline's one evaluation
-    pass (``training.train.served``), std times the artifact's ``std_scale`` as the service
-    answers it."""
-    mean, std = served.served_mean_std(model, store, data, split, chg)
+    model: LoadedModel, inputs: IonInputs, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) in V of the artifact as served on one split of ``inputs``' ion: the
+    pipeline's one evaluation pass (``training.train.served``), std times the artifact's
+    ``std_scale`` as the service answers it."""
+    assert inputs.store is not None, "the plots stage reads graphs from the graph cache"
+    mean, std = served.served_mean_std(model, inputs.store, inputs.data, split, inputs.chg)
     return mean, std * float(model.extra.get("std_scale", 1.0))
 
 
@@ -130,16 +131,14 @@ def read_predictions(
             np.array([float(r[column]) for r in rows]))  # fmt: skip
 
 
-def served_test(
-    ion: str, model: LoadedModel, store: GraphStore, data: IonData,
-    chg: ChgnetFeatures | None, predictions_csv: Path,
-) -> Gaussian:  # fmt: skip
+def served_test(inputs: IonInputs, model: LoadedModel, predictions_csv: Path) -> Gaussian:
     """The served model's test predictions with their calibrated std; the mean must be the
     predictions CSV's ``served`` column (same ids, same order)."""
+    ion = inputs.ion
     ids, y, served = read_predictions(predictions_csv)
-    if ids != data.ids("test"):
+    if ids != inputs.data.ids("test"):
         raise ValueError(f"{ion}: {predictions_csv} holds other test ids than the split file")
-    mean, std = served_mean_std(model, store, data, "test", chg)
+    mean, std = served_mean_std(model, inputs, "test")
     gap = float(np.max(np.abs(mean - served))) if len(ids) else 0.0
     if gap > SAME_PREDICTION_V:
         raise ValueError(f"{ion}: the served artifact's test predictions differ from "
@@ -269,7 +268,8 @@ class Options:
 def run(opts: Options) -> list[Path]:
     """Every figure of every enabled ion; returns the files written."""
     t0 = time.perf_counter()
-    ions = load_params(opts.params).ion_names
+    p = load_params(opts.params)
+    ions = p.ion_names
     data = ion_data(opts.records, opts.splits, ions)
     store = GraphStore.load(opts.graphs)
     chg = load_optional(opts.chgnet_features)
@@ -278,8 +278,8 @@ def run(opts: Options) -> list[Path]:
     for ion in ions:
         model = load_checkpoint(opts.models_dir / f"{ion}.pt")
         scales[ion] = float(model.extra.get("std_scale", 1.0))
-        sets[ion] = {"test": served_test(ion, model, store, data[ion], chg,
-                                         opts.predictions_dir / f"ion_{ion}.csv")}  # fmt: skip
+        inputs = IonInputs(data[ion], store, p.source_ion, chg=chg)
+        sets[ion] = {"test": served_test(inputs, model, opts.predictions_dir / f"ion_{ion}.csv")}
         sets[ion].update(cv_sets(opts.cv_dir / f"{ion}.csv", opts.cv_dir / f"{ion}.json",
                                  scales[ion]))  # fmt: skip
     importance = {ion: importances(opts.metrics_dir / f"baselines_{ion}.json") for ion in ions}

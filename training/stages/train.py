@@ -22,6 +22,7 @@ from training.tracking import MlflowSettings, setup_mlflow, standard_tags
 from training.train.heads import (
     GPFit,
     HeadConfig,
+    HeadRows,
     fit_gp_volts,
     fit_heads,
     heads_volts,
@@ -63,12 +64,7 @@ def member_heads(
     if cfg.n_heads <= 1:
         heads: list[Head | GPHead] = [Head.from_model(model)]
     else:
-        heads = list(fit_heads(
-            Head.from_model(model),
-            feats["train"], data.targets("train"),
-            feats["val"], data.targets("val"),
-            normalizer, cfg,
-        ))  # fmt: skip
+        heads = list(fit_heads(Head.from_model(model), HeadRows.of(feats, data), normalizer, cfg))
     means = {s: heads_volts(heads, feats[s], normalizer) for s in data.parts}
     variances = {s: np.zeros_like(m) for s, m in means.items()}
     return MemberHeads(heads, means, variances), feats
@@ -125,17 +121,26 @@ def combine(per_member: list[MemberHeads]) -> dict[str, tuple[np.ndarray, np.nda
     return out
 
 
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where the train stage writes: the checkpoint, the metrics JSON and the parity plot."""
+
+    checkpoint: Path
+    metrics: Path
+    plot: Path
+
+
 def run_train_stage(
     data: IonData,
     store: GraphStore,
     settings: TrainSettings,
     mlflow_settings: MlflowSettings,
-    checkpoint_out: Path,
-    metrics_out: Path,
-    plot_out: Path,
+    paths: TrainPaths,
     log_model: bool = True,
 ) -> dict[str, Any]:
     import mlflow
+
+    checkpoint_out, metrics_out, plot_out = paths.checkpoint, paths.metrics, paths.plot
 
     setup_mlflow(mlflow_settings)
     with mlflow.start_run(run_name=f"train-{data.ion}") as run:
@@ -249,8 +254,10 @@ def _extra(data: IonData, report: dict, scale: float, run_id: str) -> dict[str, 
         "encoding_fingerprint": encoding_fingerprint(),
         # no test figure: a served artifact must not change when test labels do (the test
         # split is reported in the registry's tags and the stage's metrics, never stored here)
-        "metrics": {kind: {s: m for s, m in report[kind].items() if s != "test"}
-                    for kind in ("ensemble", "single_model")},
+        "metrics": {
+            kind: {s: m for s, m in report[kind].items() if s != "test"}
+            for kind in ("ensemble", "single_model")
+        },
         "mlflow_run_id": run_id,
     }
 
@@ -289,7 +296,5 @@ def run(opts: Options) -> dict[str, Any]:
         GraphStore.load(opts.graphs),
         settings,
         p.mlflow,
-        opts.checkpoint,
-        opts.metrics,
-        opts.plot,
+        TrainPaths(opts.checkpoint, opts.metrics, opts.plot),
     )

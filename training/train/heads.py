@@ -109,38 +109,43 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def fit_heads(
-    start: Head,
-    train_x: Tensor,
-    train_y: np.ndarray,
-    val_x: Tensor,
-    val_y: np.ndarray,
-    normalizer: Normalizer,
-    cfg: HeadConfig,
-) -> list[Head]:
+@dataclass(frozen=True)
+class HeadRows:
+    """The rows heads are fitted on: pooled vectors and targets of the training split, and of
+    the validation split that chooses each head's epoch. Targets in volts, or already
+    normalised (``fit_heads`` normalises them into tensors)."""
+
+    train_x: Tensor
+    train_y: np.ndarray | Tensor
+    val_x: Tensor
+    val_y: np.ndarray | Tensor
+
+    @classmethod
+    def of(cls, feats: dict[str, Tensor], data: IonData) -> HeadRows:
+        """An ion's training and validation rows from its pooled vectors per split."""
+        return cls(feats["train"], data.targets("train"), feats["val"], data.targets("val"))
+
+
+def fit_heads(start: Head, rows: HeadRows, normalizer: Normalizer, cfg: HeadConfig) -> list[Head]:
     """K heads, each fine-tuned from ``start`` on a (bootstrap) resample of the training rows."""
-    y = torch.as_tensor(normalizer.norm(np.asarray(train_y, np.float64)), dtype=torch.float32)
-    yv = torch.as_tensor(normalizer.norm(np.asarray(val_y, np.float64)), dtype=torch.float32)
+    y = torch.as_tensor(normalizer.norm(np.asarray(rows.train_y, np.float64)), dtype=torch.float32)
+    yv = torch.as_tensor(normalizer.norm(np.asarray(rows.val_y, np.float64)), dtype=torch.float32)
+    normed = HeadRows(rows.train_x, y, rows.val_x, yv)
     rng = np.random.default_rng(cfg.seed)
     heads = []
     with single_thread():
         for k in range(cfg.n_heads):
-            heads.append(_one_head(start, k, rng, train_x, y, val_x, yv, cfg))
+            heads.append(_one_head(start, k, rng, normed, cfg))
     return heads
 
 
 def _one_head(
-    start: Head,
-    k: int,
-    rng: np.random.Generator,
-    train_x: Tensor,
-    y: Tensor,
-    val_x: Tensor,
-    yv: Tensor,
-    cfg: HeadConfig,
+    start: Head, k: int, rng: np.random.Generator, rows: HeadRows, cfg: HeadConfig
 ) -> Head:
-    """Head k: a bootstrap resample, and (k > 0) a slightly perturbed start."""
+    """Head k: a bootstrap resample, and (k > 0) a slightly perturbed start (``rows``: targets
+    normalised, as tensors)."""
     torch.manual_seed(cfg.seed * 1000 + k)
+    y = rows.train_y
     boot = cfg.bootstrap and cfg.n_heads > 1
     idx = rng.integers(0, len(y), len(y)) if boot else np.arange(len(y))
     head = copy.deepcopy(start)
@@ -148,7 +153,7 @@ def _one_head(
         with torch.no_grad():
             for p in head.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-    return _fit_one(head, train_x[idx], y[idx], val_x, yv, cfg)
+    return _fit_one(head, rows.train_x[idx], y[idx], rows.val_x, rows.val_y, cfg)
 
 
 @torch.no_grad()
@@ -160,9 +165,7 @@ def heads_volts(heads: list[Head], x: Tensor, normalizer: Normalizer) -> np.ndar
     return normalizer.denorm(preds)
 
 
-def split_descriptors(
-    store: GraphStore, data: IonData, cfg: GPConfig
-) -> dict[str, Tensor] | None:
+def split_descriptors(store: GraphStore, data: IonData, cfg: GPConfig) -> dict[str, Tensor] | None:
     """Composition descriptors of every split's crystals, when ``cfg`` offers them to GP heads
     (computed once per ion and shared by every backbone's head)."""
     if not cfg.uses_descriptors:

@@ -244,11 +244,11 @@ def _train_epoch(
     opt: torch.optim.Optimizer,
     batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     normalizer: Normalizer,
-    device: torch.device,
-    grad_clip: float | None,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.mse_loss,
+    cfg: TrainConfig,
 ) -> tuple[float, float, int]:
-    """One pass over ``loader``: (mean normalised training loss, MAE in volts, crystals seen)."""
+    """One pass over ``loader``: (mean normalised training loss, MAE in volts, crystals seen);
+    ``cfg``'s device, gradient clipping and loss."""
+    device, grad_clip, loss_fn = torch.device(cfg.device), cfg.grad_clip, loss_function(cfg.loss)
     params = [p for group in opt.param_groups for p in group["params"]]
     sq_sum = abs_sum = 0.0
     n_seen = 0
@@ -317,10 +317,10 @@ def fit(
             lr = float(opt.param_groups[0]["lr"])
             t0 = time.perf_counter()
             _set_train_mode(model, partial)
+            batch_scheduler = scheduler if per_batch else None
             loss, train_mae, n_seen = _train_epoch(
-                model, train_loader, opt, scheduler if per_batch else None,
-                normalizer, device, cfg.grad_clip, loss_function(cfg.loss),
-            )  # fmt: skip
+                model, train_loader, opt, batch_scheduler, normalizer, cfg
+            )
             train_s = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss {loss} at epoch {epoch}")

@@ -21,16 +21,12 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from typer.testing import CliRunner
 
-from training import screen_tiers as tiers
-from training.screen import (
-    Rescore,
-    merge_screen,
-    model_ident,
-    partial_path,
-    ranked_rows,
-    read_partial,
-    run_screen,
-)
+from serving.screen import tiers
+from serving.screen.merge import merge_screen
+from serving.screen.models import model_ident
+from serving.screen.outputs import ranked_rows
+from serving.screen.partial import partial_path, read_partial
+from serving.screen.run import Rescore, run_screen
 from voltage_model.cif import served_structure
 from voltage_model.graphs.batch import collate
 from voltage_model.predict import VoltageModel
@@ -65,7 +61,8 @@ def champions(
     store = GraphStore.load(tiny_data["graphs"])
     hosts = frozenset(li.host_ids("train"))
     inputs = IonInputs(mg, store, "Li", [na], hosts, chgnet_features)
-    report, final, picked = evaluate_target(inputs, source, cfg)
+    target = evaluate_target(inputs, source, cfg)
+    picked = target.chgnet
     fit = fit_chgnet_head(mg, store, chgnet_features, gp_config(cfg.chgnet.gp))
     parts = {"blend": served_part("average", fit), "chgnet": served_part("chgnet", fit),
              "cgcnn": None}  # fmt: skip
@@ -74,8 +71,8 @@ def champions(
     tmp = tmp_path_factory.mktemp("tier_champions")
     out = {}
     for name, part in parts.items():
-        save_transfer_checkpoint(tmp / f"{name}.pt", final, source, mg, report, run_id="run",
-                                 chgnet=part)  # fmt: skip
+        served = target._replace(chgnet=part)
+        save_transfer_checkpoint(tmp / f"{name}.pt", served, source, mg, run_id="run")
         out[name] = VoltageModel.from_checkpoint(tmp / f"{name}.pt")
         out[name].path = tmp / f"{name}.pt"  # type: ignore[attr-defined]
     return out
@@ -362,7 +359,7 @@ def test_shards_merge_with_tier2_columns_and_cover_the_global_selection(
 
 # =============================================================================== command line
 def test_cli_prints_both_tiers_and_refuses_bad_counts(champions, inputs, tmp_path):
-    from training.cli import app
+    from serving.cli import app
 
     root, _ = inputs
     runner = CliRunner()

@@ -20,15 +20,10 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.cif import CifWriter
 from pymatgen.io.vasp import Poscar
 
-from training.screen import (
-    list_inputs,
-    merge_screen,
-    parse_shard,
-    partial_path,
-    read_partial,
-    run_screen,
-    select_shard,
-)
+from serving.screen.inputs import list_inputs, parse_shard, select_shard
+from serving.screen.merge import merge_screen
+from serving.screen.partial import partial_path, read_partial
+from serving.screen.run import run_screen
 from voltage_model.artifact import save_checkpoint
 from voltage_model.cif import fast_p1_cif
 from voltage_model.graphs.converter import GraphConverter
@@ -139,9 +134,10 @@ def test_fast_cif_path_equals_pymatgen(model):
 
 
 def run_one(text: str, model: VoltageModel) -> float:
-    from training.screen import _init_worker, _Predictor, prepare
+    from serving.screen.predictor import Predictor
+    from serving.screen.prepare import init_worker, prepare
 
-    _init_worker(_Predictor(["Li"], {"Li": model}), 500)
+    init_worker(Predictor(["Li"], {"Li": model}), 500)
     res = prepare("x.cif", "cif", text.encode())
     return float(model.predict_graphs([res.graphs[0]])[0][0])  # type: ignore[union-attr]
 
@@ -311,8 +307,8 @@ def test_champions_are_read_from_the_checkpoint_not_the_logged_code(
     its checkpoint does, and an ion without a champion is a clear error."""
     import mlflow.pyfunc
 
+    from serving.screen.models import champion_models
     from tests.serving_fixtures import PREFIX, MlflowStore, build_checkpoint
-    from training.screen import champion_models
     from voltage_model.registry import ModelLoadError
 
     store = MlflowStore.create(tmp_path / "mlflow")
@@ -330,3 +326,65 @@ def test_champions_are_read_from_the_checkpoint_not_the_logged_code(
             champion_models(["Na"], PREFIX)
     text = str(CifWriter(structures()[0]))
     assert run_one(text, models["Li"]) == run_one(text, VoltageModel.from_checkpoint(ckpt))
+
+
+# =============================================================================== command line
+def test_cli_screens_and_merges_and_refuses_what_the_user_can_fix(inputs, model, tmp_path):
+    """``voltage-serve screen`` reads its ions from ``params.yaml`` (``--params``) as the service
+    does; a problem the user can fix exits 2 naming it."""
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    root, good = inputs
+    params = tmp_path / "params.yaml"
+    params.write_text("ions:\n  Li: {}\n  Na: {}\n")
+    ckpt = f"Li={tmp_path / 'li.pt'}"
+    base = ["screen", str(root), "--out", str(tmp_path / "s.csv"), "--summary",
+            str(tmp_path / "s.json"), "--params", str(params), "--workers", "1",
+            "--no-progress"]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, [*base, "--ions", "Li", "--checkpoint", ckpt, "--shard", "0/1"])
+    assert res.exit_code == 0, res.output
+    assert f"{len(good)} predicted, {len(BAD)} unusable" in res.output
+    assert "Li: " in res.output and "tier 1 (CGCNN fast path)" in res.output
+    merged = tmp_path / "m.csv"
+    merge = ["screen-merge", "--out", str(merged), "--summary", str(merged.with_suffix(".json"))]
+    res = runner.invoke(app, [*merge, str(tmp_path / "s.csv")])
+    assert res.exit_code == 0, res.output
+    assert read_csv(merged) == read_csv(tmp_path / "s.csv")
+    for bad, says in (
+        (["--ions", "Mg", "--checkpoint", "Mg=x.pt"], "ion 'Mg' is not enabled"),
+        (["--ions", "Li", "--checkpoint", "Na=x.pt"], "--checkpoint wants ION=PATH"),
+        (["--ions", "Li", "--checkpoint", ckpt, "--shard", "2/2"], "--shard"),
+        (["--ions", "Li", "--checkpoint", f"Li={tmp_path / 'none.pt'}"], "not found"),
+        (["--ions", "Li", "--checkpoint", ckpt, "--params", str(tmp_path / "no.yaml")],
+         "params file not found"),
+    ):  # fmt: skip
+        res = runner.invoke(app, [*base, *bad])
+        assert res.exit_code == 2 and says in res.output, (bad, res.output)
+    res = runner.invoke(app, ["screen", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n.csv"),
+                              "--summary", str(tmp_path / "n.json"), "--params", str(params),
+                              "--ions", "Li", "--checkpoint", ckpt])  # fmt: skip
+    assert res.exit_code == 2 and "not found" in res.output
+    res = runner.invoke(app, [*merge, str(tmp_path / "nothing.csv")])
+    assert res.exit_code == 2 and "no header" in res.output
+
+
+def test_cli_screen_without_a_champion_is_no_answer_not_a_traceback(inputs, tmp_path, monkeypatch):
+    """An ion with neither ``--checkpoint`` nor a registered champion: exit 3 (no answer, as
+    ``voltage-serve predict``), one line naming the model, nothing written."""
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    root, _ = inputs
+    params = tmp_path / "params.yaml"
+    params.write_text("ions:\n  Li: {}\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty' / 'mlflow.db'}")
+    res = CliRunner().invoke(app, ["screen", str(root), "--out", str(tmp_path / "s.csv"),
+                                   "--summary", str(tmp_path / "s.json"), "--params", str(params),
+                                   "--ions", "Li", "--workers", "1", "--no-progress"])  # fmt: skip
+    assert res.exit_code == 3, res.output
+    assert "electrode-voltage-Li has no 'champion' version" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "s.csv").exists()

@@ -15,7 +15,7 @@ features depend on the structure only (the artifact's recorded CHGNet spec is ch
 so they are computed once per structure and shared by every ion that re-scores it; each ion's
 CGCNN part, GP head and blend run through ``LoadedModel.predict_served`` exactly as served.
 Structures are read as the service reads them (``parse_structure``'s result and checks; the
-caller may pass a faster parser with the same result, see ``training.screen.served_structure``),
+caller may pass a faster parser with the same result, see ``voltage_model.cif.served_structure``),
 so a tier-2 figure is the answer the service gives for that file.
 
 CHGNet's per-crystal output does not depend on which other crystals share its batch, except that

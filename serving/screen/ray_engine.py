@@ -1,6 +1,6 @@
-"""Screening on a Ray cluster: ``voltage screen --engine ray`` (issue 20).
+"""Screening on a Ray cluster: ``voltage-serve screen --engine ray`` (issue 20).
 
-Why an engine and not a second screen: ``training.screen.run_screen`` keeps everything that
+Why an engine and not a second screen: ``serving.screen.run.run_screen`` keeps everything that
 decides *what* the outputs are (selection, sharding, resume from ``<out>.partial.jsonl``, the
 tier-2 plan, the CSVs and summary); :class:`RayEngine` only decides *where* the batches run. The
 driver appends every batch's records to the partial file as it arrives, so a Ray screen resumes
@@ -8,16 +8,16 @@ exactly like a local one (same file, same rule: ids already there are skipped) a
 resumed by a local run or by a Slurm shard of the same ``--shard i/n``, and the other way round.
 
 How: the batches are planned on the driver before anything is read: the ids still to do, in the
-order the local run reads them (``screen.storage_order``), cut into the local run's batches
-(``screen.tier1_batches`` / ``tier2_batches``). So every structure is predicted in the same
+order the local run reads them (``inputs.storage_order``), cut into the local run's batches
+(``run.tier1_batches`` / ``tier2_batches``). So every structure is predicted in the same
 batch as in a single-process run and the figures are bit-identical, not just close. A Ray Data
 datasource (:class:`_BatchSource`) turns contiguous groups of batches into read tasks; each read
 task opens the folder / archive *on its worker* (the input must be at the same path on every
 node: a shared filesystem, as for a Slurm array) and emits one row per batch (ids, formats,
 bytes). ``map_batches`` runs a pool of actors (:class:`_Tier1Actor`, :class:`_Tier2Actor`), one
 core and one torch thread each, as the local process pool; each actor loads the models once and
-calls the very functions the local run calls (``screen.screen_chunk`` /
-``screen_tiers.Rescorer.lines``). Rows are whole batches and Ray calls the actor with one row at
+calls the very functions the local run calls (``prepare.screen_chunk`` /
+``tiers.Rescorer.lines``). Rows are whole batches and Ray calls the actor with one row at
 a time, so the way Ray Data splits or merges blocks cannot change a batch.
 
 Models reach the actors as checkpoint *bytes* (one copy per node in Ray's object store), loaded
@@ -29,7 +29,7 @@ another element table would otherwise write different numbers into the same file
 
 Each output row carries the actor's name (node IP and pid), the batch's busy seconds and the
 actor's model-loading time; the driver sums them into per-worker throughput (structures per busy
-second), kept in the summary (``engine.per_worker``) and printed by ``voltage screen``.
+second), kept in the summary (``engine.per_worker``) and printed by ``voltage-serve screen``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training import screen
-from training import screen_tiers as tiers
+from serving.screen import tiers
+from serving.screen.inputs import iter_contents, storage_order
+from serving.screen.models import model_ident
+from serving.screen.predictor import Predictor
+from serving.screen.prepare import formula_of, init_worker, screen_chunk
+from serving.screen.run import Work, run_screen, tier1_batches, tier2_batches
 from voltage_model.predict import VoltageModel
 
 if TYPE_CHECKING:
@@ -114,7 +118,7 @@ def _load_models(blobs: Mapping[str, Any], idents: Mapping[str, str]) -> dict[st
     refs = {ion: blobs[ion] for ion in idents}
     models = {ion: model_from_bytes(ray.get(ref)) for ion, ref in refs.items()}
     for ion, model in models.items():
-        got = screen.model_ident(model)
+        got = model_ident(model)
         if got != idents[ion]:
             raise RuntimeError(
                 f"worker {_worker_name()} loaded the {ion} model with hash {got}, the driver has "
@@ -158,7 +162,7 @@ def _read_batches(inputs: str, group: Sequence[_Batch]) -> Iterator[pa.Table]:
     got: list[dict[str, bytes]] = [{} for _ in group]
     done: set[int] = set()
     schema = _batch_schema()
-    for key, data in screen.iter_contents(Path(inputs), where):
+    for key, data in iter_contents(Path(inputs), where):
         j = where[key]
         got[j][key] = data
         b = group[j]
@@ -243,23 +247,23 @@ class _Actor:
 
 
 class _Tier1Actor(_Actor):
-    """Tier 1: ``screen.screen_chunk`` on each batch, with the models loaded once."""
+    """Tier 1: ``prepare.screen_chunk`` on each batch, with the models loaded once."""
 
     def __init__(self, blobs: Mapping[str, Any], idents: Mapping[str, str], ions: Sequence[str],
                  max_sites: int) -> None:  # fmt: skip
         super().__init__()
         t0 = time.perf_counter()
         models = _load_models(blobs, {i: idents[i] for i in ions})
-        screen._init_worker(screen._Predictor(ions, models), max_sites)
-        screen._formula(["Li"])  # warm up (pymatgen import, element tables): not in busy time
+        init_worker(Predictor(ions, models), max_sites)
+        formula_of(["Li"])  # warm up (pymatgen import, element tables): not in busy time
         self.load_seconds = round(time.perf_counter() - t0, 3)
 
     def run(self, jobs: list[tuple[str, str, bytes, tuple[str, ...]]]) -> list[dict[str, Any]]:
-        return screen.screen_chunk([(k, f, d) for k, f, d, _ in jobs])
+        return screen_chunk([(k, f, d) for k, f, d, _ in jobs])
 
 
 class _Tier2Actor(_Actor):
-    """Tier 2: ``screen_tiers.Rescorer.lines`` (the champions as served) on each batch."""
+    """Tier 2: ``tiers.Rescorer.lines`` (the champions as served) on each batch."""
 
     def __init__(self, blobs: Mapping[str, Any], idents: Mapping[str, str], max_sites: int
                  ) -> None:  # fmt: skip
@@ -382,27 +386,27 @@ class RayEngine:
         return self._refs[ion]
 
     # ------------------------------------------------------------------ tiers
-    def tier1(self, work: screen.Work, todo: Sequence[str]) -> Iterator[list[dict[str, Any]]]:
-        order = screen.storage_order(work.inputs, todo)
-        cut = screen.tier1_batches(order, work.batch_size)
+    def tier1(self, work: Work, todo: Sequence[str]) -> Iterator[list[dict[str, Any]]]:
+        order = storage_order(work.inputs, todo)
+        cut = tier1_batches(order, work.batch_size)
         batches = [_Batch(i, tuple(ids), tuple(work.formats[k] for k in ids), ((),) * len(ids))
                    for i, ids in enumerate(cut)]  # fmt: skip
         ions = list(work.ions)
         kwargs = {"blobs": {i: self._ref(i) for i in ions}, "ions": ions,
-                  "idents": {i: screen.model_ident(work.models[i]) for i in ions},
+                  "idents": {i: model_ident(work.models[i]) for i in ions},
                   "max_sites": work.max_sites}  # fmt: skip
         return self._run("tier1", work.inputs, batches, _Tier1Actor, kwargs)
 
     def tier2(
-        self, work: screen.Work, todo: Mapping[str, tuple[str, ...]]
+        self, work: Work, todo: Mapping[str, tuple[str, ...]]
     ) -> Iterator[list[dict[str, Any]]]:
-        order = screen.storage_order(work.inputs, todo)
+        order = storage_order(work.inputs, todo)
         batches = [_Batch(i, tuple(ids), tuple(work.formats[k] for k in ids),
                           tuple(todo[k] for k in ids))
-                   for i, ids in enumerate(screen.tier2_batches(order))]  # fmt: skip
+                   for i, ids in enumerate(tier2_batches(order))]  # fmt: skip
         ions = sorted({i for v in todo.values() for i in v})
         kwargs = {"blobs": {i: self._ref(i) for i in ions},
-                  "idents": {i: screen.model_ident(work.models[i]) for i in ions},
+                  "idents": {i: model_ident(work.models[i]) for i in ions},
                   "max_sites": work.max_sites}  # fmt: skip
         return self._run("tier2", work.inputs, batches, _Tier2Actor, kwargs)
 
@@ -469,5 +473,5 @@ def run_screen_ray(
     require_ray()
     models = dict(models) if models is not None else {i: model_from_bytes(blobs[i]) for i in ions}
     with RayEngine(blobs, settings or RaySettings(), kwargs.get("progress", True)) as engine:
-        return screen.run_screen(inputs, ions, models, out_csv, summary_json, engine=engine,
-                                 **kwargs)  # fmt: skip
+        return run_screen(inputs, ions, models, out_csv, summary_json, engine=engine,
+                          **kwargs)  # fmt: skip

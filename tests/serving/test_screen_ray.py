@@ -1,13 +1,13 @@
-"""``voltage screen --engine ray``: the same screen on a real Ray cluster (issue 20).
+"""``voltage-serve screen --engine ray``: the same screen on a real Ray cluster (issue 20).
 
 A real cluster is started for the module with ``ray start --head`` in a subprocess: bound to
 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray from swapping the loopback address
 for the machine's), 2 CPUs, no dashboard, usage stats off, token authentication with a token made
 for the test (nothing written to ``~/.ray``), and killed by its process group at the end. The
-driver (this process, as ``voltage screen`` would be) joins it by address. Inputs, broken files
-and the tiny real checkpoint are those of ``tests/training/test_screen.py``; the Ray figures must
-equal the single-process ones exactly (same batches), resume must skip what is done, bad files must
-be reported alike.
+driver (this process, as ``voltage-serve screen`` would be) joins it by address. Inputs, broken
+files and the tiny real checkpoint are those of ``tests/serving/test_screen.py``; the Ray figures
+must equal the single-process ones exactly (same batches), resume must skip what is done, bad files
+must be reported alike.
 """
 
 from __future__ import annotations
@@ -33,22 +33,13 @@ import pytest
 from pymatgen.io.cif import CifWriter
 from typer.testing import CliRunner
 
-from tests.training.test_screen import BAD, read_csv, tiny_model, write_inputs
-from tests.training.test_screen_tiers import champions  # noqa: F401 (a fixture: CHGNet-serving models)
-from training.screen import (
-    _chunks,
-    _tier2_jobs,
-    iter_contents,
-    list_inputs,
-    partial_path,
-    read_partial,
-    run_screen,
-    storage_order,
-    tier1_batches,
-    tier2_batches,
-    worker_lines,
-)
-from training.screen_ray import RAY_REQUIREMENT, RayEngine, RaySettings, run_screen_ray
+from serving.screen.inputs import iter_contents, list_inputs, storage_order
+from serving.screen.outputs import worker_lines
+from serving.screen.partial import partial_path, read_partial
+from serving.screen.ray_engine import RAY_REQUIREMENT, RayEngine, RaySettings, run_screen_ray
+from serving.screen.run import _chunks, _tier2_jobs, run_screen, tier1_batches, tier2_batches
+from tests.serving.test_screen import BAD, read_csv, tiny_model, write_inputs
+from tests.serving.test_screen_tiers import champions  # noqa: F401 (a fixture: CHGNet-serving models)
 
 # Not imported here: Ray reads its settings from the environment on import, which the cluster
 # fixture sets first.
@@ -229,7 +220,7 @@ def test_ray_screen_is_the_local_screen_resumes_and_reports_workers(ray_address,
 
 
 def test_cli_engine_ray_screens_an_archive_like_the_local_run(ray_address, tmp_path):
-    from training.cli import app
+    from serving.cli import app
 
     root = tmp_path / "in"
     write_inputs(root)
@@ -293,7 +284,7 @@ def test_an_actor_whose_model_differs_from_the_drivers_refuses(ray_address, tmp_
 
 # =============================================================================== errors
 def test_cli_engine_errors_exit_2(tmp_path, monkeypatch):
-    from training.cli import app
+    from serving.cli import app
 
     root = tmp_path / "in"
     write_inputs(root)
@@ -317,8 +308,8 @@ def test_cli_engine_errors_exit_2(tmp_path, monkeypatch):
 def test_tier2_on_ray_is_the_local_tier2(ray_address, champions, tmp_path):  # noqa: F811
     """Champions serving CHGNet: the Ray actors re-score the same selection in the same batches
     (CHGNet loaded in each actor), a structure CHGNet refuses is reported alike."""
-    from tests.training.test_screen_tiers import ISOLATED, candidates
-    from training.screen import Rescore
+    from serving.screen.run import Rescore
+    from tests.serving.test_screen_tiers import ISOLATED, candidates
 
     root = tmp_path / "in"
     for key, s in candidates().items():
