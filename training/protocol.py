@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ def served_cv_columns(ion_report: Mapping[str, Any]) -> tuple[str, str, bool]:
     variant = ion_report.get("served_variant", "cgcnn")
     pooling = ((ion_report.get("variant_selection") or {}).get("pooling") or {}).get("chgnet")
     return VARIANT_CV_COLUMN.get(variant, cgcnn), cgcnn, bool((pooling or {}).get("pool"))
+
+
 ALPHA = 0.05
 #: How the source ion's served variant is named in the protocol's table.
 SOURCE_SERVED = {"average": "average of the cgcnn ensemble and chgnet_gp", "chgnet": "chgnet_gp"}
@@ -56,8 +59,14 @@ def paired_test(err_model: np.ndarray, err_base: np.ndarray) -> dict[str, float]
     n = len(d)
     se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
     p = float(wilcoxon(d).pvalue) if n > 1 and np.any(d != 0) else 1.0
-    return {"diff": float(d.mean()), "se": se, "p": p, "n": n,
-            "mae_model": float(np.mean(err_model)), "mae_baseline": float(np.mean(err_base))}
+    return {
+        "diff": float(d.mean()),
+        "se": se,
+        "p": p,
+        "n": n,
+        "mae_model": float(np.mean(err_model)),
+        "mae_baseline": float(np.mean(err_base)),
+    }
 
 
 def best_baseline(baseline_report: Mapping[str, Any]) -> tuple[str, float]:
@@ -108,8 +117,9 @@ def primary_table(
         ion_report = json.loads((metrics_dir / f"ion_{ion}.json").read_text())
         baseline, cv_mae = best_baseline(base_report)
         row: dict[str, Any] = {"best_baseline": baseline, "best_baseline_inner_cv_mae": cv_mae}
-        row["test"] = split_comparison(predictions_dir / f"ion_{ion}.csv",
-                                      predictions_dir / f"baselines_{ion}.csv", baseline)
+        row["test"] = split_comparison(
+            predictions_dir / f"ion_{ion}.csv", predictions_dir / f"baselines_{ion}.csv", baseline
+        )
         if ion == source_ion:
             row["served"] = SOURCE_SERVED.get(ion_report.get("served_variant", ""),
                                               "cgcnn ensemble (MLP + GP heads)")  # fmt: skip
@@ -162,12 +172,21 @@ def markdown(table: Mapping[str, Any]) -> str:
     )
 
 
-def run_protocol(
-    ions: Sequence[str], source_ion: str, metrics_dir: Path, predictions_dir: Path,
-    cv_dir: Path, out_json: Path, out_md: Path,
-) -> dict[str, Any]:  # fmt: skip
-    table = primary_table(ions, source_ion, metrics_dir, predictions_dir, cv_dir)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(table, indent=2) + "\n")
-    out_md.write_text(markdown(table))
+@dataclass(frozen=True)
+class ProtocolPaths:
+    """The reports the primary comparison reads (metrics, predictions and CV directories) and
+    its outputs (the table as JSON and as Markdown)."""
+
+    metrics_dir: Path
+    predictions_dir: Path
+    cv_dir: Path
+    out_json: Path
+    out_md: Path
+
+
+def run_protocol(ions: Sequence[str], source_ion: str, paths: ProtocolPaths) -> dict[str, Any]:
+    table = primary_table(ions, source_ion, paths.metrics_dir, paths.predictions_dir, paths.cv_dir)
+    paths.out_json.parent.mkdir(parents=True, exist_ok=True)
+    paths.out_json.write_text(json.dumps(table, indent=2) + "\n")
+    paths.out_md.write_text(markdown(table))
     return table

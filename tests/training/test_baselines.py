@@ -16,7 +16,7 @@ import pytest
 from pymatgen.core import Composition
 
 from training.baselines.models import BaselineConfig, RFParams, rf_importance_groups
-from training.baselines.suite import run_baselines
+from training.baselines.suite import BaselineInputs, SplitRows, run_baselines
 from voltage_model import composition as features
 from voltage_model.composition import composition_features, feature_group, featurize_cached
 
@@ -74,11 +74,11 @@ def _run(ds: dict, cfg: BaselineConfig, y: np.ndarray | None = None) -> dict:
     X = ds["X"]
     y = ds["y"] if y is None else y
     tr, va, te = ds["tr"], ds["va"], ds["te"]
-    return run_baselines(
-        X[tr], y[tr], X[va], y[va], X[te], y[te], cfg, feature_names=ds["names"],
-        test_ids=[ds["formulas"][i] for i in te], val_ids=[ds["formulas"][i] for i in va],
-        groups={"train": _hosts(ds, tr), "val": _hosts(ds, va), "test": _hosts(ds, te)},
-    )  # fmt: skip
+    ids = {"val": [ds["formulas"][i] for i in va], "test": [ds["formulas"][i] for i in te]}
+    rows = {s: SplitRows(X[r], y[r], ids.get(s), _hosts(ds, r))
+            for s, r in (("train", tr), ("val", va), ("test", te))}  # fmt: skip
+    inputs = BaselineInputs(rows["train"], rows["val"], rows["test"], ds["names"])
+    return run_baselines(inputs, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -256,9 +256,11 @@ def test_nan_features_are_imputed(dataset: dict) -> None:
     X[:, 1] = np.nan  # a column empty in every split must not shift feature names
     tr, va, te = dataset["tr"], dataset["va"], dataset["te"]
     y = dataset["y"]
-    res = run_baselines(
-        X[tr], y[tr], X[va], y[va], X[te], y[te], _small_cfg(), feature_names=dataset["names"]
-    )
+    inputs = BaselineInputs(
+        SplitRows(X[tr], y[tr]), SplitRows(X[va], y[va]), SplitRows(X[te], y[te]),
+        feature_names=dataset["names"],
+    )  # fmt: skip
+    res = run_baselines(inputs, _small_cfg())
     assert all(np.isfinite(r.metrics["test"]["mae"]) for r in res.values())
     assert len(res["rf"].importances) == X.shape[1]
 

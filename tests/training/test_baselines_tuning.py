@@ -19,7 +19,7 @@ from pymatgen.core import Composition
 
 from training.baselines.models import BASELINE_METHODS, BaselineConfig, KRRParams, RFParams
 from training.baselines.models import SVRParams as SVR_
-from training.baselines.tuning import FittedBaseline, PartnerRows, fit_tuned
+from training.baselines.tuning import FittedBaseline, PartnerRows, TuningRows, fit_tuned
 from voltage_model.composition import composition_features
 
 METALS = ("Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu")
@@ -87,7 +87,7 @@ def _tune_rows(ion: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 def test_fit_tuned_works_for_every_method(name: str, ion: dict, partners: PartnerRows) -> None:
     X, y, hosts, train = _tune_rows(ion)
     cfg = _cfg()
-    fitted = fit_tuned(name, X, y, hosts, cfg, seed=0, partners=partners, fit_rows=train)
+    fitted = fit_tuned(name, TuningRows(X, y, hosts, partners, train), cfg, seed=0)
     assert isinstance(fitted, FittedBaseline) and fitted.name == name
     pred = fitted.predict(ion["X"][ion["te"]])
     assert pred.shape == (len(ion["te"]),) and np.isfinite(pred).all()
@@ -117,9 +117,9 @@ def test_forest_cv_mae_is_the_full_size_forests(
     chosen point's with ``rf.n_estimators`` trees, what a search at full size reports."""
     X, y, hosts, train = _tune_rows(ion)
     grid = {"min_samples_leaf": [3], "max_features": [0.5]}
-    small = fit_tuned(name, X, y, hosts, _cfg(rf_grid=grid), partners=partners, fit_rows=train)
-    full = fit_tuned(name, X, y, hosts, _cfg(rf_grid=grid, cv_rf_trees=None), partners=partners,
-                     fit_rows=train)  # fmt: skip
+    rows = TuningRows(X, y, hosts, partners, train)
+    small = fit_tuned(name, rows, _cfg(rf_grid=grid))
+    full = fit_tuned(name, rows, _cfg(rf_grid=grid, cv_rf_trees=None))
     assert small.search[0]["cv_mae"] != full.search[0]["cv_mae"]  # 20 trees, not 40
     assert small.cv_mae == full.cv_mae == full.search[0]["cv_mae"]
     np.testing.assert_array_equal(small.predict(X), full.predict(X))
@@ -128,11 +128,11 @@ def test_forest_cv_mae_is_the_full_size_forests(
 def test_pooled_methods_need_partners_and_names_are_checked(ion: dict) -> None:
     X, y, hosts, _ = _tune_rows(ion)
     with pytest.raises(ValueError, match="partners"):
-        fit_tuned("krr_pooled", X, y, hosts, _cfg())
+        fit_tuned("krr_pooled", TuningRows(X, y, hosts), _cfg())
     with pytest.raises(ValueError, match="unknown baseline"):
-        fit_tuned("lasso", X, y, hosts, _cfg())
+        fit_tuned("lasso", TuningRows(X, y, hosts), _cfg())
     with pytest.raises(ValueError, match="groups"):
-        fit_tuned("krr", X, y, hosts[:-1], _cfg())
+        fit_tuned("krr", TuningRows(X, y, hosts[:-1]), _cfg())
 
 
 def test_inner_folds_are_grouped_by_host_and_see_only_the_given_rows(
@@ -151,7 +151,7 @@ def test_inner_folds_are_grouped_by_host_and_see_only_the_given_rows(
 
     monkeypatch.setattr(gp_cv, "group_folds", spy)
     X, y, hosts, train = _tune_rows(ion)
-    fit_tuned("svr", X, y, hosts, _cfg(cv_folds=4), fit_rows=train)
+    fit_tuned("svr", TuningRows(X, y, hosts, fit_rows=train), _cfg(cv_folds=4))
     assert seen == [(hosts.tolist(), 4)]
     for tr, te in real(hosts.tolist(), 4):
         assert not set(hosts[tr]) & set(hosts[te])
@@ -183,7 +183,7 @@ def test_pooled_folds_drop_partner_rows_of_held_out_hosts(
 
     monkeypatch.setattr(tuning, "_design", spy_design)
     X, y, hosts, train = _tune_rows(ion)
-    fit_tuned(name, X, y, hosts, _cfg(), partners=partners, fit_rows=train)
+    fit_tuned(name, TuningRows(X, y, hosts, partners, train), _cfg())
     # One design per fold and scoring round (forests: the search, then the rescoring), then
     # the final fit.
     assert (len(fits) - 1) % len(splits) == 0 and len(fits) > len(splits)
@@ -222,16 +222,16 @@ def test_pooling_helps_an_ion_with_few_crystals(ion: dict, partners: PartnerRows
     pool = partners.without_hosts(ion["hosts"][ion["te"]])
     Xt, yt = ion["X"][ion["te"]], ion["y"][ion["te"]]
     for name in ("krr", "gp_comp"):
-        alone = fit_tuned(name, X, y, hosts, _cfg())
-        pooled = fit_tuned(f"{name}_pooled", X, y, hosts, _cfg(), partners=pool)
+        alone = fit_tuned(name, TuningRows(X, y, hosts), _cfg())
+        pooled = fit_tuned(f"{name}_pooled", TuningRows(X, y, hosts, pool), _cfg())
         mae = {k: np.abs(m.predict(Xt) - yt).mean() for k, m in (("a", alone), ("p", pooled))}
         assert mae["p"] < mae["a"], name
 
 
 def test_gp_comp_learns_and_its_std_grows_away_from_the_data(ion: dict) -> None:
     X, y, hosts, train = _tune_rows(ion)
-    gp = fit_tuned("gp_comp", X, y, hosts, _cfg(), fit_rows=train)
-    mean = fit_tuned("mean", X, y, hosts, _cfg(), fit_rows=train)
+    gp = fit_tuned("gp_comp", TuningRows(X, y, hosts, fit_rows=train), _cfg())
+    mean = fit_tuned("mean", TuningRows(X, y, hosts, fit_rows=train), _cfg())
     Xt, yt = ion["X"][ion["te"]], ion["y"][ion["te"]]
     assert np.abs(gp.predict(Xt) - yt).mean() < 0.5 * np.abs(mean.predict(Xt) - yt).mean()
     assert gp.cv_mae is not None and mean.cv_mae is not None and gp.cv_mae < mean.cv_mae

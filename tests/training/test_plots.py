@@ -256,6 +256,7 @@ def test_permutation_importances_rank_the_signal_and_leave_the_forest_as_it_was(
     from sklearn.datasets import make_regression
 
     from training.baselines.models import (
+        PermutationSettings,
         RFParams,
         make_rf,
         rf_permutation_importances,
@@ -268,10 +269,11 @@ def test_permutation_importances_rank_the_signal_and_leave_the_forest_as_it_was(
     model = make_rf(RFParams(n_estimators=30, seed=0, n_jobs=2)).fit(X[:120], y[:120])
     before = model.predict(X[120:])
     names = [f"f{j}" for j in range(5)]
-    perm = rf_permutation_importances(model, X[120:], y[120:], names, seed=0, repeats=3)
+    shuffles = PermutationSettings(seed=0, repeats=3)
+    perm = rf_permutation_importances(model, X[120:], y[120:], names, shuffles)
     assert perm[0][0] == f"f{signal}" and perm[0][1] > 10 * max(abs(r[1]) for r in perm[1:])
     assert [r[1] for r in perm] == sorted((r[1] for r in perm), reverse=True)
-    again = rf_permutation_importances(model, X[120:], y[120:], names, seed=0, repeats=3)
+    again = rf_permutation_importances(model, X[120:], y[120:], names, shuffles)
     assert again == perm  # seeded: repeatable
     assert model.named_steps["model"].n_jobs == 2  # restored
     # (a threaded forest sums its trees in no fixed order: equal up to rounding)

@@ -246,7 +246,7 @@ def test_register_stage_tags_test_looks_and_reported_test_mae(
 ) -> None:
     """Every ion_model run of the ion counts as one look at its test split (deleted runs too);
     other ions' runs and other stages do not."""
-    from training.stages.register import register_ion
+    from training.stages.register import RegisterContext, register_ion
 
     client = MlflowClient()
     exp_id = mlflow.get_experiment_by_name("reg").experiment_id
@@ -265,9 +265,8 @@ def test_register_stage_tags_test_looks_and_reported_test_mae(
     ckpt.write_bytes(b"weights")
     report = {"test_mae": 0.31234, "methods": {}, "model_uri": info.model_uri,
               "run_id": run.info.run_id}  # fmt: skip
-    out = register_ion(
-        "Ca", report, ckpt, "electrode-voltage", "s1", "d1", True, experiment_id=exp_id
-    )
+    ctx = RegisterContext("electrode-voltage", "d1", True, experiment_id=exp_id)
+    out = register_ion("Ca", report, ckpt, "s1", ctx)
     assert out["registered_now"] and out["auto_promoted"] == out["version"] == 1
     tags = client.get_model_version("electrode-voltage-Ca", "1").tags
     assert tags["test_looks"] == "3" and tags["test_mae"] == "0.3123"
@@ -300,7 +299,10 @@ def test_ion_stage_logs_the_served_models_validation_predictions(
     ))  # fmt: skip
     out = tmp_path / "out"
     report = run_ion_stage(
-        IonInputs(data, store, "Li"), ckpt, TransferSettings(), MlflowSettings(experiment="reg"),
+        IonInputs(data, store, "Li"),
+        ckpt,
+        TransferSettings(),
+        MlflowSettings(experiment="reg"),
         IonModelPaths(baselines, out / "Li.pt", out / "ion_Li.json", out / "ion_Li.csv"),
     )
     assert "val_predictions" not in report and "test_predictions" not in report

@@ -12,6 +12,7 @@ from pymatgen.core import Lattice, Structure
 from training.graphs.store import GraphLoader, GraphStore
 from training.train.loop import (
     SCHEDULERS,
+    FitLoaders,
     FitResult,
     TrainConfig,
     fit,
@@ -72,7 +73,7 @@ def run(data, cfg: TrainConfig, **kwargs) -> tuple[CGCNN, FitResult, Normalizer]
     train, val = loaders(data)
     norm = Normalizer.fit([t for _, t in data[1]])
     model = fresh_model(cfg.seed)
-    return model, fit(model, train, val, cfg, norm, **kwargs), norm
+    return model, fit(model, FitLoaders(train, val), cfg, norm, **kwargs), norm
 
 
 # ----------------------------------------------------------------------------- fit
@@ -123,7 +124,7 @@ def test_on_epoch_callback_sees_metrics_and_its_exception_propagates(data) -> No
     train, val = loaders(data)
     model = fresh_model()
     with pytest.raises(Pruned):
-        fit(model, train, val, cfg, Normalizer(2.0, 1.0), on_epoch=on_epoch)
+        fit(model, FitLoaders(train, val), cfg, Normalizer(2.0, 1.0), on_epoch=on_epoch)
     assert [e for e, _ in seen] == [1, 2, 3]
     assert {"train_loss", "val_mae", "val_rmse", "val_r2", "lr"} <= set(seen[0][1])
     assert not model.training
@@ -149,7 +150,7 @@ def test_transfer_learning_trains_only_the_head(data) -> None:
     head = model.head_parameters()
     assert len(head) + len(model.backbone_parameters()) == len(list(model.parameters()))
     cfg = TrainConfig(epochs=3, optimizer="adam", lr=1e-2, scheduler="none")
-    fit(model, train, val, cfg, Normalizer(2.0, 1.0), trainable_params=head)
+    fit(model, FitLoaders(train, val), cfg, Normalizer(2.0, 1.0), trainable_params=head)
     after = model.state_dict()
     for k, v in before.items():
         changed = not torch.equal(v, after[k])
@@ -165,14 +166,19 @@ def test_fit_accepts_a_plain_list_of_batches_and_no_validation(data) -> None:
         for chunk in (items[:18], items[18:])
     ]
     model = fresh_model()
-    result = fit(model, batches, None, TrainConfig(epochs=3, scheduler="onecycle"), norm)
+    result = fit(model, FitLoaders(batches), TrainConfig(epochs=3, scheduler="onecycle"), norm)
     assert np.isnan(result.best_val_mae) and len(result.history) == 3
 
 
 def test_non_finite_loss_raises(data) -> None:
     train, val = loaders(data)
     with pytest.raises(FloatingPointError):
-        fit(fresh_model(), train, val, TrainConfig(epochs=2, lr=1e12), Normalizer(0.0, 1e-3))
+        fit(
+            fresh_model(),
+            FitLoaders(train, val),
+            TrainConfig(epochs=2, lr=1e12),
+            Normalizer(0.0, 1e-3),
+        )
 
 
 @pytest.mark.parametrize("loss", ["l1", "huber"])

@@ -167,10 +167,11 @@ def _features(path: Path, ids: list[str], energies: list[float]) -> Path:
 
 
 def test_stage_scores_good_pairs_and_reports_refusals(pair_snapshot, tmp_path, full) -> None:
-    from training.stages.pair_voltage import run_pair_voltage
+    from training.stages.pair_voltage import PairVoltagePaths, run_pair_voltage
 
     out_csv, out_json = tmp_path / "p.csv", tmp_path / "p.json"
-    report = run_pair_voltage(pair_snapshot, ["Li"], out_csv, out_json, progress=False)
+    paths = PairVoltagePaths(out_csv, out_json)
+    report = run_pair_voltage(pair_snapshot, ["Li"], paths, progress=False)
     rows = {r["battery_id"]: r for r in csv.DictReader(out_csv.open())}
     assert set(rows) == {"mp-2_Li", "mp-3_Li", "mp-4_Li", "mp-9_Li", "mp-8_Li"}
     for bid in ("mp-2_Li", "mp-3_Li"):
@@ -191,17 +192,17 @@ def test_stage_scores_good_pairs_and_reports_refusals(pair_snapshot, tmp_path, f
 
 
 def test_stage_reuses_charged_energies_only_when_they_agree(pair_snapshot, tmp_path, coo2):
-    from training.stages.pair_voltage import run_pair_voltage
+    from training.stages.pair_voltage import PairVoltagePaths, run_pair_voltage
 
     (e_true,) = physics.energies_per_atom([coo2])
     good = _features(tmp_path / "good.npz", ["mp-1"], [e_true])
-    rep = run_pair_voltage(pair_snapshot, ["Li"], tmp_path / "a.csv", tmp_path / "a.json",
-                           features=good, progress=False)  # fmt: skip
+    paths = PairVoltagePaths(tmp_path / "a.csv", tmp_path / "a.json", features=good)
+    rep = run_pair_voltage(pair_snapshot, ["Li"], paths, progress=False)
     assert rep["charged_energies_from_cache"] == 1 and rep["features_cache"].startswith("used")
     assert rep["per_ion"]["Li"]["n_scored"] == 2
     stale = _features(tmp_path / "stale.npz", ["mp-1"], [e_true + 0.05])
-    rep = run_pair_voltage(pair_snapshot, ["Li"], tmp_path / "b.csv", tmp_path / "b.json",
-                           features=stale, progress=False)  # fmt: skip
+    paths = PairVoltagePaths(tmp_path / "b.csv", tmp_path / "b.json", features=stale)
+    rep = run_pair_voltage(pair_snapshot, ["Li"], paths, progress=False)
     assert rep["charged_energies_from_cache"] == 0 and rep["features_cache"].startswith("not used")
 
 

@@ -9,19 +9,30 @@ from training.baselines.models import (
     SVRParams,
     rf_importance_groups,
 )
-from training.baselines.suite import BaselineResult, run_baselines
-from training.baselines.tuning import FittedBaseline, PartnerRows, fit_fixed, fit_tuned
+from training.baselines.suite import BaselineInputs, BaselineResult, SplitRows, run_baselines
+from training.baselines.tuning import (
+    FittedBaseline,
+    PartnerRows,
+    TrainingRows,
+    TuningRows,
+    fit_fixed,
+    fit_tuned,
+)
 from voltage_model.composition import composition_features, feature_names, featurize_cached
 
 __all__ = [
     "BASELINE_METHODS",
     "BaselineConfig",
+    "BaselineInputs",
     "BaselineResult",
     "FittedBaseline",
     "KRRParams",
     "PartnerRows",
     "RFParams",
     "SVRParams",
+    "SplitRows",
+    "TrainingRows",
+    "TuningRows",
     "composition_features",
     "feature_names",
     "featurize_cached",

@@ -294,22 +294,33 @@ def rf_importances(model: Pipeline, names: Sequence[str]) -> list[tuple[str, flo
 PERMUTATION_REPEATS = 5
 
 
+@dataclass(frozen=True)
+class PermutationSettings:
+    """How ``rf_permutation_importances`` shuffles: the shuffles' own ``seed``, ``repeats``
+    permutations per column, ``n_jobs`` processes over columns."""
+
+    seed: int = 0
+    repeats: int = PERMUTATION_REPEATS
+    n_jobs: int | None = 1
+
+
 def rf_permutation_importances(
-    model: Pipeline, X: np.ndarray, y: np.ndarray, names: Sequence[str], *, seed: int = 0,
-    n_jobs: int | None = 1, repeats: int = PERMUTATION_REPEATS,
+    model: Pipeline, X: np.ndarray, y: np.ndarray, names: Sequence[str],
+    settings: PermutationSettings = PermutationSettings(),
 ) -> list[tuple[str, float, float]]:  # fmt: skip
     """Permutation importances of the fitted forest on held-out rows (the validation split):
-    (name, mean, std over ``repeats``) of the increase in MAE, in volts, when that column alone
-    is shuffled, sorted descending. Unlike Gini importances (impurity decrease on the training
-    rows) they measure what the fitted model loses on rows it never saw; correlated columns
-    share the credit (shuffling one leaves its twins), so a property spread over six Magpie
-    statistics can rank lower here than its Gini sum.
+    (name, mean, std over ``settings.repeats``) of the increase in MAE, in volts, when that
+    column alone is shuffled, sorted descending. Unlike Gini importances (impurity decrease on
+    the training rows) they measure what the fitted model loses on rows it never saw; correlated
+    columns share the credit (shuffling one leaves its twins), so a property spread over six
+    Magpie statistics can rank lower here than its Gini sum.
 
-    Prediction only: the forest is not refitted and the shuffles draw from their own ``seed``,
-    so no other number of the stage moves. The forest predicts single-threaded meanwhile (its
-    thread pool costs more than it saves on a few hundred rows; restored after); ``n_jobs``:
-    processes over columns (1: a process pool was twice as slow on a busy 2-core machine; the
-    importances are the same either way). About 30-60 s per ion at 300 trees x 132 columns x 5.
+    Prediction only: the forest is not refitted and the shuffles draw from their own
+    ``settings.seed``, so no other number of the stage moves. The forest predicts
+    single-threaded meanwhile (its thread pool costs more than it saves on a few hundred rows;
+    restored after); ``settings.n_jobs``: processes over columns (1: a process pool was twice as
+    slow on a busy 2-core machine; the importances are the same either way). About 30-60 s per
+    ion at 300 trees x 132 columns x 5.
     """
     from sklearn.inspection import permutation_importance
 
@@ -319,8 +330,8 @@ def rf_permutation_importances(
     try:
         res = permutation_importance(
             model, np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64),
-            scoring="neg_mean_absolute_error", n_repeats=repeats, random_state=seed,
-            n_jobs=n_jobs,
+            scoring="neg_mean_absolute_error", n_repeats=settings.repeats,
+            random_state=settings.seed, n_jobs=settings.n_jobs,
         )  # fmt: skip
     finally:
         forest.set_params(n_jobs=kept)

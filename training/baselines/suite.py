@@ -20,6 +20,7 @@ from training.baselines.models import (
     POOLED_METHODS,
     SPLITS,
     BaselineConfig,
+    PermutationSettings,
     check_method,
     model_family,
     regression_metrics,
@@ -27,7 +28,14 @@ from training.baselines.models import (
     rf_permutation_importances,
     seeded_name,
 )
-from training.baselines.tuning import FittedBaseline, PartnerRows, fit_fixed, fit_tuned
+from training.baselines.tuning import (
+    FittedBaseline,
+    PartnerRows,
+    TrainingRows,
+    TuningRows,
+    fit_fixed,
+    fit_tuned,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +102,40 @@ def _evaluate(fitted: FittedBaseline, data: _Splits, seconds: float) -> Baseline
     )  # fmt: skip
 
 
-def _as_splits(
-    arrays: Sequence[np.ndarray], ids: dict[str, Sequence[str]],
-    groups: dict[str, Sequence[str]] | None,
-) -> _Splits:  # fmt: skip
-    X = {s: np.asarray(arrays[2 * k], dtype=np.float64) for k, s in enumerate(SPLITS)}
-    y = {s: np.asarray(arrays[2 * k + 1], dtype=np.float64) for k, s in enumerate(SPLITS)}
-    ids_ = {s: [str(i) for i in ids.get(s, range(len(y[s])))] for s in SPLITS}
+@dataclass(frozen=True)
+class SplitRows:
+    """One split's rows: features, targets (V), and optionally an id per row (keys the val/test
+    predictions; default the row index) and a host group per row (default: each row its own)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: Sequence[str] | None = None
+    groups: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class BaselineInputs:
+    """The three splits a baseline run reads, built once by the caller. ``feature_names`` label
+    the forest importances (default ``f0, f1, ...``)."""
+
+    train: SplitRows
+    val: SplitRows
+    test: SplitRows
+    feature_names: Sequence[str] | None = None
+
+    def split(self, name: str) -> SplitRows:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def _as_splits(inputs: BaselineInputs) -> _Splits:
+    rows = {s: inputs.split(s) for s in SPLITS}
+    X = {s: np.asarray(rows[s].X, dtype=np.float64) for s in SPLITS}
+    y = {s: np.asarray(rows[s].y, dtype=np.float64) for s in SPLITS}
+    ids_ = {s: [str(i) for i in (rows[s].ids if rows[s].ids is not None else range(len(y[s])))]
+            for s in SPLITS}  # fmt: skip
     # No host groups given: every row its own group (plain k-fold).
-    groups_ = {s: [str(g) for g in (groups or {}).get(s, [f"{s}:{i}" for i in ids_[s]])]
+    groups_ = {s: [str(g) for g in (rows[s].groups if rows[s].groups is not None
+                                    else [f"{s}:{i}" for i in ids_[s]])]
                for s in SPLITS}  # fmt: skip
     for s in SPLITS:
         if not len(X[s]) == len(y[s]) == len(ids_[s]) == len(groups_[s]):
@@ -116,25 +149,20 @@ def default_methods(partners: PartnerRows | None) -> tuple[str, ...]:
 
 
 def run_baselines(
-    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-    X_test: np.ndarray, y_test: np.ndarray, cfg: BaselineConfig | None = None, *,
-    feature_names: Sequence[str] | None = None, test_ids: Sequence[str] | None = None,
-    val_ids: Sequence[str] | None = None, groups: dict[str, Sequence[str]] | None = None,
+    inputs: BaselineInputs, cfg: BaselineConfig | None = None, *,
     partners: PartnerRows | None = None, names: Sequence[str] | None = None,
 ) -> dict[str, BaselineResult]:  # fmt: skip
     """Tune (inner CV on train+val), fit on train and score every requested baseline.
 
-    feature_names label the forest importances (default ``f0, f1, ...``); test_ids / val_ids
-    key the predictions (default the row index); groups: split -> host id per row (default:
-    each row its own group). partners: pool partners' training rows (enables the pooled
-    methods). Forests are refitted for every further seed of ``cfg.seeds`` (``rf@<seed>``,
-    ``rf_pooled@<seed>``) with the hyperparameters chosen for the first.
+    ``inputs``: the three splits' rows (ids key the predictions, groups: host id per row) and the
+    feature names. partners: pool partners' training rows (enables the pooled methods). Forests
+    are refitted for every further seed of ``cfg.seeds`` (``rf@<seed>``, ``rf_pooled@<seed>``)
+    with the hyperparameters chosen for the first.
     """
     cfg = cfg or BaselineConfig()
-    ids = {s: v for s, v in (("test", test_ids), ("val", val_ids)) if v is not None}
-    data = _as_splits((X_train, y_train, X_val, y_val, X_test, y_test), ids, groups)
+    data = _as_splits(inputs)
     n_features = data.X["train"].shape[1]
-    names_ = list(feature_names) if feature_names is not None else None
+    names_ = list(inputs.feature_names) if inputs.feature_names is not None else None
     feature_names = names_ or [f"f{i}" for i in range(n_features)]
     if len(feature_names) != n_features:
         raise ValueError(f"{len(feature_names)} feature names for {n_features} columns")
@@ -152,8 +180,8 @@ def _run_method(
     """One method tuned and fitted (and, for forests, refitted per further seed)."""
     X, y, groups, train_rows = data.tuning_rows
     start = time.perf_counter()
-    fitted = fit_tuned(name, X, y, groups, cfg, seed=cfg.first_seed, partners=partners,
-                       folds=cfg.cv_folds, fit_rows=train_rows)  # fmt: skip
+    rows = TuningRows(X, y, groups, partners=partners, fit_rows=train_rows)
+    fitted = fit_tuned(name, rows, cfg, seed=cfg.first_seed, folds=cfg.cv_folds)
     result = _evaluate(fitted, data, time.perf_counter() - start)
     log.info("%s: chose %s (inner CV MAE %s) in %.1f s", name, fitted.choice, fitted.cv_mae,
              result.seconds)  # fmt: skip
@@ -163,15 +191,15 @@ def _run_method(
     if name == "rf" and fitted.estimator is not None:
         result.importances = rf_importances(fitted.estimator, feature_names)
         if len(data.y["val"]) >= 2:  # scored on validation, never test; refits nothing
+            settings = PermutationSettings(seed=cfg.first_seed)
             result.permutation = rf_permutation_importances(
-                fitted.estimator, data.X["val"], data.y["val"], feature_names,
-                seed=cfg.first_seed,
-            )  # fmt: skip
+                fitted.estimator, data.X["val"], data.y["val"], feature_names, settings
+            )
     pool = None if partners is None else partners.without_hosts(data.groups["val"])
     for seed in list(cfg.seeds or [])[1:]:
         start = time.perf_counter()
-        again = fit_fixed(name, fitted.choice, data.X["train"], data.y["train"], cfg, seed=seed,
-                          partners=pool)  # fmt: skip
+        rows_ = TrainingRows(data.X["train"], data.y["train"], partners=pool)
+        again = fit_fixed(name, fitted.choice, rows_, cfg, seed=seed)
         column = seeded_name(name, seed)
         out[column] = _evaluate(again, data, time.perf_counter() - start)
         out[column].name = column

@@ -407,14 +407,39 @@ def _check_inputs(name: str, partners: PartnerRows | None) -> str:
     return model_family(name)
 
 
+@dataclass(frozen=True)
+class TrainingRows:
+    """The rows a baseline is fitted on: features, targets (V), and the pool partners' rows for
+    the ``*_pooled`` methods (ignored by the others)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    partners: PartnerRows | None = None
+
+
+@dataclass(frozen=True)
+class TuningRows:
+    """The rows a baseline is tuned on: features, targets (V), each row's host structure id
+    (``groups``, the CV folds' unit), the pool partners' rows for the ``*_pooled`` methods
+    (ignored by the others) and ``fit_rows`` (indices or a boolean mask, default all): the rows
+    the final model is fitted on."""
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: Sequence[str]
+    partners: PartnerRows | None = None
+    fit_rows: np.ndarray | None = None
+
+
 def fit_fixed(
-    name: str, choice: Mapping[str, Any], X: np.ndarray, y: np.ndarray, cfg: BaselineConfig,
-    *, seed: int = 0, partners: PartnerRows | None = None,
+    name: str, choice: Mapping[str, Any], rows: TrainingRows, cfg: BaselineConfig, *,
+    seed: int = 0,
 ) -> FittedBaseline:  # fmt: skip
-    """Fit ``name`` with the config overridden by the grid point ``choice``, no search (e.g. the
-    forest refitted with a further seed once its hyperparameters are chosen)."""
+    """Fit ``name`` on ``rows`` with the config overridden by the grid point ``choice``, no search
+    (e.g. the forest refitted with a further seed once its hyperparameters are chosen)."""
+    partners = rows.partners
     family = _check_inputs(name, partners)
-    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    X, y = np.asarray(rows.X, dtype=np.float64), np.asarray(rows.y, dtype=np.float64)
     params = _params(family, cfg, seed, choice)
     pool = partners if is_pooled(name) else None
     with one_thread():
@@ -424,24 +449,21 @@ def fit_fixed(
 
 
 def fit_tuned(
-    name: str, X: np.ndarray, y: np.ndarray, groups: Sequence[str], cfg: BaselineConfig,
-    *, seed: int = 0, partners: PartnerRows | None = None, folds: int | None = None,
-    fit_rows: np.ndarray | None = None,
-) -> FittedBaseline:  # fmt: skip
-    """Choose ``name``'s hyperparameters by grouped ``folds``-fold CV over all rows of ``X``
-    (lowest CV MAE, first on ties; ``folds`` defaults to ``cfg.cv_folds``), then fit it.
-    ``cv_mae`` of the result is the chosen point's CV MAE (forests: rescored at full size).
+    name: str, rows: TuningRows, cfg: BaselineConfig, *, seed: int = 0, folds: int | None = None
+) -> FittedBaseline:
+    """Choose ``name``'s hyperparameters by grouped ``folds``-fold CV over all of ``rows``
+    (lowest CV MAE, first on ties; ``folds`` defaults to ``cfg.cv_folds``), then fit it on
+    ``rows.fit_rows``. ``cv_mae`` of the result is the chosen point's CV MAE (forests: rescored
+    at full size).
 
-    ``groups``: each row's host structure id. ``partners``: pool partners' rows, for the
-    ``*_pooled`` methods (ignored by the others). ``fit_rows`` (indices or a boolean mask,
-    default all): the rows the final model is fitted on; the baselines stage tunes on train+val
-    and fits on train, as the transfer heads are fitted. The final fit drops partner rows whose
-    host is among the rows it is not fitted on (a no-op for the pipeline's split, which keeps
-    each host in one split for every ion).
+    The baselines stage tunes on train+val and fits on train, as the transfer heads are fitted.
+    The final fit drops partner rows whose host is among the rows it is not fitted on (a no-op
+    for the pipeline's split, which keeps each host in one split for every ion).
     """
+    partners, fit_rows = rows.partners, rows.fit_rows
     family = _check_inputs(name, partners)
-    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    groups_arr = np.asarray(groups, dtype=str)
+    X, y = np.asarray(rows.X, dtype=np.float64), np.asarray(rows.y, dtype=np.float64)
+    groups_arr = np.asarray(rows.groups, dtype=str)
     if not len(X) == len(y) == len(groups_arr):
         raise ValueError(f"{len(X)} rows, {len(y)} targets and {len(groups_arr)} groups")
     pool = partners if is_pooled(name) else None
@@ -452,7 +474,7 @@ def fit_tuned(
     fit[np.arange(len(y)) if fit_rows is None else np.asarray(fit_rows)] = True
     if pool is not None:
         pool = pool.without_hosts(groups_arr[~fit].tolist())
-    fitted = fit_fixed(name, choice, X[fit], y[fit], cfg, seed=seed, partners=pool)
+    fitted = fit_fixed(name, choice, TrainingRows(X[fit], y[fit], pool), cfg, seed=seed)
     return replace(fitted, search=search, cv_mae=None if math.isnan(cv_mae) else cv_mae)
 
 

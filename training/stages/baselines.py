@@ -26,7 +26,7 @@ from training.baselines.models import (
     rf_importance_groups,
     rf_permutation_report,
 )
-from training.baselines.suite import BaselineResult, run_baselines
+from training.baselines.suite import BaselineInputs, BaselineResult, SplitRows, run_baselines
 from training.baselines.tuning import PartnerRows
 from training.config import load_params
 from training.datasets import IonData, load_ion_data, pool_partners, uncleaned_data
@@ -104,11 +104,9 @@ def run_baseline_stage(
     for split in SPLITS:
         xs[split], names = featurize_cached(data.formulas(split), features_cache)
     pool = partner_rows(partners, features_cache)
-    results = run_baselines(
-        xs["train"], data.targets("train"), xs["val"], data.targets("val"),
-        xs["test"], data.targets("test"), cfg, feature_names=names, test_ids=data.ids("test"),
-        val_ids=data.ids("val"), groups={s: data.host_ids(s) for s in SPLITS}, partners=pool,
-    )  # fmt: skip
+    rows = {s: SplitRows(xs[s], data.targets(s), data.ids(s), data.host_ids(s)) for s in SPLITS}
+    inputs = BaselineInputs(rows["train"], rows["val"], rows["test"], feature_names=names)
+    results = run_baselines(inputs, cfg, partners=pool)
     report = _report(data, cfg, results, [p.ion for p in partners])
     metrics_out.parent.mkdir(parents=True, exist_ok=True)
     metrics_out.write_text(json.dumps(report, indent=2) + "\n")

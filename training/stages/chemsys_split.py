@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from training.baselines.models import OWN_METHODS, BaselineConfig
-from training.baselines.suite import BaselineResult, run_baselines
+from training.baselines.suite import BaselineInputs, BaselineResult, SplitRows, run_baselines
 from training.chgnet_store import ChgnetFeatures, load_optional
 from training.config import Params, SplitSettings, load_params
 from training.data.ion_inputs import IonInputs
@@ -127,12 +127,10 @@ def fit_baselines(data: IonData, cfg: BaselineConfig) -> dict[str, BaselineResul
     X, names = composition_features([f for s in SPLITS for f in data.formulas(s)])
     bounds = np.cumsum([0] + [len(data.parts[s]) for s in SPLITS])
     xs = {s: X[bounds[i] : bounds[i + 1]] for i, s in enumerate(SPLITS)}
-    return run_baselines(
-        xs["train"], data.targets("train"), xs["val"], data.targets("val"),
-        xs["test"], data.targets("test"), replace(cfg, seeds=[cfg.first_seed]),
-        feature_names=names, test_ids=data.ids("test"), val_ids=data.ids("val"),
-        groups={s: chemsys_keys(data, (s,)) for s in SPLITS}, names=OWN_METHODS,
-    )  # fmt: skip
+    rows = {s: SplitRows(xs[s], data.targets(s), data.ids(s), chemsys_keys(data, (s,)))
+            for s in SPLITS}  # fmt: skip
+    inputs = BaselineInputs(rows["train"], rows["val"], rows["test"], feature_names=names)
+    return run_baselines(inputs, replace(cfg, seeds=[cfg.first_seed]), names=OWN_METHODS)
 
 
 def paired(y: np.ndarray, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -151,10 +149,23 @@ def _test_predictions(data: IonData, cgcnn: dict[str, float],
     return out
 
 
-def _report(data: IonData, split: SplitSettings, settings: TrainSettings, trained: Trained,
-            cgcnn: dict[str, dict[str, float]], baselines: dict[str, BaselineResult],
-            preds: dict[str, np.ndarray], check: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+@dataclass(frozen=True)
+class _Fitted:
+    """What the stage fitted on one split: the CGCNN (and its per-split metrics), the baselines
+    and every method's test predictions."""
+
+    trained: Trained
+    cgcnn: dict[str, dict[str, float]]
+    baselines: dict[str, BaselineResult]
+    preds: dict[str, np.ndarray]
+
+
+def _report(
+    data: IonData, plan: ChemsysPlan, fitted: _Fitted, check: dict[str, Any]
+) -> dict[str, Any]:
     """Sizes, leak check, per-method metrics per split and the paired test differences."""
+    split, settings, trained = plan.split, plan.train, fitted.trained
+    cgcnn, baselines, preds = fitted.cgcnn, fitted.baselines, fitted.preds
     y = data.targets("test")
     cv = {n: r.cv_mae for n, r in baselines.items() if r.cv_mae is not None}
     best = min(cv, key=lambda n: (cv[n], n))
@@ -264,7 +275,7 @@ def run_chemsys_split(
     fitted = fit_baselines(data, baselines)
     preds = _test_predictions(data, scored.predictions["test"], fitted)
     cgcnn = {s: {k: v for k, v in m.items() if k != "n"} for s, m in scored.metrics.items()}
-    report = _report(data, split, settings, trained, cgcnn, fitted, preds, check)
+    report = _report(data, plan, _Fitted(trained, cgcnn, fitted, preds), check)
     if chg is not None:
         y, best = data.targets("test"), report["best_baseline"]
         for name, by_split in chgnet_rows(data, store, chg, plan.chgnet_gp or GPConfig(),

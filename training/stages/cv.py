@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from training.baselines.models import BASELINE_METHODS, OWN_METHODS, BaselineConfig
-from training.baselines.tuning import PartnerRows, fit_tuned
+from training.baselines.tuning import PartnerRows, TuningRows, fit_tuned
 from training.chgnet_store import ChgnetFeatures
 from training.config import CvSettings, Params, load_params
 from training.data.ion_inputs import IonFiles, IonInputs
@@ -254,9 +254,9 @@ def run_grouping(
         fold_partners = None if prows is None else prows.without_hosts(held_out)
         inner_groups = [keys[i] for i in tr]
         for m in baseline_methods:
-            fitted = fit_tuned(m, rows.x[tr], rows.y[tr], inner_groups, baselines,
-                               partners=fold_partners if m.endswith("_pooled") else None,
-                               folds=INNER_FOLDS)  # fmt: skip
+            pool_m = fold_partners if m.endswith("_pooled") else None
+            inner = TuningRows(rows.x[tr], rows.y[tr], inner_groups, partners=pool_m)
+            fitted = fit_tuned(m, inner, baselines, folds=INNER_FOLDS)
             pred[m][te] = fitted.predict(rows.x[te])
             s = fitted.predict_std(rows.x[te])
             if s is not None:

@@ -309,10 +309,19 @@ def _report(
     }
 
 
+@dataclass(frozen=True)
+class PairVoltagePaths:
+    """The stage's outputs (per-pair CSV, summary JSON) and the optional CHGNet features file
+    whose charged-structure energies may be reused."""
+
+    out_csv: Path
+    out_json: Path
+    features: Path | None = None
+
+
 def run_pair_voltage(
-    snapshot_dir: Path, ions: list[str], out_csv: Path, out_json: Path,
-    features: Path | None = None, sample: int | None = None, seed: int = 0,
-    progress: bool = True,
+    snapshot_dir: Path, ions: list[str], paths: PairVoltagePaths, sample: int | None = None,
+    seed: int = 0, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """The whole stage: read, check, compute energies, score, write CSV and JSON."""
     clock = _Clock()
@@ -324,15 +333,15 @@ def run_pair_voltage(
     clock.lap("parse")
     needed = {e: parsed[e] for p, o in zip(pairs, outcomes, strict=True) if not o.reason
               for e in _ends(p)}  # fmt: skip
-    energies, energy_errors, energy_info = _all_energies(pairs, needed, features, progress)
+    energies, energy_errors, energy_info = _all_energies(pairs, needed, paths.features, progress)
     clock.lap("energies")
     metals = physics.metal_energies(sorted({o.ion for o in outcomes if not o.reason}))
     clock.lap("metals")
     _score(pairs, outcomes, parsed, energies, energy_errors, metals)
-    write_csv(out_csv, outcomes)
+    write_csv(paths.out_csv, outcomes)
     report = _report(outcomes, ions, sample, clock, metals, energy_info)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(report, indent=2) + "\n")
+    paths.out_json.parent.mkdir(parents=True, exist_ok=True)
+    paths.out_json.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -350,7 +359,8 @@ class Options:
 
 def run(opts: Options) -> dict[str, Any]:
     p = load_params(opts.params)
+    paths = PairVoltagePaths(opts.out, opts.summary, opts.features)
     return run_pair_voltage(
-        opts.snapshot_dir or p.data.snapshot_dir, p.ion_names, opts.out, opts.summary,
-        opts.features, opts.sample, opts.seed, opts.progress,
+        opts.snapshot_dir or p.data.snapshot_dir, p.ion_names, paths, opts.sample, opts.seed,
+        opts.progress,
     )  # fmt: skip

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.config import load_params
-from training.protocol import run_protocol
+from training.protocol import ProtocolPaths, run_protocol
 
 
 @dataclass(frozen=True)
@@ -22,5 +22,6 @@ class Options:
 
 def run(opts: Options) -> None:
     p = load_params(opts.params)
-    run_protocol(p.ion_names, p.source_ion, opts.metrics_dir, opts.predictions_dir, opts.cv_dir,
-                 opts.out, opts.markdown)  # fmt: skip
+    paths = ProtocolPaths(opts.metrics_dir, opts.predictions_dir, opts.cv_dir, opts.out,
+                          opts.markdown)  # fmt: skip
+    run_protocol(p.ion_names, p.source_ion, paths)

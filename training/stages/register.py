@@ -61,14 +61,26 @@ def count_test_looks(ion: str, experiment_id: str) -> int:
             return n
 
 
+@dataclass(frozen=True)
+class RegisterContext:
+    """What every ion's registration shares, built once per run: the registry name prefix, the
+    cleaned records' dataset hash, whether a first candidate is promoted automatically
+    (``registry.auto_promote_first``) and the experiment whose ``ion_model`` runs are counted as
+    test looks."""
+
+    prefix: str
+    data_hash: str
+    auto_promote_first: bool
+    experiment_id: str
+
+
 def register_ion(
-    ion: str, report: dict[str, Any], checkpoint: Path, prefix: str, split_hash: str,
-    data_hash: str, auto_promote_first: bool, *, experiment_id: str,
-) -> dict[str, Any]:  # fmt: skip
+    ion: str, report: dict[str, Any], checkpoint: Path, split_hash: str, ctx: RegisterContext
+) -> dict[str, Any]:
     """Register ``ion``'s model if its checkpoint changed, tagged with what a reviewer needs
     (reported test MAE and its look count, hashes, commit); the gate itself reads none of these
     numbers, only the split hash and the run's validation predictions."""
-    name = model_name(prefix, ion)
+    name = model_name(ctx.prefix, ion)
     ckpt_hash = file_hash(checkpoint)
     latest = latest_version(name)
     if latest is not None and (latest.tags or {}).get("checkpoint_sha256") == ckpt_hash:
@@ -81,14 +93,15 @@ def register_ion(
         }
         tags = {
             "ion": ion, "test_mae": round(report["test_mae"], 4),
-            "test_looks": count_test_looks(ion, experiment_id), "split_hash": split_hash,
-            "dataset_hash": data_hash, "git_commit": git_commit(), "checkpoint_sha256": ckpt_hash,
+            "test_looks": count_test_looks(ion, ctx.experiment_id), "split_hash": split_hash,
+            "dataset_hash": ctx.data_hash, "git_commit": git_commit(),
+            "checkpoint_sha256": ckpt_hash,
             "bn_mode": report.get("bn_mode", "n/a"), "head": report.get("head", "n/a"),
             **baselines,
         }  # fmt: skip
         version, registered = register(report["model_uri"], name, tags, CANDIDATE).version, True
     promoted = None
-    if auto_promote_first and by_alias(name, CHAMPION) is None:
+    if ctx.auto_promote_first and by_alias(name, CHAMPION) is None:
         promoted = promote(name, version, force=True)[0].version
     champ = by_alias(name, CHAMPION)
     return {
@@ -117,20 +130,19 @@ def run(opts: Options, on_ion: Callable[[dict[str, Any]], None] = lambda _: None
     p = load_params(opts.params)
     mls = p.mlflow
     experiment_id = setup_mlflow(mls)  # where the ion_model runs (the test looks) are counted
-    auto = p.registry.auto_promote_first
     split_ids = load_splits(opts.splits)
     data_hash = dataset_version(Path("."), ("data/clean/records.jsonl.gz",)).get(
         "data/clean/records.jsonl.gz", "unknown"
+    )
+    ctx = RegisterContext(
+        mls.model_name_prefix, data_hash, p.registry.auto_promote_first, experiment_id
     )
     out = {}
     for ion in p.ion_names:
         report = json.loads((opts.metrics_dir / f"ion_{ion}.json").read_text())
         test_ids = "\n".join(sorted(split_ids[ion]["test"]))
         split_hash = hashlib.sha256(test_ids.encode()).hexdigest()[:16]
-        out[ion] = register_ion(
-            ion, report, opts.models_dir / f"{ion}.pt", mls.model_name_prefix, split_hash,
-            data_hash, auto, experiment_id=experiment_id,
-        )  # fmt: skip
+        out[ion] = register_ion(ion, report, opts.models_dir / f"{ion}.pt", split_hash, ctx)
         on_ion(out[ion])
     opts.receipt.parent.mkdir(parents=True, exist_ok=True)
     opts.receipt.write_text(json.dumps(out, indent=2) + "\n")

@@ -273,10 +273,17 @@ def _train_epoch(
     return sq_sum / n_seen, abs_sum / n_seen, n_seen
 
 
+@dataclass(frozen=True)
+class FitLoaders:
+    """The batches ``fit`` trains on and, optionally, those it chooses the epoch on."""
+
+    train: Iterable[Any]
+    val: Iterable[Any] | None = None
+
+
 def fit(
     model: nn.Module,
-    train_loader: Iterable[Any],
-    val_loader: Iterable[Any] | None,
+    loaders: FitLoaders,
     cfg: TrainConfig,
     normalizer: Normalizer,
     on_epoch: EpochCallback | None = None,
@@ -287,9 +294,10 @@ def fit(
     ``on_epoch(epoch, metrics)`` runs after every epoch (Optuna pruning, MLflow logging); any
     exception it raises (e.g. ``optuna.TrialPruned``) propagates after the best weights so far
     are restored.  ``trainable_params`` restricts optimisation (transfer learning); BatchNorm
-    layers without trainable parameters are then kept in eval mode.  Without ``val_loader`` the
+    layers without trainable parameters are then kept in eval mode.  Without ``loaders.val`` the
     best epoch is chosen on training loss.  The model is left in eval mode.
     """
+    train_loader, val_loader = loaders.train, loaders.val
     device = torch.device(cfg.device)
     if device.type == "cpu":
         tune_cpu_runtime(cfg.num_threads)

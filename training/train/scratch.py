@@ -13,7 +13,7 @@ import torch
 from training.datasets import IonData
 from training.graphs.store import GraphStore
 from training.train.loaders import loaders
-from training.train.loop import FitResult, TrainConfig, fit
+from training.train.loop import FitLoaders, FitResult, TrainConfig, fit
 from voltage_model.models.cgcnn import CGCNN, CGCNNConfig
 from voltage_model.normalizer import Normalizer
 
@@ -37,5 +37,7 @@ def train_from_scratch(
     normalizer = Normalizer.fit(data.targets("train"))
     model = CGCNN(model_cfg)
     ld = loaders(store, data, train_cfg.batch_size, train_cfg.seed)
-    result = fit(model, ld["train"], ld["val"], train_cfg, normalizer, on_epoch=on_epoch)
+    result = fit(
+        model, FitLoaders(ld["train"], ld["val"]), train_cfg, normalizer, on_epoch=on_epoch
+    )
     return Trained(model=model, normalizer=normalizer, fit=result)
