@@ -246,6 +246,7 @@ def test_register_stage_tags_test_looks_and_reported_test_mae(
 ) -> None:
     """Every ion_model run of the ion counts as one look at its test split (deleted runs too);
     other ions' runs and other stages do not."""
+    from training.config import UsageError
     from training.stages.register import RegisterContext, register_ion
 
     client = MlflowClient()
@@ -270,6 +271,13 @@ def test_register_stage_tags_test_looks_and_reported_test_mae(
     assert out["registered_now"] and out["auto_promoted"] == out["version"] == 1
     tags = client.get_model_version("electrode-voltage-Ca", "1").tags
     assert tags["test_looks"] == "3" and tags["test_mae"] == "0.3123"
+    # reports pulled from another machine point at a model this store never logged: a usage
+    # error naming the fix, and nothing registered
+    (tmp_path / "Zn.pt").write_bytes(b"other weights")
+    elsewhere = {**report, "model_uri": "models:/m-0123456789abcdef0123456789abcdef"}
+    with pytest.raises(UsageError, match=r"not in the MLflow store .* ion_model@Zn"):
+        register_ion("Zn", elsewhere, tmp_path / "Zn.pt", "s1", ctx)
+    assert not client.search_model_versions("name='electrode-voltage-Zn'")
 
 
 def test_ion_stage_logs_the_served_models_validation_predictions(

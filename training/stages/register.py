@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.config import load_params
+from training.config import UsageError, load_params
 from training.registry import by_alias, promote, register
 from training.tracking import git_commit
 from voltage_model.naming import CANDIDATE, CHAMPION, model_name
@@ -74,6 +74,27 @@ class RegisterContext:
     experiment_id: str
 
 
+def require_logged_model(ion: str, report: dict[str, Any]) -> None:
+    """The model the ion's report points at must be in this tracking store. It is not when the
+    checkpoint and reports came from another machine (``dvc pull``) while MLflow is local: say so
+    and how to fix it, instead of MLflow's "Logged model ... not found" traceback."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = str(report.get("model_uri", ""))
+    if not uri.startswith("models:/m-"):
+        return  # a runs:/ URI or a registered-model URI: MLflow's own message is clear enough
+    try:
+        mlflow.get_logged_model(uri.removeprefix("models:/"))
+    except MlflowException:
+        raise UsageError(
+            f"{ion}: its model {uri} (run {report.get('run_id')}) is not in the MLflow store at "
+            f"{mlflow.get_tracking_uri()}: the checkpoint and reports were made against another "
+            f"store (pulled with DVC?). Rerun it here (dvc repro -f -s ion_model@{ion}), or point "
+            "MLFLOW_TRACKING_URI at the store that logged it."
+        ) from None
+
+
 def register_ion(
     ion: str, report: dict[str, Any], checkpoint: Path, split_hash: str, ctx: RegisterContext
 ) -> dict[str, Any]:
@@ -99,6 +120,7 @@ def register_ion(
             "bn_mode": report.get("bn_mode", "n/a"), "head": report.get("head", "n/a"),
             **baselines,
         }  # fmt: skip
+        require_logged_model(ion, report)
         version, registered = register(report["model_uri"], name, tags, CANDIDATE).version, True
     promoted = None
     if ctx.auto_promote_first and by_alias(name, CHAMPION) is None:
