@@ -18,6 +18,7 @@ import torch
 
 from training.chgnet_store import ChgnetFeatures
 from training.data.ion_inputs import IonInputs
+from training.data.split import SPLITS
 from training.datasets import IonData
 from training.gp_cv import (
     CVBackbone,
@@ -34,7 +35,6 @@ from voltage_model.artifact import ChgnetPart, LoadedModel, blend
 from voltage_model.models.gp_head import GPConfig, fit_gp_head, head_mean_var
 from voltage_model.normalizer import Normalizer
 
-SPLITS = ("train", "val", "test")
 #: The CHGNet head's share of the served prediction, per variant (None: no CHGNet head).
 VARIANT_WEIGHT = {"cgcnn": None, "chgnet": 1.0, "average": 0.5}
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import GroupKFold
 
+from training.data.split import SPLITS
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
 from training.train.heads import PooledRows, pooled_features, with_pooled_rows
@@ -43,7 +44,6 @@ from voltage_model.models.gp_head import GPConfig, fit_gp_head, head_mean_var
 from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 def pooled_by_backbone(

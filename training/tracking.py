@@ -18,6 +18,10 @@ from training.config import MlflowSettings
 
 DEFAULT_DB = Path("work/mlflow/mlflow.db")
 DEFAULT_ARTIFACTS = Path("work/mlflow/artifacts")
+#: The pipeline's data files a run's ``dataset_hash`` tag covers: cleaned rows and splits, and
+#: for the stages that read graphs, the graph cache too.
+CLEAN_DATA_FILES = ("data/clean/records.jsonl.gz", "data/splits.json")
+GRAPH_DATA_FILES = (*CLEAN_DATA_FILES, "data/graphs/graphs.pt")
 
 
 def resolve_tracking_uri(settings: MlflowSettings, root: Path = Path(".")) -> str:

@@ -57,9 +57,9 @@ from training.train.scratch import train_from_scratch
 from training.train.settings import gp_config
 from training.train.uncertainty import calibration, fit_std_scale
 from voltage_model.artifact import LoadedModel, ensemble_volts
-from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, GraphBatchLike, Head
+from voltage_model.models.cgcnn import CGCNN, CGCNNConfig, Head
 from voltage_model.models.descriptors import store_descriptors
-from voltage_model.models.gp_head import GPConfig, GPHead, head_mean_var
+from voltage_model.models.gp_head import GPConfig, GPHead
 from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
@@ -271,27 +271,13 @@ def source_predictions(
     members: list[dict[str, list[np.ndarray]]] = [{s: [] for s in data.parts} for _ in range(n)]
     for split in data.parts:
         for batch in split_loader(store, data, split):
-            outs = _member_outputs(source, batch)
+            outs = [[mean for mean, _ in member] for member in source.member_outputs(batch)]
             flat = [o for member in outs for o in member]
             ensemble[split].append(ensemble_volts(source.normalizer, flat)[0].double().numpy())
             for i, member in enumerate(outs):
                 mean = source.normalizer.denorm(torch.stack(member).mean(dim=0))
                 members[i][split].append(mean.double().numpy())
     return _joined(ensemble), [_joined(m) for m in members]
-
-
-def _member_outputs(source: LoadedModel, batch: GraphBatchLike) -> list[list[Tensor]]:
-    """Per source member, its heads' outputs in normalised units (as ``predict_with_std``)."""
-    desc = source.descriptors(batch)
-    outs = []
-    for model, heads in source.backbones():
-        model.eval()
-        if not heads:
-            outs.append([model(batch)])
-            continue
-        pooled = model.pooled(batch)
-        outs.append([head_mean_var(h, pooled, desc)[0] for h in heads])
-    return outs
 
 
 def _joined(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:

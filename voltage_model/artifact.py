@@ -294,20 +294,27 @@ class LoadedModel:
         return blend(cgcnn, self.chgnet.mean_std(chgnet_feats), self.chgnet.weight)
 
     @torch.inference_mode()
-    def predict_with_std(self, batch: GraphBatchLike) -> tuple[Tensor, Tensor]:
-        """(mean, std) in volts over every member's heads; std is 0 for a single plain model."""
-        means, variances = [], []
+    def member_outputs(self, batch: GraphBatchLike) -> list[list[tuple[Tensor, Tensor | None]]]:
+        """Per member, each head's (mean, own variance) in normalised units; a member without
+        heads gives its own output and no variance. The one backbone pass that the ensemble
+        (``predict_with_std``) and per-member figures (transfer's source rows) share."""
         desc = self.descriptors(batch)
+        outs: list[list[tuple[Tensor, Tensor | None]]] = []
         for model, heads in self.backbones():
             model.eval()
-            if heads:
-                pooled = model.pooled(batch)
-                for head in heads:
-                    mean, var = head_mean_var(head, pooled, desc)
-                    means.append(mean)
-                    variances.append(var)
-            else:
-                means.append(model(batch))
+            if not heads:
+                outs.append([(model(batch), None)])
+                continue
+            pooled = model.pooled(batch)
+            outs.append([head_mean_var(head, pooled, desc) for head in heads])
+        return outs
+
+    @torch.inference_mode()
+    def predict_with_std(self, batch: GraphBatchLike) -> tuple[Tensor, Tensor]:
+        """(mean, std) in volts over every member's heads; std is 0 for a single plain model."""
+        outputs = [out for member in self.member_outputs(batch) for out in member]
+        means = [mean for mean, _ in outputs]
+        variances = [var for _, var in outputs if var is not None]
         return ensemble_volts(self.normalizer, means, variances)
 
 

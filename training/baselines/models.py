@@ -44,7 +44,6 @@ POOLED_METHODS = ("krr_pooled", "rf_pooled", "gp_comp_pooled")
 BASELINE_METHODS = (*OWN_METHODS, *POOLED_METHODS)
 BASELINE_NAMES = OWN_METHODS  # the methods every ion gets
 SELECTIONS = ("fixed", "group_cv")
-SPLITS = ("train", "val", "test")
 SEED_SEP = "@"  # "rf@1": the forest refitted with seed 1 (a predictions-CSV column)
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from training.baselines.models import (
     OWN_METHODS,
     POOLED_METHODS,
-    SPLITS,
     BaselineConfig,
     PermutationSettings,
     check_method,
@@ -36,6 +35,7 @@ from training.baselines.tuning import (
     fit_fixed,
     fit_tuned,
 )
+from training.data.split import SPLITS
 
 log = logging.getLogger(__name__)
 

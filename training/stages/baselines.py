@@ -29,12 +29,10 @@ from training.baselines.models import (
 from training.baselines.suite import BaselineInputs, BaselineResult, SplitRows, run_baselines
 from training.baselines.tuning import PartnerRows
 from training.config import load_params
+from training.data.split import SPLITS
 from training.datasets import IonData, load_ion_data, pool_partners, uncleaned_data
-from training.tracking import MlflowSettings, setup_mlflow, standard_tags
+from training.tracking import CLEAN_DATA_FILES, MlflowSettings, setup_mlflow, standard_tags
 from voltage_model.composition import featurize_cached
-
-DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json")
-SPLITS = ("train", "val", "test")
 
 
 def _flat(prefix: str, obj: Any) -> dict[str, Any]:
@@ -210,7 +208,7 @@ def _log_mlflow(data: IonData, cfg: BaselineConfig, settings: MlflowSettings,
     setup_mlflow(settings)
     with mlflow.start_run(run_name=f"baselines-{data.ion}"):
         mlflow.set_tags(
-            {"stage": "baselines", "ion": data.ion, **standard_tags(Path("."), DATA_OUTPUTS)}
+            {"stage": "baselines", "ion": data.ion, **standard_tags(Path("."), CLEAN_DATA_FILES)}
         )
         mlflow.log_params({k: str(v) for k, v in _flat("", cfg.to_dict()).items()})
         for name, res in results.items():

@@ -49,9 +49,9 @@ from training.baselines.tuning import PartnerRows, TuningRows, fit_tuned
 from training.chgnet_store import ChgnetFeatures
 from training.config import CvSettings, Params, load_params
 from training.data.ion_inputs import IonFiles, IonInputs
+from training.data.split import SPLITS
 from training.datasets import IonData
 from training.gp_cv import (
-    SPLITS,
     CVBackbone,
     Partners,
     backbone_features,

@@ -32,7 +32,7 @@ from training.data.ion_inputs import IonFiles, IonInputs
 from training.datasets import IonData, train_elements
 from training.gp_cv import choose_pooling, choose_variant
 from training.graphs.store import GraphStore
-from training.tracking import MlflowSettings, setup_mlflow, standard_tags
+from training.tracking import GRAPH_DATA_FILES, MlflowSettings, setup_mlflow, standard_tags
 from training.train.metrics import regression_metrics
 from training.train.served import served_mean_std
 from training.train.settings import gp_config
@@ -57,8 +57,6 @@ from voltage_model.artifact import (
     save_checkpoint,
 )
 from voltage_model.graphs.encoding import encoding_fingerprint
-
-DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json", "data/graphs/graphs.pt")
 
 
 def _summary(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
@@ -483,7 +481,7 @@ def run_ion_stage(
     is_source = inputs.is_source
     with mlflow.start_run(run_name=f"{'evaluate' if is_source else 'transfer'}-{data.ion}") as run:
         mlflow.set_tags({"stage": "ion_model", "ion": data.ion, "source_ion": source_ion,
-                         **standard_tags(Path("."), DATA_OUTPUTS)})  # fmt: skip
+                         **standard_tags(Path("."), GRAPH_DATA_FILES)})  # fmt: skip
         mlflow.log_params({f"transfer.{k}": str(v) for k, v in cfg.model_dump().items()})
         if is_source:
             report = evaluate_source(data, store, source_checkpoint)

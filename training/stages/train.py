@@ -18,7 +18,7 @@ from training.config import load_params
 from training.datasets import IonData, load_ion_data, train_elements
 from training.graphs.store import GraphStore
 from training.plots import parity_plot
-from training.tracking import MlflowSettings, setup_mlflow, standard_tags
+from training.tracking import GRAPH_DATA_FILES, MlflowSettings, setup_mlflow, standard_tags
 from training.train.heads import (
     GPFit,
     HeadConfig,
@@ -42,7 +42,6 @@ from voltage_model.models.gp_head import GPConfig, GPHead
 from voltage_model.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
-DATA_OUTPUTS = ("data/clean/records.jsonl.gz", "data/splits.json", "data/graphs/graphs.pt")
 
 
 @dataclass
@@ -144,7 +143,7 @@ def run_train_stage(
 
     setup_mlflow(mlflow_settings)
     with mlflow.start_run(run_name=f"train-{data.ion}") as run:
-        tags = standard_tags(Path("."), DATA_OUTPUTS)
+        tags = standard_tags(Path("."), GRAPH_DATA_FILES)
         mlflow.set_tags({"stage": "train", "ion": data.ion, **tags})
         mlflow.log_params(_params(settings, data))
         members = train_members(data, store, settings)

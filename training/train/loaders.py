@@ -5,10 +5,9 @@ evaluate a loaded model on one split.
 
 from __future__ import annotations
 
+from training.data.split import SPLITS
 from training.datasets import IonData
 from training.graphs.store import GraphLoader, GraphStore
-
-SPLITS = ("train", "val", "test")
 
 
 def loaders(store: GraphStore, data: IonData, batch_size: int, seed: int) -> dict[str, GraphLoader]:
