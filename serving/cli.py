@@ -373,11 +373,10 @@ def _use_registry(mlflow_settings: dict[str, Any]) -> str:
     ``mlflow.tracking_uri``, else the local default store) and return the model name prefix."""
     import mlflow
 
-    from serving.config import default_tracking_uri
+    from serving.config import resolve_tracking_uri
     from voltage_model.registry import sqlite_path
 
-    uri = (os.environ.get("MLFLOW_TRACKING_URI") or mlflow_settings.get("tracking_uri")
-           or default_tracking_uri())  # fmt: skip
+    uri = resolve_tracking_uri(os.environ, mlflow_settings)
     db = sqlite_path(str(uri))
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)

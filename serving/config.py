@@ -78,6 +78,13 @@ def _params_defaults(path: Path) -> dict[str, Any]:
     return out
 
 
+def resolve_tracking_uri(env: Mapping[str, str], params: Mapping[str, Any]) -> str:
+    """The registry the service, the CLI and the screen read: ``MLFLOW_TRACKING_URI``, else
+    ``params.yaml``'s ``mlflow.tracking_uri`` (``params``: that section, or
+    ``_params_defaults``), else the pipeline's default store."""
+    return env.get("MLFLOW_TRACKING_URI") or params.get("tracking_uri") or default_tracking_uri()
+
+
 def default_tracking_uri(root: Path = Path(".")) -> str:
     """The pipeline's default store (``training.tracking``): sqlite under ``work/mlflow``."""
     from voltage_model.naming import DEFAULT_TRACKING_DB
@@ -157,9 +164,7 @@ class ServingConfig:
         env = os.environ if env is None else env
         params = _params_defaults(Path(env.get("VOLTAGE_PARAMS", "params.yaml")))
         ions = _split(env.get("VOLTAGE_IONS")) or params.get("ions", DEFAULT_IONS)
-        tracking_uri = (
-            env.get("MLFLOW_TRACKING_URI") or params.get("tracking_uri") or default_tracking_uri()
-        )
+        tracking_uri = resolve_tracking_uri(env, params)
         drift = env.get("VOLTAGE_DRIFT_REFERENCE", "data/drift_reference.json")
         records = env.get("VOLTAGE_RECORDS", "data/clean/records.jsonl.gz")
         heads = env.get("VOLTAGE_LOCAL_VOLTAGE_DIR", "models/local_voltage")

@@ -36,7 +36,7 @@ import logging
 import math
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,28 +322,26 @@ def release(
 ) -> dict[str, Any]:
     """``write_release``, falling back to rounded inputs when exact is over the size limit and
     the form was left open (``float32_inputs`` None); returns the manifest."""
-    rounded = bool(options.float32_inputs)
     try:
-        return write_release(ions, out_dir, inputs, options, rounded=rounded)
+        return write_release(ions, out_dir, inputs, options)
     except ReleaseTooLarge as exc:
         if options.float32_inputs is not None:
             raise
         log.warning("%s; writing it again with --float32-inputs", exc)
-        return write_release(ions, out_dir, inputs, options, rounded=True)
+        return write_release(ions, out_dir, inputs, replace(options, float32_inputs=True))
 
 
 def write_release(
     ions: Sequence[str], out_dir: Path, inputs: ReleaseInputs = ReleaseInputs(),
-    options: ReleaseOptions = ReleaseOptions(), rounded: bool | None = None,
-    now: datetime | None = None,
+    options: ReleaseOptions = ReleaseOptions(), now: datetime | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``out_dir`` (replaced whole, only once every ion's file is written and checked);
     returns the manifest. Raises ReleaseError when a model is missing, does not round-trip, or
-    the files add up to more than ``options.max_bytes``. ``rounded`` (default: the options'
-    ``float32_inputs``) says which form is written."""
+    the files add up to more than ``options.max_bytes``. Rounded inputs only when
+    ``options.float32_inputs`` is True (None is exact here; ``release`` decides the fallback)."""
     from training.tracking import dataset_version, git_commit
 
-    rounded = bool(options.float32_inputs) if rounded is None else rounded
+    rounded = bool(options.float32_inputs)
     tol = options.tolerance(rounded)
     out_dir = Path(out_dir)
     stage = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -351,7 +349,7 @@ def write_release(
     stage.mkdir(parents=True)
     now = now or datetime.now(UTC)
     try:
-        models = {ion: _release_model(ion, stage, inputs, options, rounded) for ion in ions}
+        models = {ion: _release_model(ion, stage, inputs, options) for ion in ions}
         data_hash = dataset_version(inputs.root, ("data/clean/records.jsonl.gz",))
         manifest = {
             "format": RELEASE_FORMAT, "release_version": RELEASE_VERSION,
@@ -376,12 +374,13 @@ def write_release(
 
 
 def _release_model(
-    ion: str, stage: Path, inputs: ReleaseInputs, options: ReleaseOptions, rounded: bool
+    ion: str, stage: Path, inputs: ReleaseInputs, options: ReleaseOptions
 ) -> dict[str, Any]:
     """One ion's release file written into ``stage``, checked against its source artifact on
     test crystals; returns its manifest entry."""
     from voltage_model.artifact import load_checkpoint
 
+    rounded = bool(options.float32_inputs)
     tol = options.tolerance(rounded)
     src = inputs.models_dir / f"{ion}.pt"
     if not src.is_file():
@@ -425,8 +424,14 @@ def release_lines(manifest: Mapping[str, Any], out_dir: Path) -> list[str]:
     lines = []
     for ion, m in manifest["models"].items():
         c = m["check"]
-        checked = (f"{c['n']} test crystals, max |dV| {c['max_abs_voltage_diff']:.1e} V, "
-                   f"max |dstd| {c['max_abs_std_diff']:.1e} V") if c["n"] else "not checked"
+        checked = (
+            (
+                f"{c['n']} test crystals, max |dV| {c['max_abs_voltage_diff']:.1e} V, "
+                f"max |dstd| {c['max_abs_std_diff']:.1e} V"
+            )
+            if c["n"]
+            else "not checked"
+        )
         lines.append(f"{ion}: {out_dir / m['file']} {m['bytes'] / 1e6:.1f} MB "
                      f"(source {m['source']['bytes'] / 1e6:.1f} MB); {checked}")  # fmt: skip
     lines.append(f"release: {manifest['total_bytes'] / 1e6:.1f} MB in {out_dir} "

@@ -217,17 +217,25 @@ def test_process_pool_gives_identical_results(inputs, model, tmp_path):
     assert read_csv(tmp_path / "w1.csv") == read_csv(tmp_path / "w2.csv")
 
 
-def test_archives_are_read_in_place(inputs, model, tmp_path):
-    root, _ = inputs
-    screen(root, {"Li": model}, tmp_path / "dir.csv")
-    tgz, zpath = tmp_path / "in.tar.gz", tmp_path / "in.zip"
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    with tarfile.open(tgz, "w:gz") as tar:
+def tar_of(root: Path, path: Path, reverse: bool = False) -> Path:
+    """A .tar.gz of every file under ``root`` ("./"-prefixed names), stored in sorted order of
+    path (``reverse``: the opposite, so storage order differs from id order)."""
+    files = sorted((p for p in root.rglob("*") if p.is_file()), reverse=reverse)
+    with tarfile.open(path, "w:gz") as tar:
         for p in files:
             data = p.read_bytes()
             info = tarfile.TarInfo("./" + p.relative_to(root).as_posix())
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_archives_are_read_in_place(inputs, model, tmp_path):
+    root, _ = inputs
+    screen(root, {"Li": model}, tmp_path / "dir.csv")
+    tgz, zpath = tmp_path / "in.tar.gz", tmp_path / "in.zip"
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    tar_of(root, tgz)
     with zipfile.ZipFile(zpath, "w") as zf:
         for p in files:
             zf.write(p, p.relative_to(root).as_posix())

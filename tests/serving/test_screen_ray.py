@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import io
 import json
 import os
 import secrets
@@ -22,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import zipfile
@@ -38,7 +36,7 @@ from serving.screen.outputs import worker_lines
 from serving.screen.partial import partial_path, read_partial
 from serving.screen.ray_engine import RAY_REQUIREMENT, RayEngine, RaySettings, run_screen_ray
 from serving.screen.run import _chunks, _tier2_jobs, run_screen, tier1_batches, tier2_batches
-from tests.serving.test_screen import BAD, read_csv, tiny_model, write_inputs
+from tests.serving.test_screen import BAD, read_csv, tar_of, tiny_model, write_inputs
 from tests.serving.test_screen_tiers import champions  # noqa: F401 (a fixture: CHGNet-serving models)
 
 # Not imported here: Ray reads its settings from the environment on import, which the cluster
@@ -133,25 +131,13 @@ def records_of(out: Path) -> dict[str, dict]:
     return read_partial(partial_path(out))[1]
 
 
-def reversed_tar(root: Path, path: Path) -> Path:
-    """A .tar.gz whose storage order is the reverse of the sorted ids (batches follow it)."""
-    files = sorted((p for p in root.rglob("*") if p.is_file()), reverse=True)
-    with tarfile.open(path, "w:gz") as tar:
-        for p in files:
-            data = p.read_bytes()
-            info = tarfile.TarInfo("./" + p.relative_to(root).as_posix())
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 # =============================================================================== planning
 def test_planned_batches_are_the_local_runs_batches(tmp_path):
     """The Ray engine plans its batches before reading; they must be the ones the local run
     cuts while reading, for every input kind, so each structure sees the same batch."""
     root = tmp_path / "in"
     write_inputs(root)
-    tgz = reversed_tar(root, tmp_path / "in.tar.gz")
+    tgz = tar_of(root, tmp_path / "in.tar.gz", reverse=True)
     zpath = tmp_path / "in.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
         for p in sorted(root.rglob("*"), reverse=True):
@@ -225,7 +211,7 @@ def test_cli_engine_ray_screens_an_archive_like_the_local_run(ray_address, tmp_p
     root = tmp_path / "in"
     write_inputs(root)
     tiny_model(tmp_path / "li.pt")
-    tgz = reversed_tar(root, tmp_path / "in.tar.gz")
+    tgz = tar_of(root, tmp_path / "in.tar.gz", reverse=True)
     base = ["screen", str(tgz), "--ions", "Li", "--checkpoint", f"Li={tmp_path / 'li.pt'}",
             "--batch-size", "3", "--no-progress"]  # fmt: skip
     runner = CliRunner()
