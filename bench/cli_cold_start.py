@@ -15,9 +15,13 @@ And two references, the floors of a Python command line built on these libraries
 
 * ``import_torch``: ``python -c "import torch"``; every figure is also given as a ratio to it,
   so runs on machines of different speed or load compare;
-* ``imports_torch_chgnet``: ``python -c "import os, torch, chgnet.model; os._exit(0)"``: what
-  any prediction with a CHGNet head must import (every ion of the current release serves one),
-  the process ended as ``voltage-serve predict`` ends it, without the interpreter's teardown.
+* ``imports_torch_chgnet_model``: torch and CHGNet's model class as the featuriser imports it
+  (``voltage_model.models.chgnet_backbone.chgnet_class``, without CHGNet's dynamics and VASP
+  modules): what any prediction with a CHGNet head must import (every ion of the current release
+  serves one), the process ended as ``voltage-serve predict`` ends it, without the teardown;
+* ``imports_torch_chgnet``: the same with a plain ``import chgnet.model`` (its package
+  ``__init__``, ASE dynamics and all), the floor before ``chgnet_class``: the difference is what
+  importing the model class alone saves.
 
 Per scenario: median and min wall seconds and the median CPU seconds (user + system of the child,
 which on a shared machine says more than wall time), and for predictions the answer (voltage,
@@ -143,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # as the CLI sets
         }
         floor = "import os, torch, chgnet.model; os._exit(0)"  # ends as the command line does
+        model_floor = ("import os, torch; from voltage_model.models.chgnet_backbone import "
+                       "chgnet_class; chgnet_class(); os._exit(0)")  # fmt: skip
         runs = [
             Scenario("import_torch", [sys.executable, "-c", "import torch"], 0),
+            Scenario("imports_torch_chgnet_model", [sys.executable, "-c", model_floor], 0),
             Scenario("imports_torch_chgnet", [sys.executable, "-c", floor], 0),
             *cli_scenarios("", shlex.split(args.cli), args.cif, bad, ions),
         ]

@@ -65,7 +65,7 @@ def gp_cholesky(x_train: Tensor, kernel: Tensor, sqdist: np.ndarray | None = Non
     input columns share that part of the work, :func:`shared_sqdists`); the result then differs
     from scikit-learn's in rounding only (~1e-13)."""
     from scipy.linalg import cholesky
-    from scipy.spatial.distance import pdist, squareform
+    from scipy.spatial.distance import pdist
 
     amplitude, length_scale, noise, nu = (float(v) for v in kernel.reshape(-1)[:4])
     if sqdist is None:
@@ -83,10 +83,24 @@ def gp_cholesky(x_train: Tensor, kernel: Tensor, sqdist: np.ndarray | None = Non
         k = (1.0 + k + k**2 / 3.0) * np.exp(-k)
     else:
         raise ReleaseError(f"GP head Matern nu {nu} not supported")
-    gram = squareform(k)
-    gram *= amplitude  # ConstantKernel * Matern; the white noise is diagonal only
+    k *= amplitude  # ConstantKernel * Matern; the white noise is diagonal only
+    gram = _lower_gram(k, x_train.shape[0])
     gram[np.diag_indices_from(gram)] = (amplitude + noise) + GPR_JITTER
     return torch.from_numpy(cholesky(gram, lower=True, overwrite_a=True, check_finite=False))
+
+
+def _lower_gram(condensed: np.ndarray, n: int) -> np.ndarray:
+    """The (n, n) Fortran-ordered matrix whose strict lower triangle holds the condensed pairs
+    (the upper one stays zero): all that LAPACK's lower Cholesky reads, in the layout it takes
+    without a copy. Why not ``squareform``: it writes both triangles in C order, which LAPACK
+    then copies again; this fills one triangle a row slice at a time, same values and factor."""
+    gram = np.zeros((n, n))  # C order; its transpose is the Fortran-ordered result
+    start = 0
+    for i in range(n - 1):  # pair (i, j > i): row i's tail, i.e. column i of the transpose
+        stop = start + n - 1 - i
+        gram[i, i + 1 :] = condensed[start:stop]
+        start = stop
+    return gram.T
 
 
 def shared_sqdists(xs: Sequence[Tensor]) -> list[np.ndarray | None]:

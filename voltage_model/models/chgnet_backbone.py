@@ -70,13 +70,53 @@ def check_spec(recorded: dict[str, Any] | None, where: str = "artifact") -> None
                              "install the matching chgnet or retrain")  # fmt: skip
 
 
+#: CHGNet's packages whose ``__init__`` imports what featurising never runs: ``chgnet.model``
+#: imports its ASE dynamics (StructOptimizer, MD: ASE, pymatgen's EOS fitting, matplotlib) and
+#: ``chgnet.utils`` its VASP parsers (pymatgen.io.vasp, scipy.signal): together about ten times
+#: the model module's own import (bench/cli_cold_start.py, ``imports_torch_chgnet``).
+_HEAVY_PACKAGES = ("chgnet.model", "chgnet.utils")
+
+
+def chgnet_class() -> type[CHGNet]:
+    """CHGNet's model class, imported without the package initialisers above when nothing has
+    imported them yet. Why: they are most of a cold command line's time (issue 17.4).
+
+    How: each of those packages stands in ``sys.modules`` as a bare package (its path, so its
+    submodules import as usual; ``chgnet.utils`` given the helpers of ``common_utils``, all that
+    the model and graph modules take from it) while ``chgnet.model.model`` imports; then the
+    stand-ins are removed, so a later ``import chgnet.model`` (the relaxation's StructOptimizer)
+    runs the real initialiser, which finds ``chgnet.model.model`` already loaded: one CHGNet
+    class per process either way. Call under ``_LOCK``: another thread must not import those
+    packages while the stand-ins are in place."""
+    import importlib
+    import importlib.util
+    import sys
+
+    done = sys.modules.get("chgnet.model.model")
+    if done is not None:
+        return done.CHGNet
+    placed = []
+    try:
+        for name in _HEAVY_PACKAGES:
+            if name not in sys.modules:
+                sys.modules[name] = importlib.util.module_from_spec(importlib.util.find_spec(name))
+                placed.append(name)
+        if "chgnet.utils" in placed:
+            common = importlib.import_module("chgnet.utils.common_utils")
+            vars(sys.modules["chgnet.utils"]).update(
+                {k: v for k, v in vars(common).items() if not k.startswith("_")}
+            )
+        return importlib.import_module("chgnet.model.model").CHGNet
+    finally:
+        for name in placed:
+            del sys.modules[name]
+
+
 @lru_cache(maxsize=1)
 def load_model() -> CHGNet:
     """The pretrained CHGNet, loaded once per process from the wheel (no download), eval mode."""
-    from chgnet.model import CHGNet
-
     with _LOCK:
-        model = CHGNet.load(model_name=MODEL_VERSION, use_device="cpu", verbose=False)
+        model = chgnet_class().load(model_name=MODEL_VERSION, use_device="cpu", verbose=False)
     return model.eval()
 
 

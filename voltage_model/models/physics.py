@@ -228,9 +228,9 @@ def metal_structure(ion: str) -> Structure:
 
 @lru_cache(maxsize=16)
 def _relaxed_metal_energy(ion: str) -> float:
+    model = chgnet_backbone.load_model()  # first: it imports CHGNet's model module alone
     from chgnet.model import StructOptimizer
 
-    model = chgnet_backbone.load_model()
     # The calculator sets the shared model's isolated-atom response: keep the one it has.
     keep = model.graph_converter.on_isolated_atoms
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
