@@ -88,7 +88,6 @@ def chgnet_class() -> type[CHGNet]:
     runs the real initialiser, which finds ``chgnet.model.model`` already loaded: one CHGNet
     class per process either way. Call under ``_LOCK``: another thread must not import those
     packages while the stand-ins are in place."""
-    import importlib
     import importlib.util
     import sys
 
@@ -102,11 +101,15 @@ def chgnet_class() -> type[CHGNet]:
                 sys.modules[name] = importlib.util.module_from_spec(importlib.util.find_spec(name))
                 placed.append(name)
         if "chgnet.utils" in placed:
-            common = importlib.import_module("chgnet.utils.common_utils")
+            from chgnet.utils import common_utils
+
             vars(sys.modules["chgnet.utils"]).update(
-                {k: v for k, v in vars(common).items() if not k.startswith("_")}
+                {k: v for k, v in vars(common_utils).items() if not k.startswith("_")}
             )
-        return importlib.import_module("chgnet.model.model").CHGNet
+        # import statements, not importlib: the pyfunc's requirement checks see these
+        from chgnet.model.model import CHGNet
+
+        return CHGNet
     finally:
         for name in placed:
             del sys.modules[name]
