@@ -4,8 +4,8 @@
 Why: issue 17 asks for the timings of each stage before and after a change, on a fresh clone.
 DVC records no durations, and a stage's own report records only part of its work (e.g. the
 MLflow run), so the one complete source is when each stage started: a stage lasts until the next
-one starts, and the last one until ``main: dvc repro took N s`` (or the log's last stamped line
-when the run was stopped). Stages ``dvc repro`` skipped ("didn't change") take no time and are
+one starts, and the last one until ``main: dvc repro took N s`` (uncounted when the run was
+stopped before that line). Stages ``dvc repro`` skipped ("didn't change") take no time and are
 listed apart. ``foreach`` stages (``baselines@Li`` ...) are also summed per family.
 
 Usage::
@@ -46,7 +46,7 @@ def parse(lines: list[str]) -> dict:
     """Stages run (name, start, seconds), stages skipped, the total and whether the run ended."""
     stages: list[Stage] = []
     skipped: list[str] = []
-    first = last = None
+    first = None
     offset = prev = 0
     took = None
     for line in lines:
@@ -59,7 +59,6 @@ def parse(lines: list[str]) -> dict:
             offset += DAY
         now = prev = clock + offset
         first = now if first is None else first
-        last = now
         if m := RUNNING.search(line):
             if stages:
                 stages[-1].seconds = now - first - stages[-1].start_s
@@ -67,9 +66,8 @@ def parse(lines: list[str]) -> dict:
         elif m := SKIPPED.search(line):
             skipped.append(m[1])
     ended = took is not None
-    if stages:
-        end = took if ended else (last - first if first is not None else 0)
-        stages[-1].seconds = end - stages[-1].start_s if ended else None
+    if stages and ended:  # a stopped run's last stage stays uncounted (None)
+        stages[-1].seconds = took - stages[-1].start_s
     families: dict[str, int] = {}
     for s in stages:
         if s.seconds is not None:
