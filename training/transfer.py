@@ -53,7 +53,7 @@ from training.train.loaders import split_loader
 from training.train.loop import TrainConfig
 from training.train.metrics import regression_metrics
 from training.train.scoring import model_predictor, score
-from training.train.scratch import train_from_scratch
+from training.train.scratch import train_side_by_side
 from training.train.settings import gp_config
 from training.train.uncertainty import calibration, fit_std_scale
 from voltage_model.artifact import LoadedModel, ensemble_volts
@@ -290,13 +290,19 @@ def member_predictions(result: TransferResult) -> list[dict[str, np.ndarray]]:
 
 
 def scratch_cgcnn(
-    data: IonData, store: GraphStore, model_cfg: CGCNNConfig, cfg: TransferSettings, seed: int
-) -> dict[str, np.ndarray]:
-    """CGCNN trained from scratch on the target ion alone: test predictions per split."""
-    train_cfg = replace(TrainConfig.from_dict(cfg.scratch.model_dump()), seed=seed)
-    trained = train_from_scratch(data, store, model_cfg, train_cfg)
-    scored = score(model_predictor(trained.model, trained.normalizer), data, store)
-    return {s: np.array([scored.predictions[s][b] for b in data.ids(s)]) for s in data.parts}
+    data: IonData, store: GraphStore, model_cfg: CGCNNConfig, cfg: TransferSettings,
+    seeds: Sequence[int],
+) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """CGCNNs trained from scratch on the target ion alone, one per seed (side by side):
+    predictions per split of each."""
+    base = TrainConfig.from_dict(cfg.scratch.model_dump())
+    trained = train_side_by_side(data, store, model_cfg, [replace(base, seed=s) for s in seeds])
+    out = []
+    for t in trained:
+        scored = score(model_predictor(t.model, t.normalizer), data, store)
+        out.append({s: np.array([scored.predictions[s][b] for b in data.ids(s)])
+                    for s in data.parts})  # fmt: skip
+    return out
 
 
 def metrics_by_split(data: IonData, preds: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:

@@ -135,3 +135,31 @@ def test_gp_heads_beside_member_heads_are_served_as_scored(tiny_data, tmp_path, 
             "gp": {"nu": 1.5, "descriptor_weights": [0.0, 0.5], "select": "validation"},
         },
     ).gp == GPConfig(nu=1.5, descriptor_weights=(0.0, 0.5), select="validation")
+
+
+def test_side_by_side_runs_equal_one_thread_runs_and_learn(tiny_data) -> None:
+    """Seeds trained at the same time give what each gives alone on one thread, bit for bit."""
+    import torch
+
+    from training.train.scratch import train_from_scratch, train_side_by_side
+
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Li")
+    store = GraphStore.load(tiny_data["graphs"])
+    model = CGCNNConfig(atom_fea_len=16, h_fea_len=16, n_conv=2)
+    cfgs = [TrainConfig(epochs=12, batch_size=8, optimizer="adamw", lr=3e-3, scheduler="cosine",
+                        seed=s, num_threads=1) for s in (3, 4, 5)]  # fmt: skip
+    threads = torch.get_num_threads()
+    together = train_side_by_side(data, store, model, cfgs)
+    assert torch.get_num_threads() == threads  # the caller's thread count is back
+    try:
+        alone = [train_from_scratch(data, store, model, c) for c in cfgs]
+    finally:
+        torch.set_num_threads(threads)  # fit set one thread for the rest of this process
+    for a, b in zip(together, alone, strict=True):
+        assert [h["train_loss"] for h in a.fit.history] == [h["train_loss"] for h in b.fit.history]
+        for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                             strict=True):  # fmt: skip
+            assert torch.equal(x, y), k
+        losses = [h["train_loss"] for h in a.fit.history]
+        assert losses[-1] < 0.7 * losses[0]  # each run learns
+    assert not torch.equal(together[0].model.fc_out.weight, together[1].model.fc_out.weight)

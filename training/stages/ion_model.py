@@ -154,7 +154,7 @@ def evaluate_target(inputs: IonInputs, checkpoint: Path, cfg: TransferSettings) 
     methods["source_unchanged_per_seed"] = _per_seed(data, members)
     methods["source_offset_per_seed"] = _per_seed(data, [_offset(m, y_train)[1] for m in members])
 
-    scratch = [scratch_cgcnn(data, store, src.model_config, cfg, seed) for seed in cfg.seeds]
+    scratch = scratch_cgcnn(data, store, src.model_config, cfg, cfg.seeds)
     methods["cgcnn_scratch"] = _summary([metrics_by_split(data, p) for p in scratch])
 
     variant = _variant_selection(inputs, src, cfg)

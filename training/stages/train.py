@@ -32,12 +32,13 @@ from training.train.heads import (
 from training.train.loaders import split_loader
 from training.train.metrics import regression_metrics
 from training.train.scoring import Scored, model_predictor, score
-from training.train.scratch import Trained, train_from_scratch
+from training.train.scratch import Trained, train_side_by_side
 from training.train.settings import TrainSettings
 from training.train.uncertainty import calibration, fit_std_scale
 from voltage_model.artifact import ensemble_volts, save_checkpoint
 from voltage_model.graphs.encoding import encoding_fingerprint
 from voltage_model.models.cgcnn import CGCNN, Head
+from voltage_model.models.gp_fit import parallel_fits
 from voltage_model.models.gp_head import GPConfig, GPHead
 from voltage_model.normalizer import Normalizer
 
@@ -88,8 +89,8 @@ def add_gp_heads(
     y = data.targets("train")
 
     def heads_for(cfg: GPConfig) -> list[MemberHeads]:
-        return [with_gp(m, fit_gp_volts(f, desc, y, normalizer, cfg))
-                for m, f in zip(members, feats, strict=True)]  # fmt: skip
+        fits = parallel_fits(lambda f: fit_gp_volts(f, desc, y, normalizer, cfg), feats)
+        return [with_gp(m, fit) for m, fit in zip(members, fits, strict=True)]
 
     if gp.select == "likelihood":
         return heads_for(gp), {}
@@ -188,18 +189,16 @@ def run_train_stage(
 
 
 def train_members(data: IonData, store: GraphStore, settings: TrainSettings) -> list[Trained]:
-    """``n_models`` CGCNNs from different seeds; member 0's curves are logged without prefix."""
+    """``n_models`` CGCNNs from different seeds, trained side by side (``train_side_by_side``);
+    then each member's epoch curves are logged, member 0's without prefix."""
     import mlflow
 
-    members = []
-    for i in range(settings.n_models):
+    cfgs = [replace(settings.train, seed=settings.train.seed + i) for i in range(settings.n_models)]
+    members = train_side_by_side(data, store, settings.model, cfgs)
+    for i, member in enumerate(members):
         prefix = "" if i == 0 else f"m{i}_"
-
-        def log_epoch(epoch: int, m: dict[str, float], prefix: str = prefix) -> None:
-            mlflow.log_metrics({prefix + k: v for k, v in m.items()}, step=epoch)
-
-        cfg = replace(settings.train, seed=settings.train.seed + i)
-        members.append(train_from_scratch(data, store, settings.model, cfg, on_epoch=log_epoch))
+        for epoch, metrics in enumerate(member.fit.history, start=1):
+            mlflow.log_metrics({prefix + k: v for k, v in metrics.items()}, step=epoch)
     return members
 
 

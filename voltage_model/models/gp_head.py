@@ -8,9 +8,10 @@ variance grows away from the training crystals, which is the uncertainty a resea
 unfamiliar chemistries needs.
 
 Fitting uses scikit-learn (``GaussianProcessRegressor``: constant * Matern + white noise, inputs
-standardised). The fitted posterior (training inputs, ``alpha = K^-1 y``, the Cholesky factor of
-``K``, kernel hyperparameters) is stored as tensors, so a checkpoint stays ``weights_only``
-loadable and inference is a few torch ops; ``tests/voltage_model/test_gp_head.py`` pins it to
+standardised; ``voltage_model.models.gp_fit.HeadGPR`` only speeds up its likelihood gradient). The
+fitted posterior (training inputs, ``alpha = K^-1 y``, the Cholesky factor of ``K``, kernel
+hyperparameters) is stored as tensors, so a checkpoint stays ``weights_only`` loadable and
+inference is a few torch ops; ``tests/voltage_model/test_gp_head.py`` pins it to
 scikit-learn's own ``predict(return_std=True)``.
 """
 
@@ -208,13 +209,14 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _fit_sklearn(z: np.ndarray, y: np.ndarray, cfg: GPConfig) -> Any:
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+    from voltage_model.models.gp_fit import HeadGPR
 
     kernel = ConstantKernel(1.0, (1e-2, 1e2)) * Matern(
         length_scale=math.sqrt(z.shape[1]), length_scale_bounds=(1e-1, 1e4), nu=cfg.nu
     ) + WhiteKernel(0.1, (1e-4, 1.0))
-    gp = GaussianProcessRegressor(kernel, n_restarts_optimizer=cfg.n_restarts, random_state=0)
+    gp = HeadGPR(kernel, n_restarts_optimizer=cfg.n_restarts, random_state=0)
     with warnings.catch_warnings():  # a bound reached is reported in the fitted kernel, not fatal
         warnings.simplefilter("ignore", ConvergenceWarning)
         gp.fit(z, y)
@@ -245,7 +247,10 @@ def fit_gp_head(
     caller) and the head serves the ion of column 0. The ion columns, scaled by each of
     ``cfg.task_weights``, join the kernel's input, so crystals of different ions correlate less
     than crystals of the same ion; that scale is chosen with the descriptor weight.
+    The candidates are fitted side by side (``parallel_fits``).
     """
+    from voltage_model.models.gp_fit import parallel_fits  # scikit-learn: fitting only
+
     y = np.asarray(y_norm, dtype=np.float64)
     zp, mean_p, scale_p = _standardise(x.detach().to(torch.float64).numpy())
     weights = cfg.descriptor_weights if descriptors is not None else (0.0,)
@@ -253,18 +258,22 @@ def fit_gp_head(
         block, cols, fill = _descriptor_block(np.asarray(descriptors, dtype=np.float64))
         zd, mean_d, scale_d = _standardise(block)
     scales: tuple[float, ...] = cfg.task_weights if tasks is not None else (0.0,)
+
+    def fit(candidate: tuple[float, float]) -> Any:
+        w, u = candidate
+        z = zp if w == 0 else np.concatenate([zp, w * zd], axis=1)
+        if u > 0:
+            z = np.concatenate([z, u * np.asarray(tasks, dtype=np.float64)], axis=1)
+        return _fit_sklearn(z, y, cfg)
+
+    candidates = [(w, u) for w in weights for u in scales]
     best: tuple[float, float, float, Any] | None = None
-    for w in weights:
-        for u in scales:
-            z = zp if w == 0 else np.concatenate([zp, w * zd], axis=1)
-            if u > 0:
-                z = np.concatenate([z, u * np.asarray(tasks, dtype=np.float64)], axis=1)
-            gp = _fit_sklearn(z, y, cfg)
-            lml = float(gp.log_marginal_likelihood_value_)
-            log.debug("GP head, descriptor weight %s, task scale %s: log marginal likelihood %.2f",
-                      w, u, lml)  # fmt: skip
-            if best is None or lml > best[0]:
-                best = (lml, w, u, gp)
+    for (w, u), gp in zip(candidates, parallel_fits(fit, candidates), strict=True):
+        lml = float(gp.log_marginal_likelihood_value_)
+        log.debug("GP head, descriptor weight %s, task scale %s: log marginal likelihood %.2f",
+                  w, u, lml)  # fmt: skip
+        if best is None or lml > best[0]:
+            best = (lml, w, u, gp)
     assert best is not None
     _, w, u, gp = best
     k = gp.kernel_
