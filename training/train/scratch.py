@@ -55,7 +55,7 @@ def train_side_by_side(
     members side by side trained at 567 crystals/s (torch releases the GIL inside its ops). Each
     model is initialised here, in order, from its seed (the global generator is not thread-safe;
     shuffling uses each loader's own), and one thread per run keeps every run deterministic: the
-    results equal sequential one-thread runs' bit for bit (tests/training/test_train_loop.py).
+    results equal sequential one-thread runs' bit for bit (tests/training/test_train_stage.py).
     """
     if len(train_cfgs) <= 1:
         return [train_from_scratch(data, store, model_cfg, c) for c in train_cfgs]
