@@ -18,3 +18,13 @@ def flush_subnormals() -> bool:
     import torch
 
     return bool(torch.set_flush_denormal(True))
+
+
+def usable_cores() -> int:
+    """Cores this process may use (respects CPU affinity / container cpusets)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

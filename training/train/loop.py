@@ -12,7 +12,6 @@ import ctypes
 import dataclasses
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -27,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from training.train.metrics import regression_metrics
 from voltage_model.normalizer import Normalizer
+from voltage_model.numerics import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def tune_cpu_runtime(num_threads: int | None = None) -> None:
     Process-wide and idempotent; the cost is that peak RSS is not given back until exit.
     """
     global _MALLOC_TUNED
-    n = default_num_threads() if num_threads is None else int(num_threads)
+    n = usable_cores() if num_threads is None else int(num_threads)
     torch.set_num_threads(max(1, min(n, torch.get_num_threads()) if num_threads is None else n))
     torch.set_flush_denormal(True)  # subnormal floats cost ~100x per op on x86; values < 1e-38
     if _MALLOC_TUNED or not sys.platform.startswith("linux"):
@@ -135,14 +135,6 @@ def tune_cpu_runtime(num_threads: int | None = None) -> None:
         _MALLOC_TUNED = True
     except (OSError, AttributeError):  # musl or no libc.so.6: keep defaults
         log.debug("mallopt unavailable; keeping default allocator settings")
-
-
-def default_num_threads() -> int:
-    """Cores this process may use (respects CPU affinity / container cpusets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 # -- optimiser / scheduler ----------------------------------------------------------------------

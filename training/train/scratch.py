@@ -34,13 +34,24 @@ def train_from_scratch(
     on_epoch: Callable[[int, dict[str, float]], Any] | None = None,
 ) -> Trained:
     """Fit a fresh CGCNN on the ion's train split, selecting the epoch on validation MAE."""
-    torch.manual_seed(train_cfg.seed)
     normalizer = Normalizer.fit(data.targets("train"))
-    model = CGCNN(model_cfg)
-    ld = loaders(store, data, train_cfg.batch_size, train_cfg.seed)
-    result = fit(
-        model, FitLoaders(ld["train"], ld["val"]), train_cfg, normalizer, on_epoch=on_epoch
-    )
+    return _fit_fresh(data, store, _fresh_model(model_cfg, train_cfg.seed), normalizer, train_cfg,
+                      on_epoch)  # fmt: skip
+
+
+def _fresh_model(model_cfg: CGCNNConfig, seed: int) -> CGCNN:
+    """A CGCNN initialised from ``seed`` (the global generator: call on one thread at a time)."""
+    torch.manual_seed(seed)
+    return CGCNN(model_cfg)
+
+
+def _fit_fresh(
+    data: IonData, store: GraphStore, model: CGCNN, normalizer: Normalizer, cfg: TrainConfig,
+    on_epoch: Callable[[int, dict[str, float]], Any] | None = None,
+) -> Trained:  # fmt: skip
+    """``fit`` on the ion's train split with its own seeded loaders, epoch chosen on val."""
+    ld = loaders(store, data, cfg.batch_size, cfg.seed)
+    result = fit(model, FitLoaders(ld["train"], ld["val"]), cfg, normalizer, on_epoch=on_epoch)
     return Trained(model=model, normalizer=normalizer, fit=result)
 
 
@@ -60,16 +71,11 @@ def train_side_by_side(
     if len(train_cfgs) <= 1:
         return [train_from_scratch(data, store, model_cfg, c) for c in train_cfgs]
     normalizer = Normalizer.fit(data.targets("train"))
-    models = []
-    for cfg in train_cfgs:
-        torch.manual_seed(cfg.seed)
-        models.append(CGCNN(model_cfg))
+    models = [_fresh_model(model_cfg, cfg.seed) for cfg in train_cfgs]
 
     def run(i: int) -> Trained:
         cfg = replace(train_cfgs[i], num_threads=1)
-        ld = loaders(store, data, cfg.batch_size, cfg.seed)
-        result = fit(models[i], FitLoaders(ld["train"], ld["val"]), cfg, normalizer)
-        return Trained(model=models[i], normalizer=normalizer, fit=result)
+        return _fit_fresh(data, store, models[i], normalizer, cfg)
 
     threads = torch.get_num_threads()
     try:

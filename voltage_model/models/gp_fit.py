@@ -18,7 +18,6 @@ scikit-learn's own.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -29,6 +28,8 @@ from scipy.spatial.distance import pdist, squareform
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern, Product, Sum, WhiteKernel
 from threadpoolctl import threadpool_limits
+
+from voltage_model.numerics import usable_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -44,14 +45,11 @@ def parallel_fits(fit: Callable[[T], R], items: Iterable[T]) -> list[R]:
     ``items``' order and equal to a sequential run's (each fit is single-threaded either way).
     """
     todo = list(items)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    workers = min(usable_cores(), len(todo))
     with threadpool_limits(limits=1, user_api="blas"):
-        if min(cores, len(todo)) <= 1:
+        if workers <= 1:
             return [fit(i) for i in todo]
-        with ThreadPoolExecutor(min(cores, len(todo))) as pool:
+        with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(fit, todo))
 
 
@@ -67,16 +65,17 @@ def _matern_and_gradient(r: np.ndarray, nu: float) -> tuple[np.ndarray, np.ndarr
     return (1.0 + s + s * s / 3.0) * e, s * s * (1.0 + s) * e / 3.0
 
 
-def _parts(kernel: Any) -> tuple[ConstantKernel, Matern, WhiteKernel] | None:
-    """(constant, Matern, white) when ``kernel`` is the heads' form with every hyperparameter
-    free and an isotropic Matern of a closed-form nu; None otherwise (scikit-learn's path)."""
+def _matern_nu(kernel: Any) -> float | None:
+    """The Matern nu when ``kernel`` is the heads' form (constant * isotropic Matern of a
+    closed-form nu + white) with every hyperparameter free; None otherwise (scikit-learn's
+    path)."""
     if not (isinstance(kernel, Sum) and isinstance(kernel.k1, Product)):
         return None
     c, m, w = kernel.k1.k1, kernel.k1.k2, kernel.k2
     ok = (isinstance(c, ConstantKernel) and isinstance(m, Matern) and isinstance(w, WhiteKernel)
           and np.ndim(m.length_scale) == 0 and m.nu in (0.5, 1.5, 2.5)
           and not any(h.fixed for h in kernel.hyperparameters))  # fmt: skip
-    return (c, m, w) if ok else None
+    return float(m.nu) if ok else None
 
 
 class HeadGPR(GaussianProcessRegressor):
@@ -98,14 +97,14 @@ class HeadGPR(GaussianProcessRegressor):
     def log_marginal_likelihood(
         self, theta: Any = None, eval_gradient: bool = False, clone_kernel: bool = True
     ) -> Any:
-        parts = _parts(self.kernel_) if theta is not None and eval_gradient else None
+        nu = _matern_nu(self.kernel_) if theta is not None and eval_gradient else None
         dist = getattr(self, "_distances", None)
         y = np.asarray(self.y_train_)
-        if parts is None or dist is None or y.ndim != 1 or dist.shape[0] != y.shape[0]:
+        if nu is None or dist is None or y.ndim != 1 or dist.shape[0] != y.shape[0]:
             return super().log_marginal_likelihood(theta, eval_gradient, clone_kernel)
         if not clone_kernel:
             self.kernel_.theta = theta
-        return _lml_and_gradient(dist, y, np.exp(theta), parts[1].nu, self.alpha)
+        return _lml_and_gradient(dist, y, np.exp(theta), nu, self.alpha)
 
 
 def _lml_and_gradient(
