@@ -282,3 +282,32 @@ def test_permutation_importances_rank_the_signal_and_leave_the_forest_as_it_was(
     assert entry["split"] == "val" and entry["n_rows"] == 40 and entry["repeats"] == 3
     assert [r[0] for r in entry["top"]] == [perm[0][0], perm[1][0]]
     assert rf_permutation_report(None, n_rows=40) == {}
+
+
+def test_permutation_importances_equal_scikit_learns_in_stacked_calls():
+    """The stacked prediction reproduces ``sklearn.inspection.permutation_importance`` exactly,
+    whatever the stack size (one column per call, several, all at once)."""
+    from sklearn.datasets import make_regression
+    from sklearn.inspection import permutation_importance
+
+    from training.baselines.models import (
+        PermutationSettings,
+        RFParams,
+        make_rf,
+        rf_permutation_importances,
+    )
+
+    X, y = make_regression(n_samples=90, n_features=7, n_informative=3, noise=0.5,
+                           random_state=1)  # fmt: skip
+    X[::7, 2] = np.nan  # the pipeline's imputer sees gaps, as descriptors have
+    model = make_rf(RFParams(n_estimators=20, seed=3, n_jobs=1)).fit(X[:60], y[:60])
+    names = [f"f{j}" for j in range(7)]
+    ref = permutation_importance(model, X[60:], y[60:], scoring="neg_mean_absolute_error",
+                                 n_repeats=4, random_state=11)  # fmt: skip
+    expected = sorted(zip(names, ref.importances_mean.tolist(), ref.importances_std.tolist(),
+                          strict=True), key=lambda r: (-r[1], r[0]))  # fmt: skip
+    for rows_per_call in (1, 30 * 4 * 3, 10**6):
+        got = rf_permutation_importances(
+            model, X[60:], y[60:], names,
+            PermutationSettings(seed=11, repeats=4, rows_per_call=rows_per_call))  # fmt: skip
+        assert got == expected

@@ -289,6 +289,39 @@ def test_cross_validation_scores_every_crystal_once_and_pairs_the_differences(
     assert krr["transfer_gp_minus_this_se"] == pytest.approx(0, abs=1e-12)
 
 
+def test_cross_validation_side_by_side_equals_one_core_and_restores_threads(
+    source, tiny_data, tmp_path, monkeypatch
+):
+    """The CV check runs its (fold, method) fits side by side; on one usable core the same fits
+    run one after another. Both give the same report, and torch's thread count comes back."""
+    import torch
+
+    import voltage_model.models.gp_fit as gp_fit
+    from training.baselines.models import BaselineConfig
+    from training.config import CvSettings
+    from training.stages.cv import CvPaths, CvPlan, run_cv_stage
+    from voltage_model.models.gp_head import GPConfig
+
+    data = load_ion_data(tiny_data["clean"], tiny_data["splits"], "Mg")
+    store = GraphStore.load(tiny_data["graphs"])
+    # forests on one joblib thread: threaded forests sum their trees in no fixed order
+    small = BaselineConfig(svr_grid={"C": [1.0, 10.0]}, krr_grid={"alpha": [0.03, 0.3]},
+                           rf_grid={"min_samples_leaf": [1]}, cv_rf_trees=10,
+                           rf=dataclasses.replace(BaselineConfig().rf, n_jobs=1))  # fmt: skip
+    plan = CvPlan(small, GPConfig(descriptor_weights=(0.0, 1.0)), CvSettings(folds=3))
+    src = load_checkpoint(source)
+
+    def run(name: str) -> dict:
+        paths = CvPaths(tmp_path / f"{name}.npz", tmp_path / f"{name}.json")
+        return run_cv_stage(IonInputs(data, store, "Li"), src, plan, paths)
+
+    threads = torch.get_num_threads()
+    side_by_side = run("parallel")
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(gp_fit, "usable_cores", lambda: 1)
+    assert run("sequential") == side_by_side
+
+
 def test_pooled_gp_transfer_adds_partner_training_crystals_and_serves_them(
     source, tiny_data, cfg, tmp_path
 ):

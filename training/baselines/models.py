@@ -296,11 +296,51 @@ PERMUTATION_REPEATS = 5
 @dataclass(frozen=True)
 class PermutationSettings:
     """How ``rf_permutation_importances`` shuffles: the shuffles' own ``seed``, ``repeats``
-    permutations per column, ``n_jobs`` processes over columns."""
+    permutations per column, and ``rows_per_call``: how many permuted copies of the rows the
+    forest predicts in one call (bounds the stacked copy's memory, not the result)."""
 
     seed: int = 0
     repeats: int = PERMUTATION_REPEATS
-    n_jobs: int | None = 1
+    rows_per_call: int = 200_000
+
+
+def _permuted_copies(X: np.ndarray, col: int, seed: int, repeats: int) -> list[np.ndarray]:
+    """The ``repeats`` shuffles of column ``col`` that scikit-learn's ``permutation_importance``
+    scores for that column (``_calculate_permutation_scores``: one ``RandomState(seed)`` per
+    column, the index array reshuffled in place and applied to the already shuffled copy)."""
+    rs = np.random.RandomState(seed)
+    X_perm = X.copy()
+    idx = np.arange(len(X))
+    out = []
+    for _ in range(repeats):
+        rs.shuffle(idx)
+        X_perm[:, col] = X_perm[idx, col]
+        out.append(X_perm.copy())
+    return out
+
+
+def _permutation_maes(model: Pipeline, X: np.ndarray, y: np.ndarray,
+                      settings: PermutationSettings) -> tuple[float, np.ndarray]:  # fmt: skip
+    """Validation MAE of the intact rows and (n_columns, repeats) MAEs with one column shuffled.
+
+    The shuffles are scikit-learn's (same seed drawn from ``settings.seed``, same order), but
+    the permuted copies of many columns are stacked and predicted in one call: a forest predicts
+    each row independently, so one call over the stack gives the per-copy predictions of
+    ``permutation_importance``'s 5 x n_columns calls, without its per-call, per-tree dispatch,
+    which was ~65 s of Li's baselines stage (300 trees x 146 columns x 5)."""
+    from sklearn.metrics import mean_absolute_error
+
+    seed = np.random.RandomState(settings.seed).randint(np.iinfo(np.int32).max + 1)
+    base = float(mean_absolute_error(y, model.predict(X)))
+    per_call = max(1, settings.rows_per_call // max(1, len(X) * settings.repeats))
+    maes = np.empty((X.shape[1], settings.repeats))
+    for first in range(0, X.shape[1], per_call):
+        cols = range(first, min(first + per_call, X.shape[1]))
+        copies = [c for col in cols for c in _permuted_copies(X, col, seed, settings.repeats)]
+        pred = model.predict(np.vstack(copies)).reshape(len(copies), len(X))
+        errors = [mean_absolute_error(y, p) for p in pred]
+        maes[first : first + len(cols)] = np.reshape(errors, (len(cols), settings.repeats))
+    return base, maes
 
 
 def rf_permutation_importances(
@@ -314,28 +354,25 @@ def rf_permutation_importances(
     columns share the credit (shuffling one leaves its twins), so a property spread over six
     Magpie statistics can rank lower here than its Gini sum.
 
-    Prediction only: the forest is not refitted and the shuffles draw from their own
-    ``settings.seed``, so no other number of the stage moves. The forest predicts
-    single-threaded meanwhile (its thread pool costs more than it saves on a few hundred rows;
-    restored after); ``settings.n_jobs``: processes over columns (1: a process pool was twice as
-    slow on a busy 2-core machine; the importances are the same either way). About 30-60 s per
-    ion at 300 trees x 132 columns x 5.
+    The figures are scikit-learn's ``permutation_importance`` (scoring
+    ``neg_mean_absolute_error``, ``random_state=settings.seed``), computed in stacked calls
+    (``_permutation_maes``; tests/training/test_plots.py checks the equality). Prediction only:
+    the forest is not refitted and the shuffles draw from their own seed, so no other number of
+    the stage moves. The forest predicts single-threaded meanwhile, so its trees are summed in a
+    fixed order (restored after).
     """
-    from sklearn.inspection import permutation_importance
-
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     forest = model.named_steps["model"]
     kept = forest.n_jobs
     forest.set_params(n_jobs=1)
     try:
-        res = permutation_importance(
-            model, np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64),
-            scoring="neg_mean_absolute_error", n_repeats=settings.repeats,
-            random_state=settings.seed, n_jobs=settings.n_jobs,
-        )  # fmt: skip
+        base, maes = _permutation_maes(model, X, y, settings)
     finally:
         forest.set_params(n_jobs=kept)
+    importances = maes - base
     rows = [(str(n), float(m), float(s)) for n, m, s in
-            zip(names, res.importances_mean, res.importances_std, strict=True)]  # fmt: skip
+            zip(names, importances.mean(axis=1), importances.std(axis=1), strict=True)]  # fmt: skip
     return sorted(rows, key=lambda r: (-r[1], r[0]))
 
 
