@@ -238,9 +238,10 @@ def run_grouping(
     mixture is the ``average`` method.
 
     Every (fold, method) pair is an independent fit, so they run side by side on the usable
-    cores (``parallel_fits``), each on one thread: the fits are small (a few hundred to ~900
-    rows), one thread each keeps both cores busy where a fit's own threads left one mostly idle,
-    and each result equals a sequential run's."""
+    cores (``parallel_fits``), each on one thread; each result equals a sequential run's
+    (tests/training/test_transfer.py). The fits are small (a few hundred to ~900 rows) and much
+    of their time is Python or one-thread LAPACK: cv@Mg took 147 s one fit at a time and 124 s
+    side by side on 2 cores (bench/baseline_search.py times the inner searches alone)."""
     gp_methods, baseline_methods = methods
     gp, baselines, chgnet_pool = plan.gp, _cv_baselines(plan.baselines), plan.served[2]
     keys = rows.hosts if grouping == "host" else rows.chemsys
@@ -259,8 +260,8 @@ def run_grouping(
         held_out = {keys[i] for i in te}
         if m in gp_methods:
             return gp_fold(gp_runs[m], rows.y, tr, te, held_out)
-        pool_m = None if prows is None or not m.endswith("_pooled") else prows
-        pool_m = None if pool_m is None else pool_m.without_hosts(held_out)
+        pooled = prows is not None and m.endswith("_pooled")
+        pool_m = prows.without_hosts(held_out) if pooled else None  # type: ignore[union-attr]
         inner = TuningRows(rows.x[tr], rows.y[tr], [keys[i] for i in tr], partners=pool_m)
         fitted = fit_tuned(m, inner, baselines, folds=INNER_FOLDS)
         return fitted.predict(rows.x[te]), fitted.predict_std(rows.x[te])
