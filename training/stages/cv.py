@@ -253,15 +253,17 @@ def run_grouping(
     fold_of = np.zeros(n, dtype=int)
     gp_runs = _gp_runs(rows, grouping, gp, pool, chgnet_pool)
     splits = group_folds(keys, plan.cv.folds)
+    held_out = [{keys[i] for i in te} for _, te in splits]
+    fold_partners = [None if prows is None else prows.without_hosts(h) for h in held_out]
+    for k, (_, te) in enumerate(splits):
+        fold_of[te] = k
 
     def fold_method(task: tuple[int, str]) -> tuple[np.ndarray, np.ndarray | None]:
         k, m = task
         tr, te = splits[k]
-        held_out = {keys[i] for i in te}
         if m in gp_methods:
-            return gp_fold(gp_runs[m], rows.y, tr, te, held_out)
-        pooled = prows is not None and m.endswith("_pooled")
-        pool_m = prows.without_hosts(held_out) if pooled else None  # type: ignore[union-attr]
+            return gp_fold(gp_runs[m], rows.y, tr, te, held_out[k])
+        pool_m = fold_partners[k] if m.endswith("_pooled") else None
         inner = TuningRows(rows.x[tr], rows.y[tr], [keys[i] for i in tr], partners=pool_m)
         fitted = fit_tuned(m, inner, baselines, folds=INNER_FOLDS)
         return fitted.predict(rows.x[te]), fitted.predict_std(rows.x[te])
@@ -271,7 +273,6 @@ def run_grouping(
         results = parallel_fits(fold_method, tasks)
     for (k, m), (p, s) in zip(tasks, results, strict=True):
         te = splits[k][1]
-        fold_of[te] = k
         pred[m][te] = p
         if s is not None:
             std[m][te] = s
