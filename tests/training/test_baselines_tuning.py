@@ -174,26 +174,34 @@ def test_pooled_folds_drop_partner_rows_of_held_out_hosts(
         return splits
 
     monkeypatch.setattr(gp_cv, "group_folds", spy_folds)
-    fits: list[tuple[int, np.ndarray]] = []
+    fits: list[tuple[np.ndarray, int, np.ndarray]] = []
     real_design = tuning._design
 
     def spy_design(X, y, pool):
-        fits.append((len(y), pool.hosts.copy()))
+        fits.append((np.array(X, copy=True), len(y), pool.hosts.copy()))
         return real_design(X, y, pool)
 
     monkeypatch.setattr(tuning, "_design", spy_design)
     X, y, hosts, train = _tune_rows(ion)
     fit_tuned(name, TuningRows(X, y, hosts, partners, train), _cfg())
+
+    def fold_of(rows: np.ndarray) -> int:
+        """Which fold a design was for: the folds run side by side, in no fixed order."""
+        return next(k for k, (tr, _) in enumerate(splits)
+                    if len(tr) == len(rows) and np.array_equal(X[tr], rows, equal_nan=True))
+
     # One design per fold and scoring round (forests: the search, then the rescoring), then
     # the final fit.
     assert (len(fits) - 1) % len(splits) == 0 and len(fits) > len(splits)
-    for k, (n_own, pool_hosts) in enumerate(fits[:-1]):
-        tr, te = splits[k % len(splits)]
+    folds = [fold_of(rows) for rows, _, _ in fits[:-1]]
+    assert sorted(folds) == sorted(list(range(len(splits))) * (len(folds) // len(splits)))
+    for k, (_, n_own, pool_hosts) in zip(folds, fits[:-1], strict=True):
+        tr, te = splits[k]
         held = set(hosts[te])
         assert n_own == len(tr)
         assert not held & set(pool_hosts)
         assert len(pool_hosts) == int((~np.isin(partners.hosts, sorted(held))).sum())
-    n_own, pool_hosts = fits[-1]
+    _, n_own, pool_hosts = fits[-1]
     val_hosts = set(hosts) - set(hosts[train])
     assert n_own == len(train) and not val_hosts & set(pool_hosts)
     assert len(pool_hosts) == int((~np.isin(partners.hosts, sorted(val_hosts))).sum())
